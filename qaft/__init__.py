@@ -1,0 +1,22 @@
+"""qaft: quantization-aware parameter-efficient fine-tuning of LLMs.
+
+QLoRA, LoftQ, QA-LoRA, L4Q and DL-QAT (and the LoRA, PTQ, QAT-LoRA and full-QAT baselines) as drop-in
+replacements for ``nn.Linear`` with one shared integer quantizer, exact merges to deployable integer
+models, and one training pipeline.
+"""
+from qaft import methods, quant
+from qaft.methods import available, config_for
+from qaft.model import (
+    apply_method,
+    count_parameters,
+    merge_model,
+    parameter_groups,
+    ptq_model,
+    set_training_step,
+)
+
+__version__ = "0.1.0"
+__all__ = [
+    "apply_method", "available", "config_for", "count_parameters", "merge_model", "methods",
+    "parameter_groups", "ptq_model", "quant", "set_training_step",
+]

@@ -1,0 +1,163 @@
+"""Method configs: one dataclass per method, registered by name, validated at construction.
+
+Field sets are composed from small mixins so that ``config_for(name, **fields)`` accepts exactly the fields
+that apply to a method (``bits``, ``group_size``, ``rank``, ``alpha``, ``init``, ``target_modules``,
+``warmup_steps``, ``quant_steps``, ``loftq_iters``, ...) and rejects the rest with a ``ValueError``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from torch import nn
+
+from qaft.quant.affine import VALID_BITS
+from qaft.quant.granularity import granularity
+from qaft.quant.init import parse_init
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+TRAIN = "train"  # the phase name of single-phase methods
+
+
+@dataclass(kw_only=True)
+class MethodConfig:
+    """Fields every method has; subclasses add theirs and implement :meth:`make_layer`."""
+
+    name: ClassVar[str] = ""
+    target_modules: tuple[str, ...] = DEFAULT_TARGETS
+
+    def __post_init__(self) -> None:
+        self.target_modules = tuple(self.target_modules)
+        if not self.target_modules:
+            raise ValueError("target_modules must name at least one linear layer, e.g. ('q_proj', 'v_proj')")
+        self.validate()
+
+    def validate(self) -> None:
+        """Checks that need no model; subclasses extend."""
+
+    def validate_layer(self, module_name: str, linear: nn.Linear) -> None:
+        """Checks that need the layer's shape (group size dividing ``in_features``)."""
+
+    def phase_at(self, step: int) -> str:
+        """The training phase at optimizer step ``step`` (0-based)."""
+        return TRAIN
+
+    def phase_boundaries(self) -> tuple[int, ...]:
+        """Steps at which the phase changes (for trainers that want to log them)."""
+        return ()
+
+    def make_layer(self, linear: nn.Linear) -> nn.Module:
+        raise NotImplementedError
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.name, **dataclasses.asdict(self)}
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+
+@dataclass(kw_only=True)
+class LoRAFields:
+    """Low-rank adapter ``alpha / rank * B A``."""
+
+    rank: int = 16
+    alpha: float = 16.0
+    dropout: float = 0.0
+
+    def _validate_lora(self) -> None:
+        if not isinstance(self.rank, int) or self.rank <= 0:
+            raise ValueError(f"rank must be a positive integer, got {self.rank!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+
+@dataclass(kw_only=True)
+class QuantFields:
+    """The integer quantizer's settings."""
+
+    bits: int = 4
+    group_size: int = 64
+    init: str = "minmax"
+    symmetric: bool = False
+    lsq_grad_scale: bool = False
+
+    def _validate_quant(self) -> None:
+        if self.bits not in VALID_BITS:
+            raise ValueError(f"bits must be one of {VALID_BITS}, got {self.bits!r}")
+        granularity(self.group_size)
+        self.init = parse_init(self.init).value
+
+    def _validate_groups(self, module_name: str, linear: nn.Linear) -> None:
+        try:
+            granularity(self.group_size).group_size(linear.in_features)
+        except ValueError as err:
+            raise ValueError(f"{module_name}: {err}") from None
+
+
+@dataclass(kw_only=True)
+class QuantMethodConfig(MethodConfig, QuantFields):
+    def validate(self) -> None:
+        self._validate_quant()
+
+    def validate_layer(self, module_name: str, linear: nn.Linear) -> None:
+        self._validate_groups(module_name, linear)
+
+
+@dataclass(kw_only=True)
+class LoRAMethodConfig(MethodConfig, LoRAFields):
+    def validate(self) -> None:
+        self._validate_lora()
+
+
+@dataclass(kw_only=True)
+class QuantLoRAMethodConfig(MethodConfig, LoRAFields, QuantFields):
+    def validate(self) -> None:
+        self._validate_lora()
+        self._validate_quant()
+
+    def validate_layer(self, module_name: str, linear: nn.Linear) -> None:
+        self._validate_groups(module_name, linear)
+
+
+def non_negative(name: str, value: Any) -> None:
+    if not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+
+
+def choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+    return value
+
+
+_REGISTRY: dict[str, type[MethodConfig]] = {}
+
+
+def register(cls: type[MethodConfig]) -> type[MethodConfig]:
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def available() -> list[str]:
+    """Names of the registered methods."""
+    return sorted(_REGISTRY)
+
+
+def config_for(name: str, **fields: Any) -> MethodConfig:
+    """The config of method ``name`` with ``fields`` set; unknown names or fields raise ``ValueError``."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown method {name!r}; available: {available()}")
+    cls = _REGISTRY[name]
+    unknown = sorted(set(fields) - set(cls.field_names()))
+    if unknown:
+        raise ValueError(f"method {name!r} has no field(s) {unknown}; its fields: {cls.field_names()}")
+    return cls(**fields)
+
+
+__all__ = ["DEFAULT_TARGETS", "MethodConfig", "available", "config_for", "register", "field"]

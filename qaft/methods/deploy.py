@@ -1,0 +1,72 @@
+"""The deployable integer layer: packed unsigned codes plus per-group float scale and offset.
+
+``W = s * (u - 2^(n-1)) + b`` per group: for 4 bits exactly the layout of PyTorch's int4 kernels
+(scale and float zero per group). This reference forward dequantizes; kernels come with deployment.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qaft.quant.affine import check_bits, dequantize
+from qaft.quant.init import init_scale_offset
+from qaft.quant.affine import quantize
+from qaft.quant.packing import pack_codes, unpack_codes
+
+
+class QuantizedLinear(nn.Module):
+    """Integer weights (``bits`` each, packed) with per-group ``scale`` and ``offset`` (out, n_groups)."""
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits: int,
+                 bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.bits = check_bits(bits)
+        self.out_features, self.in_features = codes.shape
+        unsigned = (codes.to(torch.int16) + 2 ** (bits - 1)).to(torch.uint8)
+        self.register_buffer("qweight", pack_codes(unsigned, bits))
+        self.register_buffer("scale", scale.detach().float().contiguous())
+        self.register_buffer("offset", offset.detach().float().contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    @property
+    def group_size(self) -> int:
+        return self.in_features // self.scale.shape[1]
+
+    def codes(self) -> torch.Tensor:
+        """Signed codes (int8, out x in)."""
+        u = unpack_codes(self.qweight, self.bits, self.in_features)
+        return (u.to(torch.int16) - 2 ** (self.bits - 1)).to(torch.int8)
+
+    def dequantize_weight(self) -> torch.Tensor:
+        return dequantize(self.codes(), self.scale, self.offset)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.dequantize_weight().to(x.dtype)
+        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+
+    def merge(self) -> "QuantizedLinear":
+        return self
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group_size={self.group_size}"
+
+
+def rtn_quantize_linear(linear: nn.Module, bits: int, group_size: int, init: str = "minmax",
+                        symmetric: bool = False) -> QuantizedLinear:
+    """Round-to-nearest PTQ of a float linear layer."""
+    w = linear.weight.detach().float()
+    scale, offset = init_scale_offset(w, bits, group_size, init, symmetric)
+    return QuantizedLinear(quantize(w, scale, offset, bits), scale, offset, bits, linear.bias)
+
+
+def float_linear(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> nn.Linear:
+    """A plain ``nn.Linear`` holding ``weight`` (the deployable form of float-merged methods)."""
+    out_features, in_features = weight.shape
+    layer = nn.Linear(in_features, out_features, bias=bias is not None, device=weight.device, dtype=dtype)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        if bias is not None:
+            layer.bias.copy_(bias)
+    layer.requires_grad_(False)
+    return layer

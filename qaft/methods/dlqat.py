@@ -1,0 +1,89 @@
+"""DL-QAT (Ke et al. 2024, https://arxiv.org/abs/2504.09223): weight-decomposed low-rank QAT.
+
+``Wq = m * Q_{s,b}(W0 + alpha B A)`` with one learnable magnitude ``m`` per quantization group (init 1),
+``A`` Gaussian, ``B = 0``, ``s, b`` from min-max. Phase 1 (``quant_steps``) trains only ``s, b`` (``W' = W0``)
+and freezes them as ``s0, b0``; phase 2 trains ``m, A, B`` inside that fixed quantization space.
+The paper's Table 3 varies ``magnitude`` (with or without ``m``) and ``clipping``:
+``learned_fixed`` (the method: learn ``s, b``, then fix them), ``learned`` (``s, b, A, B`` (and ``m``) train
+throughout, no phase 1), ``dynamic`` (``s, b`` are the min-max of ``W0 + alpha B A`` at every step, detached;
+no phase 1). Merge: codes as L4Q, scale ``m s0``, offset ``m b0``: pure integer codes again.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from qaft.methods.config import TRAIN, QuantLoRAMethodConfig, choice, non_negative, register
+from qaft.methods.deploy import QuantizedLinear
+from qaft.methods.l4q import grad_scale_of, quantizer_state
+from qaft.methods.layer import QaftLinear, add_lora
+from qaft.methods.lowrank_qat import lowrank_codes, lowrank_fake_quant_linear, lowrank_minmax
+
+QUANT = "quant"
+CLIPPING = ("learned_fixed", "learned", "dynamic")
+
+
+class DLQATLinear(QaftLinear):
+    def __init__(self, linear: nn.Linear, config: "DLQATConfig") -> None:
+        super().__init__(linear, config)
+        self.weight = nn.Parameter(linear.weight.detach(), requires_grad=False)
+        quantizer_state(self, self.weight.float(), config)
+        self.magnitude = nn.Parameter(torch.ones_like(self.scale)) if config.magnitude else None
+        add_lora(self, config.rank, self.in_features, self.out_features, gaussian=True)
+        train = {"lora_A", "lora_B"} | ({"magnitude"} if config.magnitude else set())
+        if config.clipping == "learned":
+            train |= {"scale", "offset"}
+        self.PHASES = {QUANT: frozenset({"scale", "offset"}), TRAIN: frozenset(train)}
+
+    def _scale_offset(self) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.config
+        if c.clipping != "dynamic":
+            return self.scale, self.offset
+        s, b = lowrank_minmax(self.weight, self.lora_A, self.lora_B, c.scaling, c.bits, c.group_size)
+        with torch.no_grad():  # kept for inspection and checkpoints; merge recomputes them
+            self.scale.copy_(s)
+            self.offset.copy_(b)
+        return s, b
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        s, b = self._scale_offset()
+        y = lowrank_fake_quant_linear(x, self.weight, self.lora_A, self.lora_B, s, b, self.magnitude,
+                                      c.scaling, c.bits, grad_scale_of(self), c.memory_efficient)
+        return self._add_bias(y)
+
+    @torch.no_grad()
+    def merge(self) -> QuantizedLinear:
+        c = self.config
+        s, b = self._scale_offset()
+        codes = lowrank_codes(self.weight, self.lora_A, self.lora_B, s, b, c.scaling, c.bits)
+        m = torch.ones_like(s) if self.magnitude is None else self.magnitude
+        return QuantizedLinear(codes, m * s, m * b, c.bits, self.bias)
+
+
+@register
+@dataclass(kw_only=True)
+class DLQATConfig(QuantLoRAMethodConfig):
+    name = "dlqat"
+    quant_steps: int = 1000
+    magnitude: bool = True
+    clipping: str = "learned_fixed"
+    memory_efficient: bool = True
+
+    def validate(self) -> None:
+        super().validate()
+        non_negative("quant_steps", self.quant_steps)
+        choice("clipping", self.clipping, CLIPPING)
+        if self.clipping == "dynamic" and self.symmetric:
+            raise ValueError("clipping='dynamic' uses asymmetric min-max bounds; set symmetric=False")
+
+    def phase_at(self, step: int) -> str:
+        return QUANT if self.clipping == "learned_fixed" and step < self.quant_steps else TRAIN
+
+    def phase_boundaries(self) -> tuple[int, ...]:
+        return (self.quant_steps,) if self.clipping == "learned_fixed" and self.quant_steps else ()
+
+    def make_layer(self, linear: nn.Linear) -> DLQATLinear:
+        return DLQATLinear(linear, self)

@@ -1,0 +1,94 @@
+"""L4Q (Jeon et al. 2024, https://arxiv.org/abs/2402.04902): LoRA inside the quantizer.
+
+``W' = W0 + alpha B A``, ``Wq = Q_{s,b}(W')``, ``y = x Wq^T``; ``A, B, s, b`` train. ``s, b`` start from an
+initialisation on ``W0`` and ``B = 0``, so training starts at the PTQ point. The backward is the
+memory-optimised one of :mod:`qaft.methods.lowrank_qat`.
+
+LoRA warm-up: for the first ``warmup_steps`` only ``A, B`` train, outside the quantizer
+(``y = x Q(W0)^T + alpha x A^T B^T``, ``s, b`` frozen); then ``Q(W0 + alpha B A)`` with all four trainable.
+Merge: codes ``clamp(round((W' - b) / s))`` with the final ``s, b``: the deployed model is the trained one.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from qaft.methods.config import TRAIN, QuantLoRAMethodConfig, non_negative, register
+from qaft.methods.deploy import QuantizedLinear
+from qaft.methods.layer import QaftLinear, add_lora, lora_output, recomputed_linear
+from qaft.methods.lowrank_qat import lowrank_codes, lowrank_fake_quant_linear
+from qaft.quant.affine import dequantize, lsq_grad_scale, quantize
+from qaft.quant.init import init_scale_offset
+
+WARMUP = "warmup"
+
+
+def quantizer_state(layer: nn.Module, weight: torch.Tensor, config) -> None:
+    """Create ``scale`` and ``offset`` on ``layer`` from ``weight`` (offset is a zero buffer if symmetric)."""
+    scale, offset = init_scale_offset(weight, config.bits, config.group_size, config.init, config.symmetric)
+    layer.scale = nn.Parameter(scale)
+    if config.symmetric:
+        layer.register_buffer("offset", offset)
+    else:
+        layer.offset = nn.Parameter(offset)
+
+
+def grad_scale_of(layer: QaftLinear) -> float:
+    c = layer.config
+    return lsq_grad_scale(layer.in_features // layer.scale.shape[1], c.bits) if c.lsq_grad_scale else 1.0
+
+
+def rtn_weight(w: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits: int) -> torch.Tensor:
+    return dequantize(quantize(w, scale, offset, bits), scale, offset)
+
+
+class L4QLinear(QaftLinear):
+    PHASES = {WARMUP: frozenset({"lora_A", "lora_B"}), TRAIN: frozenset({"lora_A", "lora_B", "scale", "offset"})}
+
+    def __init__(self, linear: nn.Linear, config: "L4QConfig") -> None:
+        super().__init__(linear, config)
+        self.weight = nn.Parameter(linear.weight.detach(), requires_grad=False)
+        quantizer_state(self, self.weight.float(), config)
+        add_lora(self, config.rank, self.in_features, self.out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        if self.phase == WARMUP:
+            bits = c.bits
+            y = recomputed_linear(x, lambda w, s, b: rtn_weight(w, s, b, bits),
+                                  self.weight, self.scale.detach(), self.offset.detach())
+            y = y + lora_output(x, self.lora_A, self.lora_B, c.scaling, c.dropout, self.training)
+        else:
+            y = lowrank_fake_quant_linear(x, self.weight, self.lora_A, self.lora_B, self.scale, self.offset,
+                                          None, c.scaling, c.bits, grad_scale_of(self), c.memory_efficient)
+        return self._add_bias(y)
+
+    @torch.no_grad()
+    def merge(self) -> QuantizedLinear:
+        c = self.config
+        codes = lowrank_codes(self.weight, self.lora_A, self.lora_B, self.scale, self.offset, c.scaling, c.bits)
+        return QuantizedLinear(codes, self.scale, self.offset, c.bits, self.bias)
+
+
+@register
+@dataclass(kw_only=True)
+class L4QConfig(QuantLoRAMethodConfig):
+    name = "l4q"
+    init: str = "l4q"
+    warmup_steps: int = 0
+    memory_efficient: bool = True
+
+    def validate(self) -> None:
+        super().validate()
+        non_negative("warmup_steps", self.warmup_steps)
+
+    def phase_at(self, step: int) -> str:
+        return WARMUP if step < self.warmup_steps else TRAIN
+
+    def phase_boundaries(self) -> tuple[int, ...]:
+        return (self.warmup_steps,) if self.warmup_steps else ()
+
+    def make_layer(self, linear: nn.Linear) -> L4QLinear:
+        return L4QLinear(linear, self)

@@ -1,0 +1,45 @@
+"""Full QAT with LSQ+ (Esser et al. 2019; Bhalgat et al. 2020): ``W`` itself trains through the quantizer.
+
+``y = x Q_{s,b}(W)^T``; ``W, s, b`` train. The memory reference that L4Q and DL-QAT are measured
+against (full weight gradients and optimizer state). Merge: integer codes of the trained ``W``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qaft.methods.config import TRAIN, QuantMethodConfig, register
+from qaft.methods.deploy import QuantizedLinear
+from qaft.methods.l4q import grad_scale_of, quantizer_state
+from qaft.methods.layer import QaftLinear
+from qaft.quant.affine import fake_quantize, quantize
+
+
+class QATLinear(QaftLinear):
+    PHASES = {TRAIN: frozenset({"weight", "scale", "offset"})}
+
+    def __init__(self, linear: nn.Linear, config: "QATConfig") -> None:
+        super().__init__(linear, config)
+        self.weight = nn.Parameter(linear.weight.detach().float().clone())
+        quantizer_state(self, self.weight.detach(), config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        wq = fake_quantize(self.weight, self.scale, self.offset, self.config.bits, grad_scale_of(self))
+        return self._add_bias(F.linear(x, wq.to(x.dtype)))
+
+    @torch.no_grad()
+    def merge(self) -> QuantizedLinear:
+        codes = quantize(self.weight, self.scale, self.offset, self.config.bits)
+        return QuantizedLinear(codes, self.scale, self.offset, self.config.bits, self.bias)
+
+
+@register
+@dataclass(kw_only=True)
+class QATConfig(QuantMethodConfig):
+    name = "qat"
+
+    def make_layer(self, linear: nn.Linear) -> QATLinear:
+        return QATLinear(linear, self)

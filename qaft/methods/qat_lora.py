@@ -1,0 +1,22 @@
+"""QAT-LoRA (torchtune style): LoRA outside a fake-quantized frozen ``W0``.
+
+``y = x Q(W0)^T + (alpha / r) x A^T B^T``. ``W0``, ``s`` and ``b`` are frozen, so the fake-quantized base is
+a constant integer base; only ``A, B`` train. Merge: ``Q(W0) + (alpha / r) B A``, float, needs PTQ to deploy.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from qaft.methods.config import QuantLoRAMethodConfig, register
+from qaft.methods.qlora import IntBaseLoRALinear
+
+
+@register
+@dataclass(kw_only=True)
+class QATLoRAConfig(QuantLoRAMethodConfig):
+    name = "qat_lora"
+
+    def make_layer(self, linear: nn.Linear) -> IntBaseLoRALinear:
+        return IntBaseLoRALinear(linear, self)

@@ -1,0 +1,106 @@
+"""Applying a method to a causal LM, driving its phases, and merging it for deployment."""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from qaft.methods.config import MethodConfig, config_for
+from qaft.methods.deploy import rtn_quantize_linear
+from qaft.methods.layer import QaftLinear
+
+
+def _targets(model: nn.Module, target_modules: tuple[str, ...]) -> list[tuple[str, nn.Linear]]:
+    found = [(name, m) for name, m in model.named_modules()
+             if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in target_modules]
+    if not found:
+        raise ValueError(f"target_modules={list(target_modules)} matched no nn.Linear in the model")
+    return found
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def apply_method(model: nn.Module, config: MethodConfig) -> nn.Module:
+    """Replace the target linear layers of ``model`` by ``config``'s layers; freeze everything else.
+
+    Every target layer is validated (e.g. the group size divides its width) before any is replaced, so a
+    bad config leaves the model untouched. Returns the same model, set to the phase of step 0.
+    """
+    targets = _targets(model, config.target_modules)
+    for name, linear in targets:
+        config.validate_layer(name, linear)
+    model.requires_grad_(False)
+    for name, linear in targets:
+        _replace(model, name, config.make_layer(linear))
+    model.qaft_config = config
+    set_training_step(model, 0)
+    return model
+
+
+def qaft_layers(model: nn.Module) -> list[QaftLinear]:
+    return [m for m in model.modules() if isinstance(m, QaftLinear)]
+
+
+def set_training_step(model: nn.Module, step: int) -> str:
+    """Move every method layer to the phase of optimizer step ``step``; returns the phase name."""
+    config: MethodConfig | None = getattr(model, "qaft_config", None)
+    if config is None:
+        raise ValueError("model has no qaft method applied; call qaft.apply_method first")
+    phase = config.phase_at(step)
+    for layer in qaft_layers(model):
+        if layer.phase != phase:
+            layer.set_phase(phase)
+    return phase
+
+
+def parameter_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
+    """Every parameter that trains in some phase, by role: ``lora`` (A, B), ``quant`` (s, b, m), ``weight``.
+
+    Build the optimizer once from these; parameters frozen in the current phase get no gradient and
+    AdamW leaves them alone.
+    """
+    groups: dict[str, list[nn.Parameter]] = {}
+    for layer in qaft_layers(model):
+        for role, params in layer.role_parameters().items():
+            groups.setdefault(role, []).extend(params)
+    return groups
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+@torch.no_grad()
+def merge_model(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """The deployable model: every method layer replaced by its ``merge()`` (integer or float layers).
+
+    Same call signature as the training model (logits out). Copies the model unless ``inplace``.
+    """
+    merged = model if inplace else copy.deepcopy(model)
+    for name, module in list(merged.named_modules()):
+        if isinstance(module, QaftLinear):
+            _replace(merged, name, module.merge())
+    merged.qaft_merged = True
+    merged.eval()
+    return merged
+
+
+@torch.no_grad()
+def ptq_model(model: nn.Module, bits: int, group_size: int, init: str = "minmax",
+              target_modules: tuple[str, ...] | None = None, inplace: bool = False) -> nn.Module:
+    """Round-to-nearest PTQ of a float (e.g. float-merged) model: the papers' "+PTQ" baselines."""
+    fields = {"bits": bits, "group_size": group_size, "init": init}
+    if target_modules is not None:
+        fields["target_modules"] = tuple(target_modules)
+    config = config_for("ptq", **fields)
+    quantized = model if inplace else copy.deepcopy(model)
+    targets = _targets(quantized, config.target_modules)
+    for name, linear in targets:
+        config.validate_layer(name, linear)
+    for name, linear in targets:
+        _replace(quantized, name, rtn_quantize_linear(linear, bits, group_size, init))
+    return quantized

@@ -1,0 +1,22 @@
+"""qaft.quant: the shared integer affine quantizer, its initialisations, NF4 and bit packing."""
+from qaft.quant.affine import (
+    VALID_BITS,
+    dequantize,
+    fake_quantize,
+    fake_quantize_reference,
+    lsq_grad_scale,
+    qrange,
+    quantize,
+)
+from qaft.quant.granularity import PerChannel, PerGroup, granularity
+from qaft.quant.init import Init, init_scale_offset
+from qaft.quant.module import AffineQuantizer
+from qaft.quant.nf4 import NF4Tensor, nf4_dequantize, nf4_quantize
+from qaft.quant.packing import pack_codes, to_int4pack_cpu, unpack_codes
+
+__all__ = [
+    "VALID_BITS", "AffineQuantizer", "Init", "NF4Tensor", "PerChannel", "PerGroup",
+    "dequantize", "fake_quantize", "fake_quantize_reference", "granularity", "init_scale_offset",
+    "lsq_grad_scale", "nf4_dequantize", "nf4_quantize", "pack_codes", "qrange", "quantize",
+    "to_int4pack_cpu", "unpack_codes",
+]
