@@ -13,7 +13,8 @@ from qaft.quant.affine import check_bits
 
 
 def packed_length(k: int, bits: int) -> int:
-    return (k + 7) // 8 * bits
+    """Bytes per row of ``k`` codes: 8-bit codes are stored as they are, narrower ones in padded octets."""
+    return k if bits == 8 else (k + 7) // 8 * bits
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:

@@ -1,0 +1,70 @@
+"""The memory-optimised backward of L4Q / DL-QAT equals autograd of the naive formula (float64)."""
+import pytest
+import torch
+
+from qaft.methods import lowrank_qat
+from qaft.methods.lowrank_qat import lowrank_fake_quant_linear
+from qaft.quant import init_scale_offset
+
+
+def _inputs(out=24, inp=64, rank=4, group=16, bits=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    f64 = dict(dtype=torch.float64)
+    w0 = torch.randn(out, inp, generator=g, **f64)
+    a = torch.randn(rank, inp, generator=g, **f64) * 0.3
+    b = torch.randn(out, rank, generator=g, **f64) * 0.3  # non-zero B: W' differs from W0
+    s, off = init_scale_offset(w0, bits, group)
+    m = 1 + 0.1 * torch.randn(s.shape, generator=g, **f64)
+    x = torch.randn(2, 5, inp, generator=g, **f64)
+    return x, w0, a, b, s * 0.9, off, m  # a tighter range makes some values clip
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("with_m", [False, True])
+@pytest.mark.parametrize("grad_scale", [1.0, 0.1])
+@pytest.mark.parametrize("block_elements", [1 << 20, 64 * 5])  # one block, or blocks of 5 rows
+def test_custom_backward_equals_autograd(bits, with_m, grad_scale, block_elements, monkeypatch):
+    monkeypatch.setattr(lowrank_qat, "BLOCK_ELEMENTS", block_elements)
+    x, w0, a, b, s, off, m = _inputs(bits=bits)
+    m = m if with_m else None
+    grad_out = torch.randn(2, 5, w0.shape[0], dtype=torch.float64)
+    results = []
+    for efficient in (True, False):
+        leaves = [t.clone().requires_grad_() if t is not None else None for t in (x, a, b, s, off, m)]
+        lx, la, lb, ls, loff, lm = leaves
+        y = lowrank_fake_quant_linear(lx, w0, la, lb, ls, loff, lm, 0.5, bits, grad_scale, efficient)
+        (y * grad_out).sum().backward()
+        results.append([y.detach()] + [t.grad for t in leaves if t is not None])
+    for custom, reference in zip(*results):
+        torch.testing.assert_close(custom, reference, rtol=1e-10, atol=1e-10)
+
+
+def test_frozen_inputs_get_no_gradient():
+    x, w0, a, b, s, off, m = _inputs()
+    s_, off_ = s.clone().requires_grad_(), off.clone().requires_grad_()
+    y = lowrank_fake_quant_linear(x, w0, a, b, s_, off_, None, 1.0, 4)  # DL-QAT phase 1: only s, b
+    y.sum().backward()
+    assert s_.grad is not None and off_.grad is not None
+    assert a.grad is None and b.grad is None and x.grad is None
+
+
+def test_no_weight_sized_tensor_is_saved_for_backward():
+    """Only x, W0 (held by the layer anyway) and the small tensors are kept between forward and backward."""
+    x, w0, a, b, s, off, m = (t.float() for t in _inputs(out=256, inp=512, group=64))
+    leaves = [t.requires_grad_() for t in (x, a, b, s, off, m)]
+    lx, la, lb, ls, loff, lm = leaves
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = lowrank_fake_quant_linear(lx, w0, la, lb, ls, loff, lm, 1.0, 4)
+    weight_sized = [t for t in saved if t.numel() >= w0.numel()]
+    assert all(t.data_ptr() == w0.data_ptr() for t in weight_sized), [t.shape for t in weight_sized]
+    y.sum().backward()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        saved.clear()
+        lowrank_fake_quant_linear(lx, w0, la, lb, ls, loff, lm, 1.0, 4, memory_efficient=False)
+    assert sum(t.numel() >= w0.numel() for t in saved) >= 3  # naive autograd keeps W', v, Wq alive
