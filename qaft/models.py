@@ -125,7 +125,10 @@ def _convert_gguf(target: Path) -> None:
             delattr(config, attr)
     config.torch_dtype = torch.float32
     model = LlamaForCausalLM(config)
-    model.load_state_dict(src.state_dict(), strict=False)
+    missing, unexpected = model.load_state_dict(src.state_dict(), strict=False)
+    # lm_head may be absent because it is tied to the embedding; anything else is a real mismatch.
+    if unexpected or [k for k in missing if k != "lm_head.weight"]:
+        raise RuntimeError(f"GGUF conversion mismatch: missing={missing}, unexpected={unexpected}")
     model.tie_weights()
     _ensure_pad_token(tokenizer)
     model.config.pad_token_id = tokenizer.pad_token_id

@@ -219,7 +219,7 @@ def _split_fields(line: str) -> list[str]:
     """Split on ``:`` outside brackets (no file nests one today, but the grammar allows it)."""
     fields, depth, start = [], 0, 0
     for i, ch in enumerate(line):
-        depth += ch in "{[" and 1 or (-1 if ch in "}]" else 0)
+        depth += (ch in "{[") - (ch in "}]")
         if ch == ":" and depth == 0:
             fields.append(line[start:i])
             start = i + 1

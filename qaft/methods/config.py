@@ -149,11 +149,16 @@ def available() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def config_for(name: str, **fields: Any) -> MethodConfig:
-    """The config of method ``name`` with ``fields`` set; unknown names or fields raise ``ValueError``."""
+def registered(name: str) -> type[MethodConfig]:
+    """The config class of method ``name``."""
     if name not in _REGISTRY:
         raise ValueError(f"unknown method {name!r}; available: {available()}")
-    cls = _REGISTRY[name]
+    return _REGISTRY[name]
+
+
+def config_for(name: str, **fields: Any) -> MethodConfig:
+    """The config of method ``name`` with ``fields`` set; unknown names or fields raise ``ValueError``."""
+    cls = registered(name)
     unknown = sorted(set(fields) - set(cls.field_names()))
     if unknown:
         raise ValueError(f"method {name!r} has no field(s) {unknown}; its fields: {cls.field_names()}")

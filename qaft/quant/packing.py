@@ -37,6 +37,11 @@ def unpack_codes(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
     check_bits(bits)
     if bits == 8:
         return packed[..., :k]
+    if 8 % bits == 0:
+        # 2 and 4 bits: codes never straddle a byte, so plain uint8 shifts suffice (no int64 temporaries).
+        shifts = torch.arange(8 - bits, -1, -bits, device=packed.device, dtype=torch.uint8)
+        codes = (packed.unsqueeze(-1) >> shifts) & (2**bits - 1)
+        return codes.reshape(*packed.shape[:-1], -1)[..., :k]
     groups = packed.to(torch.int64).view(*packed.shape[:-1], -1, bits)
     byte_shifts = 8 * torch.arange(bits - 1, -1, -1, device=packed.device)
     word = (groups << byte_shifts).sum(-1, keepdim=True)

@@ -1,0 +1,183 @@
+"""Validation of a whole composed run config, before any model or data loads, and the resolvers `conf/` uses.
+
+A typo should cost a second, not the minutes of a model load (or a cluster queue): :func:`validate` checks the
+method against its registry, bits, group sizes against the model's widths (known without loading for the
+built-in models, read from ``config.json`` for local ones), the model path and the data source, and raises
+:class:`ConfigError` with one line that says what to change.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from qaft.data import validate_data_source
+from qaft.methods.config import MethodConfig, config_for, registered
+from qaft.models import SMOLLM2, TINY_LLAMA, cache_dir, tiny_llama_config, validate_model_source
+from qaft.quant.affine import VALID_BITS
+from qaft.quant.granularity import granularity
+
+# Every method YAML carries these; for methods that merge to a float model they are the deployment PTQ's.
+DEPLOY_FIELDS = ("bits", "group_size")
+SCHEDULES = {
+    "constant": lambda progress: 1.0,
+    "cosine": lambda progress: 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))),
+}
+DTYPES = ("float32", "bfloat16", "float16")
+ROLES = ("lora", "quant", "weight")
+# SmolLM2-135M's shape, so a bad group size is caught before the first (slow) GGUF conversion.
+_SMOLLM2_SHAPE = {"hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9, "head_dim": 64}
+# Input width of each target projection, from a LLaMA-style config.
+_IN_FEATURES = {
+    "q_proj": lambda c: c["hidden_size"], "k_proj": lambda c: c["hidden_size"],
+    "v_proj": lambda c: c["hidden_size"], "gate_proj": lambda c: c["hidden_size"],
+    "up_proj": lambda c: c["hidden_size"], "down_proj": lambda c: c["intermediate_size"],
+    "o_proj": lambda c: c["num_attention_heads"] * (c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]),
+}
+
+
+class ConfigError(ValueError):
+    """A problem with the composed config, reported as one line before anything heavy runs."""
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """What the validated config means: the method config and the bits / group size it is deployed at."""
+
+    method: MethodConfig
+    bits: int
+    group_size: int
+
+
+def method_config(node: Any) -> MethodConfig:
+    """The registered method config for a ``method`` node (its ``name`` plus the dataclass fields)."""
+    fields = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
+    name = fields.pop("name", None)
+    own = set(registered(name).field_names())
+    for key in DEPLOY_FIELDS:
+        if key not in own:
+            fields.pop(key, None)
+    return config_for(name, **fields)
+
+
+def _read_shape(name_or_path: str) -> dict[str, Any] | None:
+    """The model's widths without loading it; ``None`` for hub ids (checked at load time instead)."""
+    if name_or_path == TINY_LLAMA:
+        return tiny_llama_config().to_dict()
+    if name_or_path == SMOLLM2:
+        cached = cache_dir() / SMOLLM2 / "config.json"
+        return json.loads(cached.read_text()) if cached.is_file() else dict(_SMOLLM2_SHAPE)
+    config = Path(name_or_path).expanduser() / "config.json"
+    return json.loads(config.read_text()) if config.is_file() else None
+
+
+def model_widths(name_or_path: str, modules: tuple[str, ...]) -> dict[str, int]:
+    """``in_features`` of each target module name that the model's config describes."""
+    shape = _read_shape(name_or_path)
+    if shape is None:
+        return {}
+    shape = shape.get("text_config", shape)  # multimodal configs nest the language model's
+    widths = {}
+    for module in modules:
+        if module in _IN_FEATURES:
+            try:
+                widths[module] = int(_IN_FEATURES[module](shape))
+            except (KeyError, TypeError):
+                continue
+    return widths
+
+
+def _check_groups(model: str, group_size: int, widths: dict[str, int]) -> None:
+    for module, width in widths.items():
+        try:
+            granularity(group_size).group_size(width)
+        except ValueError as err:
+            raise ConfigError(f"method.group_size={group_size} does not fit model {model!r} ({module}): {err}") from None
+
+
+def _check_optim(cfg: DictConfig) -> None:
+    optim = cfg.optim
+    if optim.schedule not in SCHEDULES:
+        raise ConfigError(f"optim.schedule={optim.schedule!r} must be one of {sorted(SCHEDULES)}")
+    for key in ("lr", "weight_decay"):
+        unknown = sorted(set(optim[key]) - set(ROLES))
+        if unknown:
+            raise ConfigError(f"optim.{key} has unknown role(s) {unknown}; roles: {list(ROLES)}")
+    if int(optim.warmup_steps) < 0:
+        raise ConfigError(f"optim.warmup_steps={optim.warmup_steps} must be >= 0")
+
+
+def _check_trainer(cfg: DictConfig) -> None:
+    if not cfg.trainer.get("fast_dev_run") and int(cfg.trainer.get("max_steps", -1)) <= 0:
+        raise ConfigError("trainer.max_steps must be a positive number of optimizer steps (runs are step-based)")
+
+
+def _check_resume(cfg: DictConfig) -> None:
+    choice = str(cfg.get("resume", "auto"))
+    if choice not in ("auto", "never") and not Path(choice).expanduser().is_file():
+        raise ConfigError(f"resume={choice!r} must be auto, never or an existing .ckpt file")
+
+
+def validate(cfg: DictConfig) -> RunSpec:
+    """Check the whole composed config; raise :class:`ConfigError` (one line) on the first problem."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"missing required value(s) {missing}: set them on the command line, e.g. {missing[0]}=...")
+    try:
+        method = method_config(cfg.method)
+        bits, group_size = int(cfg.method.bits), int(cfg.method.group_size)
+        if bits not in VALID_BITS:
+            raise ValueError(f"method.bits must be one of {VALID_BITS}, got {bits}")
+        granularity(group_size)
+        validate_model_source(cfg.model.name_or_path)
+        validate_data_source(cfg.data.kind, cfg.data.source)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if cfg.model.dtype not in DTYPES:
+        raise ConfigError(f"model.dtype={cfg.model.dtype!r} must be one of {list(DTYPES)}")
+    _check_groups(cfg.model.name_or_path, group_size, model_widths(cfg.model.name_or_path, method.target_modules))
+    _check_optim(cfg)
+    _check_trainer(cfg)
+    _check_resume(cfg)
+    return RunSpec(method=method, bits=bits, group_size=group_size)
+
+
+# --- resolvers used by conf/train.yaml -------------------------------------------------------------------
+
+def run_name(method: DictConfig, model: str, data: str, seed: int) -> str:
+    """``l4q-w4g64-r16-s0-smollm2-135m-austen``: what a run computes, readable in a folder listing."""
+    parts = [str(method.get("name"))]
+    if method.get("bits") is not None:
+        group = "pc" if method.get("group_size") == -1 else f"g{method.get('group_size')}"
+        parts.append(f"w{method.get('bits')}{group}")
+    if method.get("rank") is not None:
+        parts.append(f"r{method.get('rank')}")
+    parts += [f"s{seed}", Path(str(model)).name or str(model), str(data)]
+    return "-".join(parts)
+
+
+def dir_suffix(override_dirname: str) -> str:
+    """The remaining command-line overrides, appended to the run name (nothing when there are none)."""
+    return f"__{override_dirname.replace('/', '_')}" if override_dirname else ""
+
+
+def precision(choice: str = "auto") -> str:
+    """``auto``: bf16-mixed on a GPU with bf16, full fp32 elsewhere (CPU bf16 autocast is slower)."""
+    if choice != "auto":
+        return choice
+    import torch
+
+    return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
+
+
+def register_resolvers() -> None:
+    """Make ``${qaft.run_name:...}``, ``${qaft.suffix:...}`` and ``${qaft.precision:...}`` available."""
+    for name, fn in (("qaft.run_name", run_name), ("qaft.suffix", dir_suffix), ("qaft.precision", precision)):
+        OmegaConf.register_new_resolver(name, fn, replace=True)
+
+
+register_resolvers()
