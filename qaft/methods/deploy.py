@@ -9,9 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qaft.quant.affine import check_bits, dequantize
+from qaft.quant.affine import check_bits, dequantize, quantize
 from qaft.quant.init import init_scale_offset
-from qaft.quant.affine import quantize
 from qaft.quant.packing import pack_codes, unpack_codes
 
 

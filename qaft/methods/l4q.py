@@ -20,19 +20,14 @@ from qaft.methods.deploy import QuantizedLinear
 from qaft.methods.layer import QaftLinear, add_lora, lora_output, recomputed_linear
 from qaft.methods.lowrank_qat import lowrank_codes, lowrank_fake_quant_linear
 from qaft.quant.affine import dequantize, lsq_grad_scale, quantize
-from qaft.quant.init import init_scale_offset
+from qaft.quant.module import register_scale_offset
 
 WARMUP = "warmup"
 
 
 def quantizer_state(layer: nn.Module, weight: torch.Tensor, config) -> None:
-    """Create ``scale`` and ``offset`` on ``layer`` from ``weight`` (offset is a zero buffer if symmetric)."""
-    scale, offset = init_scale_offset(weight, config.bits, config.group_size, config.init, config.symmetric)
-    layer.scale = nn.Parameter(scale)
-    if config.symmetric:
-        layer.register_buffer("offset", offset)
-    else:
-        layer.offset = nn.Parameter(offset)
+    """``scale`` and ``offset`` on ``layer`` from ``weight``, with the config's quantizer settings."""
+    register_scale_offset(layer, weight, config.bits, config.group_size, config.init, config.symmetric)
 
 
 def grad_scale_of(layer: QaftLinear) -> float:

@@ -8,6 +8,18 @@ from qaft.quant.affine import check_bits, fake_quantize, lsq_grad_scale, quantiz
 from qaft.quant.init import Init, init_scale_offset
 
 
+def register_scale_offset(module: nn.Module, weight: torch.Tensor, bits: int, group_size: int,
+                          init: str | Init = Init.MINMAX, symmetric: bool = False) -> None:
+    """Give ``module`` a ``scale`` parameter and an ``offset`` parameter (a zero buffer if symmetric),
+    initialised per group from ``weight``; method layers and :class:`AffineQuantizer` share this."""
+    scale, offset = init_scale_offset(weight, bits, group_size, init, symmetric)
+    module.scale = nn.Parameter(scale)
+    if symmetric:
+        module.register_buffer("offset", offset)
+    else:
+        module.offset = nn.Parameter(offset)
+
+
 class AffineQuantizer(nn.Module):
     """Holds ``scale`` and ``offset`` (out, n_groups) as parameters; ``forward(w)`` fake-quantizes ``w``.
 
@@ -25,13 +37,8 @@ class AffineQuantizer(nn.Module):
     ) -> None:
         super().__init__()
         self.bits = check_bits(bits)
-        scale, offset = init_scale_offset(weight, bits, group_size, init, symmetric)
-        self.scale = nn.Parameter(scale)
-        if symmetric:
-            self.register_buffer("offset", offset)
-        else:
-            self.offset = nn.Parameter(offset)
-        self.group_numel = weight.shape[1] // scale.shape[1]
+        register_scale_offset(self, weight, bits, group_size, init, symmetric)
+        self.group_numel = weight.shape[1] // self.scale.shape[1]
         self.use_grad_scale = use_grad_scale
 
     @property
