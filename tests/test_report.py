@@ -1,0 +1,67 @@
+"""qaft-report: tables from a fixture run store, missing and failed runs shown, identical when regenerated."""
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from qaft import report
+
+SPEC = {
+    "name": "groupwise", "caption": "Held-out perplexity, groups of 64.", "rows": ["method", "bits"],
+    "columns": {"ppl (deployed)": "metrics.deployed", "ppl (trained)": "metrics.trained"},
+    "expect": {"method": ["l4q", "qlora", "dlqat"], "bits": [4, 3]}, "where": {"data": "austen"},
+    "paper": [{"method": "l4q", "bits": 4, "column": "ppl (deployed)", "value": 5.9, "setting": "LLaMA-7B"}],
+    "plot": "metrics.deployed",
+}
+
+
+def _record(root: Path, name: str, **fields):
+    folder = root / name
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text("seed: 0\n")
+    base = {"status": "ok", "data": "austen", "model": "smollm2-135m", "group_size": 64, "seed": 0}
+    (folder / "record.json").write_text(json.dumps({**base, **fields}))
+
+
+@pytest.fixture
+def store(tmp_path):
+    root = tmp_path / "runs"
+    _record(root, "a", method="l4q", bits=4, seed=0, metrics={"merged": 40.0, "trained": 40.0})
+    _record(root, "b", method="l4q", bits=4, seed=1, metrics={"merged": 42.0, "trained": 42.0})
+    _record(root, "c", method="qlora", bits=4, metrics={"merged": 35.0, "merged_ptq": 44.0, "trained": 35.0})
+    _record(root, "d", method="l4q", bits=3, status="failed", error="RuntimeError: boom")
+    _record(root, "e", method="l4q", bits=4, data="quiz", metrics={"merged": 1.0})  # filtered out
+    (root / "f").mkdir()
+    (root / "f" / "config.yaml").write_text("seed: 0\n")  # a run that never finished
+    spec = tmp_path / "groupwise.yaml"
+    spec.write_text(yaml.safe_dump(SPEC))
+    return root, spec
+
+
+def test_table_cells(store):
+    root, _ = store
+    table = report.build_table(report.load_runs(root), SPEC).set_index(["method", "bits"])
+    assert table.loc[("l4q", 4), "ppl (deployed)"] == "41.00 ± 1.41"
+    assert table.loc[("l4q", 4), "seeds"] == 2
+    assert table.loc[("qlora", 4), "ppl (deployed)"] == "44.00"  # +PTQ of the float merge
+    assert table.loc[("qlora", 4), "ppl (trained)"] == "35.00"
+    assert table.loc[("l4q", 3), "ppl (deployed)"] == "failed"
+    assert table.loc[("dlqat", 4), "ppl (deployed)"] == "missing"
+    assert len(table) == 6
+    assert (report.load_runs(root)["status"] == "incomplete").sum() == 1
+
+
+def test_report_regenerates_identical_files(store, tmp_path):
+    root, spec = store
+    first = report.report(spec, root, tmp_path / "out1")
+    second = report.report(spec, root, tmp_path / "out2")
+    names = sorted(p.name for p in first)
+    assert names == sorted(p.name for p in second)
+    assert {"groupwise.md", "groupwise.tex", "groupwise.csv", "groupwise_paper_vs_reproduced.md",
+            "groupwise.png"} <= set(names)
+    for a in first:
+        if a.suffix != ".png":
+            assert a.read_text() == (tmp_path / "out2" / a.name).read_text()
+    versus = (tmp_path / "out1" / "groupwise_paper_vs_reproduced.md").read_text()
+    assert "5.9" in versus and "41.00 ± 1.41" in versus
