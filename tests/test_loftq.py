@@ -51,3 +51,13 @@ def test_loftq_alpha_b_a_is_the_low_rank_residual_not_b_a():
         u, s, vh = torch.linalg.svd(residual, full_matrices=False)
         best_rank8 = (u[:, :8] * s[:8]) @ vh[:8]
         torch.testing.assert_close(lora_delta(layer, config.scaling), best_rank8, rtol=1e-4, atol=1e-4)
+
+
+def test_rank_above_the_layer_width_pads_with_zero_directions():
+    linear = _linear(2, out=16, inp=64)
+    config = qaft.config_for("loftq", rank=32)
+    layer = config.make_layer(linear)
+    assert layer.lora_A.shape == (32, 64) and layer.lora_B.shape == (16, 32)
+    assert (layer.lora_A[16:] == 0).all() and (layer.lora_B[:, 16:] == 0).all()
+    approx = layer.dequantized_base() + lora_delta(layer, config.scaling)
+    torch.testing.assert_close(approx, linear.weight.detach(), rtol=1e-4, atol=1e-4)  # full rank: exact

@@ -31,9 +31,13 @@ def loftq_factors(w: torch.Tensor, quant_dequant, rank: int, scaling: float, ite
     for _ in range(iters):
         base, state = quant_dequant(residual)
         u, s, vh = torch.linalg.svd(w - base, full_matrices=False)
-        root = s[:rank].sqrt()
-        b = u[:, :rank] * root / scaling
-        a = root[:, None] * vh[:rank]
+        # A rank above min(out, in) leaves the extra LoRA directions at zero.
+        r = min(rank, s.numel())
+        root = s[:r].sqrt()
+        b = torch.zeros(w.shape[0], rank)
+        a = torch.zeros(rank, w.shape[1])
+        b[:, :r] = u[:, :r] * root / scaling
+        a[:r] = root[:, None] * vh[:r]
         residual = w - scaling * (b @ a)
     return base, state, a, b
 
