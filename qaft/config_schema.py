@@ -7,6 +7,7 @@ built-in models, read from ``config.json`` for local ones), the model path and t
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -160,9 +161,18 @@ def run_name(method: DictConfig, model: str, data: str, seed: int) -> str:
     return "-".join(parts)
 
 
-def dir_suffix(override_dirname: str) -> str:
-    """The remaining command-line overrides, appended to the run name (nothing when there are none)."""
-    return f"__{override_dirname.replace('/', '_')}" if override_dirname else ""
+def dir_suffix(override_dirname: str, limit: int = 96) -> str:
+    """The remaining command-line overrides, appended to the run name (nothing when there are none).
+
+    Past ``limit`` characters the tail becomes a hash of the whole, which stays deterministic (a rerun
+    finds its folder) and keeps names under the file system's 255-byte limit.
+    """
+    if not override_dirname:
+        return ""
+    text = override_dirname.replace("/", "_")
+    if len(text) > limit:
+        text = f"{text[:limit - 11]}~{hashlib.sha1(text.encode()).hexdigest()[:10]}"
+    return f"__{text}"
 
 
 def precision(choice: str = "auto") -> str:

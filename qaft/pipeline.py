@@ -35,14 +35,21 @@ def run_dir_of(cfg: DictConfig) -> Path:
     return Path(cfg.runs_root) / run_name(cfg.method, cfg.model.name_or_path, cfg.data.name, cfg.seed)
 
 
-def discard_run_dir() -> None:
-    """Remove the folder Hydra made for a run whose config turned out invalid, if it holds only Hydra's files."""
+def discard_run_dir(runs_root: str | None = None) -> None:
+    """Remove the folder Hydra made for a run whose config turned out invalid, if it holds only Hydra's files,
+    and the parents up to ``runs_root`` that this left empty: nothing may look like a run that happened."""
     if not HydraConfig.initialized():
         return
     hydra_cfg = HydraConfig.get()
-    out = Path(hydra_cfg.runtime.output_dir)
-    if out.is_dir() and {p.name for p in out.iterdir()} <= {".hydra", f"{hydra_cfg.job.name}.log"}:
-        shutil.rmtree(out)
+    out = Path(hydra_cfg.runtime.output_dir).resolve()
+    if not out.is_dir() or not {p.name for p in out.iterdir()} <= {".hydra", f"{hydra_cfg.job.name}.log"}:
+        return
+    shutil.rmtree(out)
+    root = Path(runs_root).resolve() if runs_root else out.parent
+    parent = out.parent
+    while parent.is_relative_to(root) and parent.is_dir() and not any(parent.iterdir()):
+        parent.rmdir()
+        parent = parent.parent
 
 
 class DumpTrainable(pl.Callback):

@@ -29,7 +29,7 @@ def main(cfg: DictConfig) -> float | None:
     except ConfigError as err:
         from qaft.pipeline import discard_run_dir
 
-        discard_run_dir()
+        discard_run_dir(cfg.get("runs_root"))
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise  # one bad sweep point is reported by Hydra; the others still run
         print(f"qaft-train: invalid config: {err}", file=sys.stderr)

@@ -1,0 +1,106 @@
+"""Every YAML in conf/ composes through Hydra's compose API, and the composed configs validate."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import get_class, instantiate
+from omegaconf import OmegaConf, open_dict
+
+from qaft.config_schema import ConfigError, run_name, validate
+from qaft.methods import available
+from qaft.train import CONF_DIR
+
+CONF = Path(CONF_DIR)
+OPTIONS = sorted((str(p.parent.relative_to(CONF)), p.stem) for p in CONF.rglob("*.yaml") if p.parent != CONF)
+# Options that need a value only the user can give.
+REQUIRED = {("model", "hf"): ["model.name_or_path=org/some-model"], ("data", "json"): ["data.source={json}"],
+            # the papers' g128 does not divide SmolLM2's width 576; it is for models like LLaMA-2
+            ("quant", "w4g128"): ["model=hf", "model.name_or_path=meta-llama/Llama-2-7b-hf"]}
+
+
+def _compose(overrides: list[str], hydra: bool = False):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name="train", overrides=overrides, return_hydra_config=hydra)
+
+
+def test_conf_has_every_group():
+    groups = {group for group, _ in OPTIONS}
+    assert {"method", "quant", "model", "data", "trainer", "logger", "experiment", "hydra/launcher"} <= groups
+
+
+def test_one_method_yaml_per_registered_method():
+    assert sorted(option for group, option in OPTIONS if group == "method") == available()
+
+
+@pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}/{o}" for g, o in OPTIONS])
+def test_every_yaml_composes(group, option, tmp_path):
+    json_file = tmp_path / "data.jsonl"
+    json_file.write_text('{"instruction": "Say hi", "input": "", "output": "hi"}\n')
+    extra = [o.format(json=json_file) for o in REQUIRED.get((group, option), [])]
+    # ${hydra:...} interpolations only resolve inside a Hydra run; compose those with the hydra node instead.
+    with_hydra = group.startswith("hydra") or "${hydra:" in (CONF / group / f"{option}.yaml").read_text()
+    cfg = _compose([f"{group}={option}", *extra], hydra=with_hydra)
+    if group.startswith("hydra"):
+        return
+    if with_hydra:
+        HydraConfig.instance().set_config(cfg)  # as a Hydra app does before calling its task function
+        with open_dict(cfg):
+            del cfg["hydra"]  # a Hydra app's task function never sees this node either
+    else:
+        OmegaConf.resolve(cfg)  # every interpolation resolves
+    spec = validate(cfg)
+    assert spec.method.name == cfg.method.name
+
+
+def test_default_is_the_main_job():
+    cfg = _compose([])
+    spec = validate(cfg)
+    assert (spec.method.name, spec.bits, spec.group_size) == ("l4q", 4, 64)
+    assert cfg.model.name_or_path == "smollm2-135m" and cfg.data.name == "austen"
+    assert run_name(cfg.method, cfg.model.name_or_path, cfg.data.name, cfg.seed) == "l4q-w4g64-r16-s0-smollm2-135m-austen"
+
+
+def test_quant_presets_set_bits_and_group_size():
+    cfg = _compose(["method=qalora", "quant=w3g64"])
+    assert (cfg.method.bits, cfg.method.group_size, cfg.method.rank, cfg.method.alpha) == (3, 64, 64, 16.0)
+    assert validate(_compose(["quant=w4pc"])).group_size == -1
+
+
+def test_slurm_launcher_composes():
+    cfg = _compose(["hydra/launcher=slurm", "trainer=ddp"], hydra=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert get_class(launcher._target_).__name__ == "SlurmLauncher"
+    assert launcher.tasks_per_node == launcher.gpus_per_node
+    cfg = _compose(["experiment=slurm_ddp"], hydra=True)
+    assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
+    assert cfg.trainer.strategy == "ddp_find_unused_parameters_true"
+    assert OmegaConf.to_container(cfg.trainer)["devices"] == "${hydra:launcher.gpus_per_node}"
+
+
+def test_fsdp_strategy_composes_and_instantiates():
+    cfg = _compose(["trainer=fsdp"])
+    strategy = instantiate(cfg.trainer.strategy)
+    assert type(strategy).__name__ == "FSDPStrategy"
+
+
+def test_wandb_logger_offline_by_default():
+    cfg = _compose(["logger=wandb"])
+    assert cfg.logger._target_ == "pytorch_lightning.loggers.WandbLogger" and cfg.logger.mode == "offline"
+
+
+@pytest.mark.parametrize("override,words", [
+    (["method.name=nope"], "unknown method"),
+    (["method.bits=5"], "bits"),
+    (["model=tiny-llama", "method.group_size=48"], "group_size=48"),
+    (["model=hf", "model.name_or_path=/no/such/model"], "does not exist"),
+    (["data=json", "data.source=/no/such/file.jsonl"], "does not exist"),
+    (["method=lora", "+method.init=mse"], "no field"),
+    (["optim.schedule=linear"], "optim.schedule"),
+])
+def test_validation_rejects(override, words):
+    with pytest.raises(ConfigError, match=words):
+        validate(_compose(override))

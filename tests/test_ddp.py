@@ -1,0 +1,28 @@
+"""trainer=ddp with two CPU processes (gloo): both ranks end with identical trainable tensors."""
+from __future__ import annotations
+
+import json
+
+import torch
+
+from conftest import run_qaft_train, tiny_run_overrides
+
+
+def test_two_cpu_ranks_hold_identical_trainable_parameters(tmp_path):
+    root = tmp_path / "runs"
+    # L4Q with a LoRA warm-up: the phase change (s, b start training at step 2) must be synchronised too.
+    proc = run_qaft_train([*tiny_run_overrides(root, steps=3), "trainer=ddp", "trainer.accelerator=cpu",
+                           "trainer.devices=2", "method.warmup_steps=2", "debug.dump_trainable=true"])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (record_path,) = root.rglob("record.json")  # rank 0 alone writes the record
+    record = json.loads(record_path.read_text())
+    assert record["status"] == "ok" and record["metrics"]["global_step"] == 3
+    run_dir = record_path.parent
+    rank0, rank1 = (torch.load(run_dir / f"trainable_rank{r}.pt") for r in (0, 1))
+    assert rank0.keys() == rank1.keys() and any(k.endswith("scale") for k in rank0)
+    for key in rank0:
+        assert torch.equal(rank0[key], rank1[key]), key
+    # they trained: B left zero, and the quantizer scales moved after the warm-up
+    assert any(k.endswith("lora_B") and rank0[k].abs().sum() > 0 for k in rank0)
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]  # one row per step, from rank 0 only
