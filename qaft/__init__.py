@@ -6,6 +6,7 @@ models, and one training pipeline.
 """
 from qaft import methods, quant
 from qaft.methods import available, config_for
+from qaft.deploy import load_quantized, prepare_for_inference, save_quantized
 from qaft.model import (
     apply_method,
     count_parameters,
@@ -17,6 +18,6 @@ from qaft.model import (
 
 __version__ = "0.1.0"
 __all__ = [
-    "apply_method", "available", "config_for", "count_parameters", "merge_model", "methods",
-    "parameter_groups", "ptq_model", "quant", "set_training_step",
+    "apply_method", "available", "config_for", "count_parameters", "load_quantized", "merge_model", "methods",
+    "parameter_groups", "prepare_for_inference", "ptq_model", "quant", "save_quantized", "set_training_step",
 ]

@@ -1,0 +1,23 @@
+"""qaft.deploy: fast inference layers, packed integer checkpoints and GGUF export of merged models."""
+from qaft.deploy.checkpoint import load_quantized, save_quantized
+from qaft.deploy.kernels import (
+    DequantLinear,
+    Int4Linear,
+    Int8Linear,
+    backend_counts,
+    inference_layer,
+    prepare_for_inference,
+)
+
+__all__ = [
+    "DequantLinear", "Int4Linear", "Int8Linear", "backend_counts", "export_gguf", "inference_layer",
+    "load_quantized", "prepare_for_inference", "save_quantized",
+]
+
+
+def __getattr__(name: str):
+    # GGUF export imports the gguf package; load it only when asked for.
+    if name == "export_gguf":
+        from qaft.deploy.gguf_export import export_gguf
+        return export_gguf
+    raise AttributeError(name)

@@ -1,0 +1,146 @@
+"""The packed integer checkpoint: what a merged qaft model is on disk.
+
+A folder holding
+
+* ``model.safetensors``: every tensor of the merged model's state dict. Integer layers contribute
+  ``<name>.qweight`` (uint8, packed unsigned codes ``u = q + 2^(n-1)``, ``n`` bits each, see
+  :mod:`qaft.quant.packing`), ``<name>.scale`` and ``<name>.offset`` (float32, out x n_groups) and
+  ``<name>.bias`` when present; embeddings, norms and float linears are stored as they are. Tied tensors
+  are stored once.
+* ``quantization.json``: format name and version, the layout in words, and per integer layer its bits,
+  group size, shape and whether it has a bias (what is needed to rebuild the modules before loading).
+* ``config.json`` (``model.config.save_pretrained``) and, when given, the tokenizer files.
+
+``load_quantized`` rebuilds the Hugging Face skeleton from ``config.json`` without initialising weights,
+installs :class:`~qaft.methods.deploy.QuantizedLinear` modules and loads the tensors by assignment, so the
+loaded model computes exactly what the saved one did.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from qaft.methods.deploy import QuantizedLinear
+
+FORMAT = "qaft-packed"
+VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+QUANT_FILE = "quantization.json"
+LAYOUT = (
+    "W[o, i] = scale[o, i // group_size] * (u[o, i] - 2^(bits-1)) + offset[o, i // group_size]; "
+    "u unsigned, packed big-endian along the input dimension, 8 codes per `bits` bytes "
+    "(4 bits: two codes per byte, even column in the high nibble); 8 bits: one code per byte."
+)
+
+
+def _layer_entries(model: nn.Module) -> dict[str, dict[str, Any]]:
+    return {name: {"bits": m.bits, "group_size": m.group_size, "in_features": m.in_features,
+                   "out_features": m.out_features, "bias": m.bias is not None}
+            for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+
+
+def _unique_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with each shared storage (tied embeddings) kept once, under its first name."""
+    seen: set[tuple[int, int]] = set()
+    tensors = {}
+    for name, t in model.state_dict().items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset())
+        if key in seen:
+            continue
+        seen.add(key)
+        tensors[name] = t.detach().contiguous().cpu()
+    return tensors
+
+
+def save_quantized(model: PreTrainedModel, path: str | Path, tokenizer: Any = None) -> Path:
+    """Write a merged model (integer layers as ``QuantizedLinear``) as a packed checkpoint folder."""
+    path = Path(path)
+    layers = _layer_entries(model)
+    if not layers:
+        raise ValueError("model holds no QuantizedLinear layers; merge it with qaft.merge_model first "
+                         "(float models save with save_pretrained)")
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(_unique_tensors(model), str(path / WEIGHTS_FILE), metadata={"format": "pt", "qaft": FORMAT})
+    meta = {"format": FORMAT, "version": VERSION, "layout": LAYOUT, "layers": layers}
+    qcfg = getattr(model, "qaft_config", None)
+    if qcfg is not None and hasattr(qcfg, "to_dict"):
+        meta["method"] = qcfg.to_dict()
+    (path / QUANT_FILE).write_text(json.dumps(meta, indent=1, default=str))
+    model.config.save_pretrained(str(path))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(path))
+    return path
+
+
+def read_quantization(path: str | Path) -> dict[str, Any]:
+    """The checkpoint's ``quantization.json``, checked for format and version."""
+    meta = json.loads((Path(path) / QUANT_FILE).read_text())
+    if meta.get("format") != FORMAT or meta.get("version", 0) > VERSION:
+        raise ValueError(f"{path}: not a {FORMAT} v<={VERSION} checkpoint (found {meta.get('format')} "
+                         f"v{meta.get('version')})")
+    return meta
+
+
+def _empty_quantized(entry: dict[str, Any]) -> QuantizedLinear:
+    """A correctly shaped placeholder; its tensors are replaced when the state dict is assigned."""
+    out_f, in_f = entry["out_features"], entry["in_features"]
+    n_groups = in_f // entry["group_size"]
+    bias = torch.zeros(out_f) if entry["bias"] else None
+    return QuantizedLinear(torch.zeros(out_f, in_f, dtype=torch.int8), torch.ones(out_f, n_groups),
+                           torch.zeros(out_f, n_groups), entry["bits"], bias)
+
+
+def build_skeleton(config: Any, layers: dict[str, dict[str, Any]]) -> PreTrainedModel:
+    """The causal LM of ``config`` without weight initialisation, integer layers installed."""
+    from transformers.initialization import no_init_weights
+
+    with no_init_weights():  # every tensor is overwritten by the checkpoint: skip the random init
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(config, "dtype", None) or torch.float32)
+    for name, entry in layers.items():
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, _empty_quantized(entry))
+    return model
+
+
+def load_quantized(path: str | Path, device: str | torch.device = "cpu") -> PreTrainedModel:
+    """Load a checkpoint written by :func:`save_quantized` (eval mode, on ``device``).
+
+    The tokenizer, when saved, loads with ``AutoTokenizer.from_pretrained(path)``.
+    """
+    path = Path(path)
+    meta = read_quantization(path)
+    model = build_skeleton(AutoConfig.from_pretrained(str(path)), meta["layers"])
+    tensors = load_file(str(path / WEIGHTS_FILE), device=str(device))
+    missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
+    tied = set(_tied_names(model))
+    if unexpected or set(missing) - tied:
+        raise RuntimeError(f"{path}: checkpoint does not match its config: missing={sorted(set(missing) - tied)}, "
+                           f"unexpected={unexpected}")
+    if tied & set(missing):
+        model.tie_weights()  # re-point tied tensors (lm_head) at their loaded twin
+    model.qaft_merged = True
+    return model.to(device).eval()
+
+
+def _tied_names(model: PreTrainedModel) -> list[str]:
+    if not getattr(model.config, "tie_word_embeddings", False):
+        return []
+    out = model.get_output_embeddings()
+    names = [n for n, m in model.named_modules() if m is out]
+    return [f"{n}.weight" for n in names]
+
+
+def load_tokenizer(path: str | Path) -> Any:
+    """The tokenizer saved alongside a checkpoint."""
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def checkpoint_bytes(path: str | Path) -> int:
+    """Bytes on disk of a checkpoint folder's weights file."""
+    return (Path(path) / WEIGHTS_FILE).stat().st_size

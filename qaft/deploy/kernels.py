@@ -1,0 +1,199 @@
+"""Inference layers for merged integer models, with dispatch to PyTorch's packed-weight kernels.
+
+A :class:`~qaft.methods.deploy.QuantizedLinear` stores ``W = s * (u - 2^(n-1)) + b`` per group, with
+unsigned codes ``u`` packed ``n`` bits each. That is exactly the layout of PyTorch's int4 "tinygemm"
+kernels (``W = (u - 8) * scale + zero``), so the 4-bit path needs no arithmetic change at all; 2- and 3-bit
+codes shift into the same range (``u4 = q + 8``, scale and offset unchanged), which is also exact.
+
+Paths, each built once from a ``QuantizedLinear`` (weights converted at construction, not per call):
+
+* :class:`Int4Linear`: ``_weight_int4pack_mm_for_cpu`` (CPU) / ``_weight_int4pack_mm`` (CUDA).
+  Constraints: group size in {32, 64, 128, 256}; CUDA also needs bf16 activations, ``in % 32 == 0``
+  and ``out % 8 == 0``.
+* :class:`Int8Linear`: ``_weight_int8pack_mm`` takes one scale per output channel and no offset, so it
+  serves per-channel 8-bit layers; an offset ``b`` is added back exactly as ``rowsum(x) * b``.
+* :class:`DequantLinear`: the weight dequantized once into the compute dtype (dense GEMM; no memory
+  saving, but always correct and the fastest choice where the integer kernels are not vectorized).
+
+``backend="auto"`` uses a kernel only where it is both applicable and fast. Measured on this project's
+AVX2 build machine (results/bench_inference.md): with fp32 activations the CPU int4 kernel runs ~3x
+slower than the dense fp32 model end to end (its fp32 path is vectorized for AVX512 only), with bf16
+activations it is the fastest path (decode 1.7x fp32, 6x bf16); the int8 kernel beats dense bf16 but not
+dense fp32. ``backend="kernel"`` forces the kernels wherever they apply (tests, benchmarks);
+``backend="dequant"`` never uses them. For speed on CPU, prepare with ``dtype=torch.bfloat16``.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qaft.methods.deploy import QuantizedLinear
+
+Backend = Literal["auto", "kernel", "dequant"]
+INT4_GROUP_SIZES = (32, 64, 128, 256)
+FAST_CPU_INT4 = ("AVX512", "AVX512_BF16", "AMX")  # where the fp32 path of the CPU int4 kernel is vectorized
+
+
+def _bias(layer: QuantizedLinear, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if layer.bias is None else layer.bias.detach().to(dtype).clone()
+
+
+def _as_2d(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1]).contiguous()
+
+
+class DequantLinear(nn.Module):
+    """The dequantize reference with the weight materialised once in ``dtype``."""
+
+    def __init__(self, layer: QuantizedLinear, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.bits = layer.in_features, layer.out_features, layer.bits
+        self.register_buffer("weight", layer.dequantize_weight().to(dtype).contiguous())
+        self.register_buffer("bias", _bias(layer, dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, bits={self.bits} (dequantized)"
+
+
+def int4_codes(layer: QuantizedLinear) -> torch.Tensor:
+    """Codes of a 2/3/4-bit layer shifted into the int4 kernel's unsigned range: ``u4 = q + 8`` (int32)."""
+    return layer.codes().to(torch.int32) + 8
+
+
+class Int4Linear(nn.Module):
+    """PyTorch's int4 weight-only GEMM: ``W = (u4 - 8) * scale + zero`` per group, zero = qaft's offset."""
+
+    def __init__(self, layer: QuantizedLinear, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.bits = layer.in_features, layer.out_features, layer.bits
+        self.group_size = layer.group_size
+        codes = int4_codes(layer).to(layer.qweight.device)
+        if layer.qweight.is_cuda:
+            # The CUDA conversion takes two codes per byte, even column in the high nibble.
+            packed = (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8)
+            # tinygemm tiles k by 16 * inner_k_tiles; take the widest tiling that divides in_features.
+            tiles = next(t for t in (8, 4, 2) if self.in_features % (16 * t) == 0)
+            weight = torch.ops.aten._convert_weight_to_int4pack(packed, tiles)
+        else:
+            weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+        self.register_buffer("weight", weight)
+        # (n_groups, out, 2): the kernels' scale-and-zero layout.
+        self.register_buffer("scales_and_zeros", torch.stack([layer.scale.T, layer.offset.T], -1).to(dtype).contiguous())
+        self.register_buffer("bias", _bias(layer, dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = _as_2d(x.to(self.scales_and_zeros.dtype))
+        if x2.is_cuda:
+            y = torch.ops.aten._weight_int4pack_mm(x2, self.weight, self.group_size, self.scales_and_zeros)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight, self.group_size, self.scales_and_zeros)
+        y = y.reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group_size={self.group_size} (int4 kernel)"
+
+
+class Int8Linear(nn.Module):
+    """``_weight_int8pack_mm`` (per-channel scale) plus the exact offset term ``rowsum(x) * b``."""
+
+    def __init__(self, layer: QuantizedLinear, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.bits = layer.in_features, layer.out_features, layer.bits
+        self.register_buffer("weight", layer.codes().contiguous())  # int8, (out, in)
+        self.register_buffer("scales", layer.scale[:, 0].to(dtype).contiguous())
+        offset = layer.offset[:, 0]
+        # A symmetric layer skips the correction entirely (one fewer op per call).
+        self.register_buffer("offset", None if not offset.any() else offset.to(dtype).contiguous())
+        self.register_buffer("bias", _bias(layer, dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = _as_2d(x.to(self.scales.dtype))
+        y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales)
+        if self.offset is not None:
+            # Sum in float32: a bf16 row sum of hundreds of activations loses the offset's precision.
+            y = y + (x2.float().sum(-1, keepdim=True) * self.offset.float()).to(y.dtype)
+        y = y.reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, bits=8, per-channel (int8 kernel)"
+
+
+def int4_applicable(layer: QuantizedLinear, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether the int4 kernel accepts this layer (its shape constraints) for activations of ``dtype``."""
+    if layer.bits > 4 or layer.group_size not in INT4_GROUP_SIZES or layer.in_features % layer.group_size:
+        return False
+    if device.type == "cuda":
+        return dtype == torch.bfloat16 and layer.in_features % 32 == 0 and layer.out_features % 8 == 0 \
+            and torch.cuda.get_device_capability(device)[0] >= 8
+    return device.type == "cpu" and dtype in (torch.float32, torch.bfloat16, torch.float16)
+
+
+def int8_applicable(layer: QuantizedLinear, dtype: torch.dtype, device: torch.device) -> bool:
+    """The int8 kernel has one scale per output channel: per-channel 8-bit layers only."""
+    return layer.bits == 8 and layer.scale.shape[1] == 1 and device.type in ("cpu", "cuda") \
+        and dtype in (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _kernel_is_fast(kind: str, dtype: torch.dtype, device: torch.device) -> bool:
+    """Measured on the build machine (see the module docstring): where a kernel beats the dense GEMM."""
+    if device.type == "cuda":
+        return True
+    if kind == "int4" and torch.backends.cpu.get_cpu_capability() in FAST_CPU_INT4:
+        return True
+    return dtype != torch.float32  # on AVX2 both CPU kernels are fast for bf16/fp16 activations only
+
+
+def inference_layer(layer: QuantizedLinear, dtype: torch.dtype, backend: Backend = "auto") -> nn.Module:
+    """The fastest correct inference layer for ``layer`` computing in ``dtype`` (see the module docstring)."""
+    if backend not in ("auto", "kernel", "dequant"):
+        raise ValueError(f"backend must be 'auto', 'kernel' or 'dequant', got {backend!r}")
+    device = layer.qweight.device
+    if backend != "dequant":
+        force = backend == "kernel"
+        if int4_applicable(layer, dtype, device) and (force or _kernel_is_fast("int4", dtype, device)):
+            return Int4Linear(layer, dtype)
+        if int8_applicable(layer, dtype, device) and (force or _kernel_is_fast("int8", dtype, device)):
+            return Int8Linear(layer, dtype)
+    return DequantLinear(layer, dtype)
+
+
+def _float_dtype(model: nn.Module) -> torch.dtype:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+@torch.no_grad()
+def prepare_for_inference(model: nn.Module, dtype: torch.dtype | None = None,
+                          backend: Backend = "auto") -> nn.Module:
+    """Swap every ``QuantizedLinear`` of ``model`` (in place) for an inference layer; returns ``model``.
+
+    ``dtype``: compute dtype of activations and of every float tensor of the model (default: the model's
+    current float dtype). The swapped model keeps the same call signature, so ``generate()`` works on it.
+    """
+    dtype = dtype or _float_dtype(model)
+    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantizedLinear)]
+    for name, layer in targets:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, inference_layer(layer, dtype, backend))
+    model.to(dtype)  # floating tensors only: packed codes stay integer
+    model.eval()
+    return model
+
+
+def backend_counts(model: nn.Module) -> dict[str, int]:
+    """How many layers took each path (for logs and benchmarks)."""
+    counts: dict[str, int] = {}
+    for m in model.modules():
+        if isinstance(m, (Int4Linear, Int8Linear, DequantLinear, QuantizedLinear)):
+            counts[type(m).__name__] = counts.get(type(m).__name__, 0) + 1
+    return counts
