@@ -1,0 +1,77 @@
+"""``qaft-eval``: perplexity and lm-eval tasks on a run's merged model or any HF model (see ``conf/eval.yaml``)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from qaft.eval.harness import EvalError, dequantized_once, headline, run_tasks
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent.parent / "conf")
+
+
+def _model(cfg: DictConfig) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
+    from qaft.eval.runs import apply_ptq, load_run_model
+    from qaft.models import load_causal_lm
+
+    dtype = getattr(torch, cfg.model.dtype)
+    if cfg.run_dir:
+        model, tokenizer, record = load_run_model(cfg.run_dir, dtype)
+        return model, tokenizer, {"model": record["model"], "run_dir": str(cfg.run_dir), "form": "merged"}
+    model, tokenizer = load_causal_lm(cfg.model.name_or_path, dtype)
+    about = {"model": cfg.model.name_or_path, "form": "float"}
+    if cfg.ptq.algorithm:
+        ptq = OmegaConf.to_container(cfg.ptq, resolve=True)
+        model = apply_ptq(model, tokenizer, ptq, cfg.perplexity.source or "austen", cfg.perplexity.config)
+        about |= {"form": "ptq", "ptq": ptq}
+    return model, tokenizer, about
+
+
+def _perplexity(model: torch.nn.Module, tokenizer: Any, p: DictConfig) -> dict[str, Any]:
+    from qaft.data import lm_eval_windows, load_lm_texts
+    from qaft.evaluate import perplexity
+
+    windows = lm_eval_windows(tokenizer, load_lm_texts(p.source, p.config)[p.split], int(p.seq_len), p.max_tokens)
+    return {"source": p.source, "config": p.config, "split": p.split, "seq_len": int(p.seq_len),
+            "tokens": sum(w.numel() for w in windows), "value": perplexity(model, windows, int(p.batch_size))}
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Everything ``cfg`` asks for, as one JSON-ready dict (also written to ``output`` / the run's record)."""
+    from qaft.eval.runs import add_eval_to_record, write_json
+
+    model, tokenizer, about = _model(cfg)
+    results: dict[str, Any] = {**about}
+    if cfg.perplexity.source:
+        with dequantized_once(model):
+            results["perplexity"] = _perplexity(model, tokenizer, cfg.perplexity)
+    if cfg.tasks:
+        lm = run_tasks(model, tokenizer, list(cfg.tasks), int(cfg.lm_eval.batch_size), int(cfg.lm_eval.max_length),
+                       about["form"], cfg.lm_eval.limit)
+        results["lm_eval"], results["headline"] = lm, headline(lm)
+    out = Path(cfg.output or (Path(cfg.run_dir) / "eval.json" if cfg.run_dir else "eval_results.json"))
+    write_json(out, results)
+    if cfg.run_dir:
+        add_eval_to_record(cfg.run_dir, "merged", results)
+    return results
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")
+def main(cfg: DictConfig) -> None:
+    try:
+        results = evaluate(cfg)
+    except (EvalError, FileNotFoundError, ValueError) as err:
+        print(f"qaft-eval: {err}", file=sys.stderr)
+        sys.exit(2)
+    ppl = results.get("perplexity", {}).get("value")
+    print(f"qaft-eval: {results['model']} ({results['form']}) perplexity={ppl}")
+    for key, value in results.get("headline", {}).items():
+        print(f"  {key}: {value:.4f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,191 @@
+"""lm-eval on qaft models, in memory: quantized layers are evaluated exactly as they are.
+
+The model object goes to lm-eval's HF wrapper (``HFLM(pretrained=model, ...)``), so a training-time model
+(method layers) and a merged one (``QuantizedLinear`` or float layers) are scored by the same code. Tasks are
+lm-eval's own, by their names (``mmlu``, ``arc_challenge``, ``arc_easy``, ``boolq``, ``hellaswag``,
+``openbookqa``, ``piqa``, ``winogrande``), plus qaft's offline ``quiz_mc`` and ``austen_ppl``
+(:mod:`qaft.eval.tasks`). A task is ``"name"`` (0 shots) or ``"name:shots"`` (``"mmlu:5"``).
+
+Every result carries what the papers' numbers depend on: harness version, task versions, shots, batch size,
+max length, limit and the model's form (``training`` or ``merged``). MMLU moves by points with the harness's
+prompt and averaging, so these travel with every score.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterator
+from functools import lru_cache
+from typing import Any
+
+import torch.nn.functional as F
+from torch import nn
+
+from qaft.methods.deploy import QuantizedLinear
+
+from qaft.eval.tasks import LOCAL_TASKS, write_local_tasks
+
+PAPER_TASKS = ("mmlu:0", "mmlu:5", "arc_challenge", "arc_easy", "boolq", "hellaswag", "openbookqa", "piqa",
+               "winogrande")
+MODEL_FORMS = ("training", "merged", "float", "ptq")
+
+
+class EvalError(RuntimeError):
+    """An evaluation that cannot run, told in one line (the CLI prints it without a traceback)."""
+
+
+class DatasetUnreachableError(EvalError):
+    """A task's dataset is neither local nor cached, and the hub cannot be reached."""
+
+
+@contextlib.contextmanager
+def dequantized_once(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside, each ``QuantizedLinear`` computes with its weight dequantized once instead of per call.
+
+    The numbers are identical (the same ``s * q + b``); unpacking 3-bit codes costs ~0.2 s per SmolLM2 layer,
+    which per forward would dominate an lm-eval run of thousands of requests on CPU.
+    """
+    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    for layer in layers:
+        weight = layer.dequantize_weight()
+        layer.forward = lambda x, w=weight, b=layer.bias: F.linear(
+            x, w.to(x.dtype), None if b is None else b.to(x.dtype))
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            del layer.forward  # the instance attribute; the class's forward applies again
+
+
+def parse_task(spec: str) -> tuple[str, int]:
+    """``"mmlu:5"`` -> ``("mmlu", 5)``; ``"arc_easy"`` -> ``("arc_easy", 0)``."""
+    name, _, shots = str(spec).partition(":")
+    if not name or (shots and not shots.isdigit()):
+        raise EvalError(f"task {spec!r}: write a task as 'name' or 'name:shots', e.g. 'mmlu:5'")
+    return name, int(shots or 0)
+
+
+@lru_cache(maxsize=2)
+def task_manager(include_defaults: bool) -> Any:
+    """lm-eval's task index with qaft's local tasks; indexing lm-eval's own tasks takes ~20 s, so only on demand."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=str(write_local_tasks()), include_defaults=include_defaults)
+
+
+def _unreachable(err: BaseException) -> bool:
+    """Whether ``err`` (or its cause) is a dataset that could not be fetched, rather than a bug."""
+    from datasets.exceptions import DatasetNotFoundError
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    kinds = (ConnectionError, TimeoutError, DatasetNotFoundError, LocalEntryNotFoundError, OfflineModeIsEnabled)
+    seen = 0
+    while err is not None and seen < 10:
+        if isinstance(err, kinds) or (isinstance(err, FileNotFoundError) and "cached" in str(err)):
+            return True
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return False
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+
+
+def _lm(model: nn.Module, tokenizer: Any, batch_size: int, max_length: int) -> Any:
+    from lm_eval.models.huggingface import HFLM
+
+    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+
+
+def _evaluate(lm: Any, names: list[str], shots: int, limit: int | float | None, bootstrap_iters: int) -> dict:
+    """One ``simple_evaluate`` call; dataset and unknown-task failures become one-line :class:`EvalError`."""
+    from lm_eval import simple_evaluate
+
+    manager = task_manager(include_defaults=any(n not in LOCAL_TASKS for n in names))
+    unknown = [n for n in names if n not in manager.all_tasks]
+    if unknown:
+        raise EvalError(f"unknown lm-eval task(s) {unknown}; qaft's offline tasks are {list(LOCAL_TASKS)}")
+    try:
+        return simple_evaluate(model=lm, tasks=names, num_fewshot=shots, limit=limit, task_manager=manager,
+                               log_samples=False, bootstrap_iters=bootstrap_iters, verbosity="WARNING")
+    except Exception as err:  # noqa: BLE001  (only dataset reachability is translated; the rest re-raises)
+        if not _unreachable(err):
+            raise
+        message = (f"dataset not reachable for lm-eval task(s) {names}: {_first_line(err)}. Hub tasks need "
+                   "network access (unset HF_DATASETS_OFFLINE / HF_HUB_OFFLINE) or a filled datasets cache; "
+                   f"offline, use qaft's local tasks {list(LOCAL_TASKS)}")
+    raise DatasetUnreachableError(message)
+
+
+def _scores(entry: dict) -> dict[str, float]:
+    """``{"acc,none": x, "acc_stderr,none": y}`` -> ``{"acc": x, "acc_stderr": y}`` (numbers only)."""
+    out = {}
+    for key, value in entry.items():
+        metric, _, filt = key.partition(",")
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[metric if filt in ("", "none") else f"{metric},{filt}"] = float(value)
+    return out
+
+
+def _collect(raw: dict, shots: int) -> dict[str, dict]:
+    out = {}
+    for name, entry in raw["results"].items():
+        out[f"{name}:{shots}"] = {
+            "task": name, "shots": shots, "scores": _scores(entry),
+            "version": raw.get("versions", {}).get(name),
+            "n_samples": raw.get("n-samples", {}).get(name),
+        }
+    return out
+
+
+def run_tasks(
+    model: nn.Module,
+    tokenizer: Any,
+    tasks: list[str] | tuple[str, ...],
+    batch_size: int = 8,
+    max_length: int = 2048,
+    model_form: str = "merged",
+    limit: int | float | None = None,
+    bootstrap_iters: int = 1000,
+) -> dict[str, Any]:
+    """Run lm-eval ``tasks`` (``"name"`` or ``"name:shots"``) on ``model`` in memory.
+
+    Returns ``{"harness": {...settings...}, "results": {"name:shots": {task, shots, scores, version,
+    n_samples}}}``; groups such as ``mmlu`` appear with their subtasks. ``limit`` caps documents per task
+    (tests only: such scores are not comparable). ``model_form`` is recorded, one of ``MODEL_FORMS``.
+    """
+    import lm_eval
+
+    if model_form not in MODEL_FORMS:
+        raise EvalError(f"model_form={model_form!r} is not one of {MODEL_FORMS}")
+    by_shots: dict[int, list[str]] = {}
+    for spec in tasks:
+        name, shots = parse_task(spec)
+        by_shots.setdefault(shots, []).append(name)
+    logging.getLogger("lm_eval").setLevel(logging.WARNING)
+    was_training = model.training
+    model.eval()
+    lm = _lm(model, tokenizer, batch_size, max_length)
+    start, results = time.perf_counter(), {}
+    try:
+        with dequantized_once(model):
+            for shots, names in sorted(by_shots.items()):
+                results |= _collect(_evaluate(lm, names, shots, limit, bootstrap_iters), shots)
+    finally:
+        model.train(was_training)
+    harness = {"name": "lm-eval", "version": lm_eval.__version__, "batch_size": batch_size,
+               "max_length": max_length, "limit": limit, "model_form": model_form,
+               "tasks": list(tasks), "seconds": round(time.perf_counter() - start, 2)}
+    return {"harness": harness, "results": results}
+
+
+def headline(results: dict[str, Any]) -> dict[str, float]:
+    """The numbers a table shows: ``acc``, ``acc_norm`` and perplexities per ``task:shots``."""
+    keep = ("acc", "acc_norm", "word_perplexity", "byte_perplexity", "bits_per_byte")
+    return {f"{key}/{metric}": value for key, entry in results["results"].items()
+            for metric, value in entry["scores"].items() if metric in keep}
+
+
+__all__ = ["DatasetUnreachableError", "EvalError", "PAPER_TASKS", "headline", "parse_task", "run_tasks",
+           "task_manager"]

@@ -1,0 +1,184 @@
+"""GPTQ (Frantar et al. 2022, https://arxiv.org/abs/2210.17323) on qaft's shared affine quantizer.
+
+For one linear layer ``y = x W^T`` and calibration inputs ``X``, GPTQ minimises ``||X W^T - X Wq^T||^2``
+column by column. With ``H = 2 X^T X`` (the layer-wise Hessian), quantizing column ``j`` to ``q_j`` leaves
+an error ``e = (w_j - q_j) / [H^-1]_jj`` that is pushed onto the not yet quantized columns through row ``j``
+of ``H^-1``. The paper's three tricks are kept:
+
+* the inverse Hessian is used through the upper Cholesky factor of ``H^-1`` (numerically stable, and its
+  rows are exactly the update directions of the sequential elimination);
+* updates are applied lazily per block of columns (one matrix product per block);
+* dampening ``percdamp * mean(diag H)`` on the diagonal.
+
+Groups: each group's ``(scale, offset)`` comes from :func:`qaft.quant.init.init_scale_offset` on the
+*updated* weights of the group when quantization reaches its first column (dynamic groups, as the reference
+does without static groups). With ``act_order`` columns are visited by descending ``diag(H)``; group
+parameters are then computed up front for every group of the original layout (static groups), so the
+output keeps the plain ``(out, in / g)`` layout of :class:`~qaft.methods.deploy.QuantizedLinear`.
+"""
+from __future__ import annotations
+
+import torch
+
+from qaft.quant.affine import check_bits, qrange
+from qaft.quant.init import init_scale_offset
+
+
+class HessianAccumulator:
+    """Running ``H = 2/n sum_i x_i x_i^T`` over calibration rows (the mean keeps ``H``'s scale batch-free)."""
+
+    def __init__(self, in_features: int, device: torch.device | str = "cpu") -> None:
+        self.hessian = torch.zeros(in_features, in_features, dtype=torch.float64, device=device)
+        self.rows = 0
+
+    @torch.no_grad()
+    def add(self, x: torch.Tensor) -> None:
+        """Add a batch of layer inputs (any leading shape, last dim ``in_features``)."""
+        x = x.detach().reshape(-1, x.shape[-1]).to(self.hessian.device, torch.float64)
+        n = x.shape[0]
+        if n == 0:
+            return
+        # Rescale the old mean before adding the new rows: float64 keeps this exact enough for 10^6 rows.
+        self.hessian.mul_(self.rows / (self.rows + n))
+        self.rows += n
+        self.hessian.addmm_(x.T, x, alpha=2.0 / self.rows)
+
+
+def _inverse_cholesky(hessian: torch.Tensor, percdamp: float) -> torch.Tensor:
+    """Upper Cholesky factor of ``(H + damp I)^-1``."""
+    h = hessian.clone()
+    h.diagonal().add_(percdamp * h.diagonal().mean())
+    try:
+        chol = torch.linalg.cholesky(h)
+    except RuntimeError as err:
+        raise ValueError(f"GPTQ: Hessian not positive definite even with percdamp={percdamp}; raise percdamp "
+                         "or give more calibration data") from err
+    return torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True)
+
+
+def _block_size(block_size: int, group_size: int, in_features: int) -> int:
+    """A block size that never cuts a group, so a group's parameters can be read from the updated block."""
+    if group_size >= in_features:
+        return min(block_size, in_features)
+    if group_size >= block_size:
+        return group_size
+    return block_size - block_size % group_size
+
+
+class _Params:
+    """Per-column ``(scale, offset)`` lookup over the (out, n_groups) tables, filled statically or lazily."""
+
+    def __init__(self, out: int, n_groups: int, group_size: int, order: torch.Tensor, dtype: torch.dtype):
+        self.scale = torch.zeros(out, n_groups, dtype=dtype)
+        self.offset = torch.zeros(out, n_groups, dtype=dtype)
+        self.group_of = order // group_size  # group (original layout) of each visited column
+        self.group_size = group_size
+
+    def column(self, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        k = int(self.group_of[j])
+        return self.scale[:, k], self.offset[:, k]
+
+
+def _quantize_block(w1: torch.Tensor, hinv1: torch.Tensor, start: int, params: _Params, bits: int,
+                    dynamic: tuple[str, bool] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize the columns of one block in place order; returns (codes, scaled errors) of the block."""
+    qn, qp = qrange(bits)
+    codes = torch.zeros_like(w1, dtype=torch.int8)
+    errors = torch.zeros_like(w1)
+    g = params.group_size
+    for i in range(w1.shape[1]):
+        j = start + i
+        if dynamic is not None and j % g == 0:
+            # Dynamic groups: fit the group on its weights as already corrected by earlier columns.
+            s, b = init_scale_offset(w1[:, i:i + g], bits, -1, dynamic[0], dynamic[1])
+            params.scale[:, j // g], params.offset[:, j // g] = s[:, 0], b[:, 0]
+        s, b = params.column(j)
+        w = w1[:, i]
+        q = ((w - b) / s).round_().clamp_(qn, qp)
+        codes[:, i] = q.to(torch.int8)
+        err = (w - (s * q + b)) / hinv1[i, i]
+        w1[:, i:].sub_(err.unsqueeze(1) * hinv1[i, i:].unsqueeze(0))
+        errors[:, i] = err
+    return codes, errors
+
+
+@torch.no_grad()
+def gptq_quantize_weight(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    bits: int,
+    group_size: int,
+    init: str = "minmax",
+    symmetric: bool = False,
+    percdamp: float = 0.01,
+    act_order: bool = False,
+    block_size: int = 128,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GPTQ of ``weight`` (out x in) with Hessian ``hessian`` (in x in, e.g. from :class:`HessianAccumulator`).
+
+    Returns signed ``codes`` (int8, out x in) and per-group ``scale``, ``offset`` (out, in / group_size;
+    ``group_size=-1`` is per channel): ``W ~= scale * codes + offset`` per group, the layout of
+    :class:`~qaft.methods.deploy.QuantizedLinear`.
+
+    On CPU this runs on one intra-op thread: its column steps are ~10^5-element operations, too small to gain
+    from threads, and with busy cores the threads' synchronisation made them 10x slower (measured on 2 cores).
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _gptq(weight, hessian, bits, group_size, init, symmetric, percdamp, act_order, block_size)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _gptq(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    bits: int,
+    group_size: int,
+    init: str,
+    symmetric: bool,
+    percdamp: float,
+    act_order: bool,
+    block_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    check_bits(bits)
+    if percdamp < 0:
+        raise ValueError(f"percdamp must be >= 0, got {percdamp}")
+    out, n_in = weight.shape
+    g = n_in if group_size == -1 else group_size
+    if n_in % g:
+        raise ValueError(f"group_size={group_size} does not divide in_features={n_in}")
+    w = weight.detach().to(torch.float64 if weight.dtype == torch.float64 else torch.float32).clone()
+    h = hessian.detach().to(torch.float64).clone()
+    # Inputs that never fire carry no information: any code is exact for them, zero keeps H invertible.
+    dead = h.diagonal() == 0
+    h.diagonal()[dead] = 1.0
+    w[:, dead] = 0.0
+    order = torch.argsort(h.diagonal(), descending=True) if act_order else torch.arange(n_in)
+    params = _Params(out, n_in // g, g, order, w.dtype)
+    static = act_order or g == n_in
+    if static:  # static groups: the original layout's groups, fitted on the (dead-zeroed) float weights
+        params.scale[:], params.offset[:] = init_scale_offset(w, bits, group_size, init, symmetric)
+    w, h = w[:, order], h[order][:, order]
+    hinv = _inverse_cholesky(h, percdamp).to(w.dtype)
+    codes = torch.zeros(out, n_in, dtype=torch.int8)
+    step = _block_size(block_size, g, n_in)
+    for i1 in range(0, n_in, step):
+        i2 = min(i1 + step, n_in)
+        w1 = w[:, i1:i2].clone()
+        codes[:, i1:i2], errors = _quantize_block(
+            w1, hinv[i1:i2, i1:i2], i1, params, bits, None if static else (init, symmetric))
+        # Lazy batch update: the block's accumulated error reaches the later columns in one product.
+        w[:, i2:] -= errors @ hinv[i1:i2, i2:]
+    inverse = torch.argsort(order)
+    return codes[:, inverse], params.scale.float(), params.offset.float()
+
+
+def layer_output_error(x: torch.Tensor, weight: torch.Tensor, weight_q: torch.Tensor) -> float:
+    """``||x W^T - x Wq^T||_F``: the objective GPTQ minimises, for tests and reports."""
+    x = x.reshape(-1, x.shape[-1]).double()
+    return float(torch.linalg.matrix_norm(x @ (weight.double() - weight_q.double()).T))
+
+
+__all__ = ["HessianAccumulator", "gptq_quantize_weight", "layer_output_error"]

@@ -1,0 +1,142 @@
+"""GPTQ: lower layer-output error than round-to-nearest, RTN in the limit of huge dampening, model-level use."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+import qaft  # noqa: E402
+from qaft.methods.deploy import QuantizedLinear  # noqa: E402
+from qaft.methods.gptq_model import apply_method_calibrated, gptq_quantize_model, needs_calibration  # noqa: E402
+from qaft.methods.qalora import QALoRALinear  # noqa: E402
+from qaft.quant import dequantize, init_scale_offset, quantize  # noqa: E402
+from qaft.quant.gptq import HessianAccumulator, gptq_quantize_weight, layer_output_error  # noqa: E402
+
+from _tiny import tiny_llama, token_batch  # noqa: E402
+
+
+def _correlated_inputs(n: int = 2048, d: int = 128, seed: int = 0) -> torch.Tensor:
+    """Inputs with a few dominant, correlated directions and uneven feature scales, as in real activations."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(d, d, generator=g) / d**0.5
+    x = torch.randn(n, d, generator=g) @ mix + 0.3 * torch.randn(n, d, generator=g)
+    return x * torch.linspace(0.1, 3.0, d)
+
+
+def _rtn(w: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    s, b = init_scale_offset(w, bits, group_size)
+    return dequantize(quantize(w, s, b, bits), s, b)
+
+
+def _hessian(x: torch.Tensor, chunks: int = 3) -> torch.Tensor:
+    acc = HessianAccumulator(x.shape[-1])
+    for part in x.chunk(chunks):
+        acc.add(part)
+    return acc.hessian
+
+
+def test_hessian_accumulates_the_mean_over_batches():
+    x = _correlated_inputs(n=300, d=16)
+    expected = 2 * x.double().T @ x.double() / x.shape[0]
+    torch.testing.assert_close(_hessian(x, chunks=7), expected)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group_size", [32, -1])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_single_layer_error_below_rtn(bits, group_size, act_order):
+    x = _correlated_inputs()
+    w = torch.randn(96, 128, generator=torch.Generator().manual_seed(1))
+    codes, scale, offset = gptq_quantize_weight(w, _hessian(x), bits, group_size, act_order=act_order)
+    assert codes.dtype == torch.int8 and codes.shape == w.shape
+    n_groups = 1 if group_size == -1 else 128 // group_size
+    assert scale.shape == offset.shape == (96, n_groups) and bool((scale > 0).all())
+    lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    assert int(codes.min()) >= lo and int(codes.max()) <= hi
+    gptq_err = layer_output_error(x, w, dequantize(codes, scale, offset))
+    assert gptq_err < 0.95 * layer_output_error(x, w, _rtn(w, bits, group_size))
+
+
+def test_huge_dampening_approaches_rtn():
+    x, w = _correlated_inputs(), torch.randn(64, 128)
+    codes, scale, offset = gptq_quantize_weight(w, _hessian(x), 3, 32, percdamp=1e9)
+    s, b = init_scale_offset(w, 3, 32)
+    assert (codes == quantize(w, s, b, 3)).float().mean() > 0.999
+    torch.testing.assert_close(scale, s)
+    rtn_err = layer_output_error(x, w, _rtn(w, 3, 32))
+    assert layer_output_error(x, w, dequantize(codes, scale, offset)) == pytest.approx(rtn_err, rel=1e-3)
+
+
+def test_dead_inputs_and_output_layout_fit_quantized_linear():
+    x = _correlated_inputs(d=64)
+    x[:, :5] = 0  # inputs that never fire
+    w = torch.randn(32, 64)
+    codes, scale, offset = gptq_quantize_weight(w, _hessian(x), 4, 16, act_order=True)
+    layer = QuantizedLinear(codes, scale, offset, 4)
+    torch.testing.assert_close(layer(x), x @ dequantize(codes, scale, offset).T)
+
+
+def _linear_inputs(model: nn.Module, batches: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Inputs of every target linear of the float model on ``batches``."""
+    seen: dict[str, list[torch.Tensor]] = {}
+    hooks = [m.register_forward_hook(lambda mod, a, out, n=n: seen.setdefault(n, []).append(a[0].detach()))
+             for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"]
+    with torch.no_grad():
+        for b in batches:
+            model(b)
+    for h in hooks:
+        h.remove()
+    return {n: torch.cat([t.reshape(-1, t.shape[-1]) for t in ts]) for n, ts in seen.items()}
+
+
+@pytest.mark.parametrize("bits,act_order", [(2, False), (3, False), (4, False), (3, True)])
+def test_tiny_model_layer_errors_below_rtn(bits, act_order):
+    model = tiny_llama()
+    calib = [token_batch(seed=i, batch=4, length=32) for i in range(4)]
+    inputs = _linear_inputs(model, calib)
+    quantized = gptq_quantize_model(model, calib, bits, 32, act_order=act_order)
+    rtn = qaft.ptq_model(model, bits, 32)
+    gptq_total = rtn_total = 0.0
+    for name, x in inputs.items():
+        w = model.get_submodule(name).weight
+        g = layer_output_error(x, w, quantized.get_submodule(name).dequantize_weight())
+        r = layer_output_error(x, w, rtn.get_submodule(name).dequantize_weight())
+        if name.startswith("model.layers.0."):  # the first block sees exactly the float inputs
+            assert g < r, name
+        gptq_total, rtn_total = gptq_total + g, rtn_total + r
+    assert gptq_total < rtn_total
+    test = token_batch(seed=99, batch=4, length=32)
+    with torch.no_grad():
+        ref = model(test).logits
+        assert (quantized(test).logits - ref).norm() < (rtn(test).logits - ref).norm()
+
+
+def test_ptq_config_gptq_and_qalora_gptq_base():
+    calib = [token_batch(seed=i, batch=2, length=32) for i in range(2)]
+    ptq = qaft.config_for("ptq", bits=4, group_size=32, algorithm="gptq", act_order=True)
+    assert needs_calibration(ptq)
+    with pytest.raises(ValueError, match="calibration"):
+        qaft.apply_method(tiny_llama(), ptq)
+    model = apply_method_calibrated(tiny_llama(), ptq, calib)
+    assert isinstance(model.model.layers[1].mlp.down_proj, QuantizedLinear)
+    with pytest.raises(ValueError, match="algorithm"):
+        qaft.config_for("ptq", algorithm="awq")
+
+    config = qaft.config_for("qalora", bits=3, group_size=32, rank=4, base_quant="gptq")
+    gptq = gptq_quantize_model(tiny_llama(), calib, 3, 32)
+    model = apply_method_calibrated(tiny_llama(), config, calib)
+    layer = model.model.layers[1].self_attn.v_proj
+    assert isinstance(layer, QALoRALinear)
+    assert torch.equal(layer.codes, gptq.model.layers[1].self_attn.v_proj.codes())
+    assert {n for n, p in model.named_parameters() if p.requires_grad} and all(
+        "lora_" in n for n, p in model.named_parameters() if p.requires_grad)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, QALoRALinear):
+                m.lora_B.normal_(std=0.05)
+        test = token_batch(seed=5)
+        torch.testing.assert_close(qaft.merge_model(model)(test).logits, model(test).logits, rtol=1e-4, atol=1e-4)
