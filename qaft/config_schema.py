@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from qaft.data import validate_data_source
 from qaft.methods.config import MethodConfig, config_for, registered
+from qaft.methods.gptq_model import needs_calibration
 from qaft.models import SMOLLM2, TINY_LLAMA, cache_dir, tiny_llama_config, validate_model_source
 from qaft.quant.affine import VALID_BITS
 from qaft.quant.granularity import granularity
@@ -62,7 +63,12 @@ def method_config(node: Any) -> MethodConfig:
     for key in DEPLOY_FIELDS:
         if key not in own:
             fields.pop(key, None)
-    return config_for(name, **fields)
+    config = config_for(name, **fields)
+    if needs_calibration(config):
+        # GPTQ needs calibration batches before the model is built; the Lightning module does not feed them yet.
+        raise ConfigError(f"method {name!r} with GPTQ is not trainable through qaft-train yet; evaluate GPTQ "
+                          "with qaft-eval ptq.algorithm=gptq, or call qaft.methods.gptq_model.apply_method_calibrated")
+    return config
 
 
 def _read_shape(name_or_path: str) -> dict[str, Any] | None:

@@ -35,7 +35,7 @@ def _row(record: dict[str, Any]) -> dict[str, Any]:
     _flatten("", {k: v for k, v in record.items() if k not in ("traceback", "environment")}, row)
     metrics = record.get("metrics") or {}
     # The deployed model: the merged integer model, or the PTQ of a float merge (the papers' "+PTQ").
-    deployed = metrics.get("merged_ptq", metrics.get("merged"))
+    deployed = metrics.get("ppl_merged_ptq", metrics.get("ppl_merged"))
     if deployed is not None:
         row["metrics.deployed"] = deployed
     return row

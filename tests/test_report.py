@@ -9,7 +9,7 @@ from qaft import report
 
 SPEC = {
     "name": "groupwise", "caption": "Held-out perplexity, groups of 64.", "rows": ["method", "bits"],
-    "columns": {"ppl (deployed)": "metrics.deployed", "ppl (trained)": "metrics.trained"},
+    "columns": {"ppl (deployed)": "metrics.deployed", "ppl (trained)": "metrics.ppl_trained"},
     "expect": {"method": ["l4q", "qlora", "dlqat"], "bits": [4, 3]}, "where": {"data": "austen"},
     "paper": [{"method": "l4q", "bits": 4, "column": "ppl (deployed)", "value": 5.9, "setting": "LLaMA-7B"}],
     "plot": "metrics.deployed",
@@ -27,11 +27,11 @@ def _record(root: Path, name: str, **fields):
 @pytest.fixture
 def store(tmp_path):
     root = tmp_path / "runs"
-    _record(root, "a", method="l4q", bits=4, seed=0, metrics={"merged": 40.0, "trained": 40.0})
-    _record(root, "b", method="l4q", bits=4, seed=1, metrics={"merged": 42.0, "trained": 42.0})
-    _record(root, "c", method="qlora", bits=4, metrics={"merged": 35.0, "merged_ptq": 44.0, "trained": 35.0})
+    _record(root, "a", method="l4q", bits=4, seed=0, metrics={"ppl_merged": 40.0, "ppl_trained": 40.0})
+    _record(root, "b", method="l4q", bits=4, seed=1, metrics={"ppl_merged": 42.0, "ppl_trained": 42.0})
+    _record(root, "c", method="qlora", bits=4, metrics={"ppl_merged": 35.0, "ppl_merged_ptq": 44.0, "ppl_trained": 35.0})
     _record(root, "d", method="l4q", bits=3, status="failed", error="RuntimeError: boom")
-    _record(root, "e", method="l4q", bits=4, data="quiz", metrics={"merged": 1.0})  # filtered out
+    _record(root, "e", method="l4q", bits=4, data="quiz", metrics={"ppl_merged": 1.0})  # filtered out
     (root / "f").mkdir()
     (root / "f" / "config.yaml").write_text("seed: 0\n")  # a run that never finished
     spec = tmp_path / "groupwise.yaml"
