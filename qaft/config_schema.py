@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from qaft.data import validate_data_source
 from qaft.methods.config import MethodConfig, config_for, registered
 from qaft.methods.gptq_model import needs_calibration
+from qaft.eval.harness import EvalError, parse_task
 from qaft.models import SMOLLM2, TINY_LLAMA, cache_dir, tiny_llama_config, validate_model_source
 from qaft.quant.affine import VALID_BITS
 from qaft.quant.granularity import granularity
@@ -142,7 +143,9 @@ def validate(cfg: DictConfig) -> RunSpec:
         granularity(group_size)
         validate_model_source(cfg.model.name_or_path)
         validate_data_source(cfg.data.kind, cfg.data.source)
-    except ValueError as err:
+        for task in cfg.eval.get("tasks") or []:
+            parse_task(task)
+    except (ValueError, EvalError) as err:
         raise ConfigError(str(err)) from None
     if cfg.model.dtype not in DTYPES:
         raise ConfigError(f"model.dtype={cfg.model.dtype!r} must be one of {list(DTYPES)}")

@@ -156,6 +156,15 @@ def _evaluate(cfg: DictConfig, spec: RunSpec, module: QaftModule, data: RunData)
         int((b.get("labels", b["input_ids"])[:, 1:] != -100).sum()) for b in batches)}, merged
 
 
+def _lm_eval(cfg: DictConfig, merged: torch.nn.Module, tokenizer: Any) -> dict[str, Any]:
+    """The config's lm-eval tasks on the deployed model, with the harness settings recorded beside them."""
+    from qaft.eval.harness import run_tasks
+
+    opts = cfg.eval.lm_eval
+    return run_tasks(merged, tokenizer, list(cfg.eval.tasks), batch_size=int(opts.batch_size),
+                     max_length=int(opts.max_length), model_form="merged", limit=opts.limit)
+
+
 def _run(cfg: DictConfig, spec: RunSpec, run_dir: Path, record: RunRecord) -> dict[str, Any] | None:
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     module = QaftModule(cfg, spec.method)
@@ -168,6 +177,8 @@ def _run(cfg: DictConfig, spec: RunSpec, run_dir: Path, record: RunRecord) -> di
         return None
     results, merged = _evaluate(cfg, spec, module, data)
     metrics |= results
+    if cfg.eval.tasks:
+        metrics["lm_eval"] = _lm_eval(cfg, merged, module.tokenizer)
     record.lap("eval")
     if cfg.save_model:
         metrics["merged_model_path"] = str(save_merged(merged, module.tokenizer, run_dir))

@@ -120,3 +120,15 @@ def test_real_smollm2_trains_a_few_steps(tmp_path, monkeypatch):
     m = record["metrics"]
     assert record["status"] == "ok" and m["global_step"] == 3
     assert m["ppl_float"] < m["ppl_ptq"] and m["ppl_merged"] == pytest.approx(m["ppl_trained"], rel=1e-3)
+
+
+def test_end_of_run_lm_eval_on_the_merged_model(tmp_path, monkeypatch):
+    """eval.tasks runs lm-eval on the deployed model at the end of a run and records the harness settings."""
+    root = tmp_path / "runs"
+    run_main([*tiny_run_overrides(root), "method=l4q", "trainer.fast_dev_run=true",
+              "eval.tasks=[quiz_mc]", "eval.lm_eval.limit=4", "eval.lm_eval.batch_size=4"], monkeypatch)
+    (record,) = records(root)
+    result = record["metrics"]["lm_eval"]
+    assert result["harness"]["model_form"] == "merged" and result["harness"]["limit"] == 4
+    (entry,) = result["results"].values()
+    assert 0.0 <= entry["scores"]["acc"] <= 1.0
