@@ -2,11 +2,11 @@
 
 Runs are found by their records, not their dates: every folder under the run store that holds a
 ``record.json`` (or only a ``config.yaml``: a run that never finished) is one row; a wandb project can be
-read the same way. A report spec (``conf/report/*.yaml``) names the rows (e.g. method x bits), the metric
+read the same way. A report spec (``experiments/reports/*.yaml``) names the rows (e.g. method x bits), the metric
 columns, an optional filter, the grid of cells that should exist, and the paper's numbers where it reports
 the same cell. Missing and failed runs appear as such in the tables, never silently dropped.
 
-    qaft-report --spec conf/report/groupwise.yaml --runs runs --out results
+    qaft-report --spec experiments/reports/groupwise.yaml --runs runs --out results
 """
 from __future__ import annotations
 
@@ -177,7 +177,7 @@ def report(spec_path: str | Path, runs: str | Path | None, out: str | Path, wand
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="qaft-report", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--spec", required=True, nargs="+", help="report spec YAML file(s), e.g. conf/report/*.yaml")
+    p.add_argument("--spec", required=True, nargs="+", help="report spec YAML file(s), e.g. experiments/reports/*.yaml")
     p.add_argument("--runs", default="runs", help="run store (folder of run folders)")
     p.add_argument("--wandb", default=None, help="also read runs from this wandb project (entity/project)")
     p.add_argument("--out", default="results", help="folder for the tables and plots")
