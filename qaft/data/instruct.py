@@ -9,11 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 from datasets import Dataset, DatasetDict, load_dataset
-from torch.utils.data import DataLoader
 
+from qaft.data.loaders import SplitDataModule
 from qaft.data.quiz import quiz_items
 
 IGNORE_INDEX = -100
@@ -106,7 +105,7 @@ def load_instruct_source(source: str, seed: int = 0, val_fraction: float = 0.05)
     return raw
 
 
-class InstructDataModule(pl.LightningDataModule):
+class InstructDataModule(SplitDataModule):
     """Alpaca-style instruction data for Lightning, deterministic given ``seed``."""
 
     def __init__(
@@ -158,25 +157,3 @@ class InstructDataModule(pl.LightningDataModule):
             "validation": self._prepare(raw["validation"], self.max_eval_samples),
             "test": self._prepare(raw["test"], self.max_eval_samples),
         }
-
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        if not self.splits:
-            self.setup()
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(
-            self.splits[split],
-            batch_size=self.batch_size if shuffle else self.eval_batch_size,
-            shuffle=shuffle,
-            generator=generator,
-            collate_fn=self.collator,
-            num_workers=self.num_workers,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("validation", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)

@@ -10,11 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from qaft.data.austen import austen_splits
+from qaft.data.loaders import SplitDataModule
 from qaft.data.instruct import PadCollator
 
 BUILTIN_LM = ("austen",)
@@ -119,7 +119,7 @@ class _Blocks(Dataset):
         return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": ids}
 
 
-class LMDataModule(pl.LightningDataModule):
+class LMDataModule(SplitDataModule):
     """Language-modelling blocks for Lightning; labels equal inputs (the model shifts them)."""
 
     def __init__(
@@ -157,25 +157,3 @@ class LMDataModule(pl.LightningDataModule):
         for split in ("validation", "test"):
             windows = lm_eval_windows(self.tokenizer, texts[split], self.seq_len, self.max_eval_tokens)
             self.splits[split] = _Blocks(windows)
-
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        if not self.splits:
-            self.setup()
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(
-            self.splits[split],
-            batch_size=self.batch_size if shuffle else self.eval_batch_size,
-            shuffle=shuffle,
-            generator=generator,
-            collate_fn=self.collator,
-            num_workers=self.num_workers,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("validation", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
