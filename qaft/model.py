@@ -7,7 +7,6 @@ import torch
 from torch import nn
 
 from qaft.methods.config import MethodConfig, config_for
-from qaft.methods.deploy import rtn_quantize_linear
 from qaft.methods.layer import QaftLinear
 
 
@@ -24,18 +23,23 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
+def _swap_targets(model: nn.Module, config: MethodConfig) -> None:
+    """Validate every target layer first (a bad config leaves the model untouched), then replace each."""
+    targets = _targets(model, config.target_modules)
+    for name, linear in targets:
+        config.validate_layer(name, linear)
+    for name, linear in targets:
+        _replace(model, name, config.make_layer(linear))
+
+
 def apply_method(model: nn.Module, config: MethodConfig) -> nn.Module:
     """Replace the target linear layers of ``model`` by ``config``'s layers; freeze everything else.
 
     Every target layer is validated (e.g. the group size divides its width) before any is replaced, so a
     bad config leaves the model untouched. Returns the same model, set to the phase of step 0.
     """
-    targets = _targets(model, config.target_modules)
-    for name, linear in targets:
-        config.validate_layer(name, linear)
-    model.requires_grad_(False)
-    for name, linear in targets:
-        _replace(model, name, config.make_layer(linear))
+    _swap_targets(model, config)
+    model.requires_grad_(False)  # set_training_step below re-enables what the first phase trains
     model.qaft_config = config
     set_training_step(model, 0)
     return model
@@ -98,9 +102,5 @@ def ptq_model(model: nn.Module, bits: int, group_size: int, init: str = "minmax"
         fields["target_modules"] = tuple(target_modules)
     config = config_for("ptq", **fields)
     quantized = model if inplace else copy.deepcopy(model)
-    targets = _targets(quantized, config.target_modules)
-    for name, linear in targets:
-        config.validate_layer(name, linear)
-    for name, linear in targets:
-        _replace(quantized, name, rtn_quantize_linear(linear, bits, group_size, init))
+    _swap_targets(quantized, config)
     return quantized
