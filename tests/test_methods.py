@@ -145,6 +145,18 @@ def test_dlqat_table3_variants_train_and_merge(clipping, magnitude):
         torch.testing.assert_close(merged(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["l4q", "dlqat"])
+def test_lowrank_qat_layer_merges_bit_exactly(name):
+    """With m folded into the group parameters, the merged layer dequantizes to exactly the trained Wq."""
+    model, _ = _train(_applied(name))
+    for layer in qaft.model.qaft_layers(model):
+        x = torch.randn(3, layer.in_features)
+        if getattr(layer, "magnitude", None) is not None:
+            assert not torch.all(layer.magnitude == 1)  # m trained, so the fold is exercised
+        with torch.no_grad():
+            torch.testing.assert_close(layer.merge()(x), layer(x), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("name", sorted(FIELDS))
 def test_save_and_load_reproduce_the_model(name):
     model, _ = _train(_applied(name))

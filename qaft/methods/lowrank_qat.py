@@ -12,13 +12,16 @@ as in :mod:`qaft.quant.affine`)::
     ds = groupsum(m * G * (inside ? round(v) - v : Qn|Qp))    db = groupsum(m * G * ~inside)
 
 All weight-sized work runs over blocks of output rows (groups never straddle rows), so the temporaries
-are a few MB whatever the layer size, and they are freed before the next layer's backward.
+are a few MB whatever the layer size, and they are freed before the next layer's backward. The magnitude
+is folded into the group parameters, ``Wq = (m s) q + m b``, which is exactly what the merged integer
+layer dequantizes, so training forward and deployed model agree bit for bit. Cost per layer and step:
+one weight-sized GEMM more than LoRA (``G``) plus a handful of in-place elementwise passes over ``W'``.
 """
 from __future__ import annotations
 
 import torch
 
-from qaft.quant.affine import fake_quantize_reference, ste_terms
+from qaft.quant.affine import fake_quantize_reference, qrange
 from qaft.quant.granularity import grouped
 from qaft.quant.init import init_scale_offset
 
@@ -26,31 +29,47 @@ from qaft.quant.init import init_scale_offset
 BLOCK_ELEMENTS = 1 << 20
 
 
-def row_blocks(out_features: int, in_features: int):
+def row_blocks(out_features: int, in_features: int) -> list[slice]:
     step = max(1, BLOCK_ELEMENTS // in_features)
     return [slice(r, min(r + step, out_features)) for r in range(0, out_features, step)]
 
 
 def effective_weight(w0, a, b, scaling, rows: slice) -> torch.Tensor:
-    """``W0 + alpha B A`` for a block of rows, in float32 (float64 for float64 inputs)."""
+    """``W0 + alpha B A`` for a block of rows, in float32 (float64 for float64 inputs), in one fused op."""
     dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
-    return w0[rows].to(dtype) + scaling * (b[rows] @ a)
+    return torch.addmm(w0[rows].to(dtype), b[rows], a, alpha=scaling)
 
 
-def _block_terms(w0, a, b, s, off, scaling, bits, rows):
-    wp = effective_weight(w0, a, b, scaling, rows)
-    v = (grouped(wp, s.shape[1]) - off[rows, :, None]) / s[rows, :, None]
-    q, inside, ds_term = ste_terms(v, bits)
-    return q, inside, ds_term, s[rows, :, None] * q + off[rows, :, None]
+def _scaled(v: torch.Tensor, s, off, rows: slice) -> torch.Tensor:
+    """``(W' - b) / s`` per group, in place on the grouped view of ``W'``."""
+    return v.sub_(off[rows, :, None]).div_(s[rows, :, None])
+
+
+def _block_v(w0, a, b, s, off, scaling, rows) -> torch.Tensor:
+    return _scaled(grouped(effective_weight(w0, a, b, scaling, rows), s.shape[1]), s, off, rows)
+
+
+def _group_params(s, off, m):
+    """Scale and offset the deployed layer stores: ``m s`` and ``m b`` (``s``, ``b`` when ``m`` is None)."""
+    return (s, off) if m is None else (m * s, m * off)
+
+
+def _dequantized(q: torch.Tensor, s_eff, off_eff, rows: slice) -> torch.Tensor:
+    """``s q + b`` in place on ``q``: the same two roundings as :func:`qaft.quant.affine.dequantize`."""
+    return q.mul_(s_eff[rows, :, None]).add_(off_eff[rows, :, None])
 
 
 def _forward_blocks(x2, w0, a, b, s, off, m, scaling, bits):
-    y = x2.new_empty(x2.shape[0], w0.shape[0])
-    for rows in row_blocks(*w0.shape):
-        *_, wq = _block_terms(w0, a, b, s, off, scaling, bits, rows)
-        if m is not None:
-            wq = m[rows, :, None] * wq
-        y[:, rows] = x2 @ wq.reshape(-1, w0.shape[1]).to(x2.dtype).T
+    qn, qp = qrange(bits)
+    s_eff, off_eff = _group_params(s, off, m)
+    blocks = row_blocks(*w0.shape)
+    y = None if len(blocks) == 1 else x2.new_empty(x2.shape[0], w0.shape[0])
+    for rows in blocks:
+        q = _block_v(w0, a, b, s, off, scaling, rows).round_().clamp_(qn, qp)
+        wq = _dequantized(q, s_eff, off_eff, rows).reshape(-1, w0.shape[1]).to(x2.dtype)
+        if y is None:
+            return x2 @ wq.T
+        y[:, rows] = x2 @ wq.T
     return y
 
 
@@ -65,55 +84,67 @@ class _LowRankFakeQuantLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, w0, a, b, s, off, m = ctx.saved_tensors
-        need = ctx.needs_input_grad
         x2, g2 = x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])
-        grads = _Grads(x2, a, b, s, off, m, need)
-        need_g = any(need[2:7])
+        grads = _Grads(x2, w0, a, b, s, off, m, ctx.needs_input_grad, ctx.bits)
         for rows in row_blocks(*w0.shape):
-            q, inside, ds_term, wq = _block_terms(w0, a, b, s, off, ctx.scaling, ctx.bits, rows)
-            g = grouped((g2[:, rows].T @ x2).to(wq.dtype), s.shape[1]) if need_g else None
-            if m is not None:
-                if grads.m is not None:
-                    grads.m[rows] = (g * wq).sum(-1)
-                wq = m[rows, :, None] * wq
-                g = None if g is None else g * m[rows, :, None]
-            if need[0]:
-                grads.x.addmm_(g2[:, rows], wq.reshape(-1, x2.shape[1]).to(g2.dtype))
-            if g is not None:
-                grads.block(rows, g, inside, ds_term, ctx.scaling)
+            grads.block(rows, _block_v(w0, a, b, s, off, ctx.scaling, rows), g2, ctx.scaling)
         return grads.result(x, ctx.grad_scale)
 
 
 class _Grads:
     """Accumulators for the row-block backward; only the needed ones are allocated."""
 
-    def __init__(self, x2, a, b, s, off, m, need):
-        self.need = need
-        self.x = torch.zeros_like(x2) if need[0] else None
-        self.a = torch.zeros_like(a) if need[2] else None
-        self.b = torch.zeros_like(b) if need[3] else None
-        self.s = torch.zeros_like(s) if need[4] else None
-        self.off = torch.zeros_like(off) if need[5] else None
-        self.m = torch.zeros_like(m) if m is not None and need[6] else None
-        self.lora_a, self.lora_b = a, b
+    def __init__(self, x2, w0, a, b, s, off, m, need, bits):
+        self.x2, self.a, self.b, self.s, self.off, self.m = x2, a, b, s, off, m
+        self.s_eff, self.off_eff = _group_params(s, off, m)
+        self.qn, self.qp = qrange(bits)
+        self.dx = x2.new_zeros(x2.shape) if need[0] and len(row_blocks(*w0.shape)) > 1 else None
+        self.need_x = need[0]
+        self.da = torch.zeros_like(a) if need[2] else None
+        self.db_lora = torch.zeros_like(b) if need[3] else None
+        self.ds = torch.zeros_like(s) if need[4] else None
+        self.doff = torch.zeros_like(off) if need[5] else None
+        self.dm = torch.zeros_like(m) if m is not None and need[6] else None
+        self.need_g = any(need[2:7])
 
-    def block(self, rows, g, inside, ds_term, scaling):
-        if self.s is not None:
-            self.s[rows] = (g * ds_term).sum(-1)
-        if self.off is not None:
-            self.off[rows] = (g * ~inside).sum(-1)
-        if self.a is not None or self.b is not None:
-            dwp = (g * inside).reshape(g.shape[0], -1)
-            if self.a is not None:
-                self.a.addmm_(self.lora_b[rows].T, dwp, alpha=scaling)
-            if self.b is not None:
-                self.b[rows] = scaling * (dwp @ self.lora_a.T)
+    def block(self, rows: slice, v: torch.Tensor, g2: torch.Tensor, scaling: float) -> None:
+        """Gradients from one block of rows; ``v`` (grouped) is consumed."""
+        q = v.round().clamp_(self.qn, self.qp)
+        if self.need_g:
+            inside = (v >= self.qn).logical_and_(v <= self.qp)
+            g = grouped((g2[:, rows].T @ self.x2).to(v.dtype), v.shape[1])
+            self._quantizer_grads(rows, g, q, v, inside)
+        if self.need_x:
+            wq = _dequantized(q, self.s_eff, self.off_eff, rows).reshape(-1, self.x2.shape[1]).to(g2.dtype)
+            if self.dx is None:
+                self.dx = g2 @ wq
+            else:
+                self.dx.addmm_(g2[:, rows], wq)
+        if self.need_g and (self.da is not None or self.db_lora is not None):
+            self._lora_grads(rows, g.mul_(inside).reshape(g.shape[0], -1), scaling)
+
+    def _quantizer_grads(self, rows, g, q, v, inside) -> None:
+        """dm, then ds and db; leaves ``g`` multiplied by ``m`` (the chain rule through ``m * Q``)."""
+        if self.dm is not None:
+            self.dm[rows] = (g * _dequantized(q.clone(), self.s, self.off, rows)).sum(-1)
+        if self.m is not None:
+            g.mul_(self.m[rows, :, None])
+        if self.ds is not None:  # inside: round(v) - v; outside: the clamped bound, i.e. q itself
+            self.ds[rows] = (q - v.mul_(inside)).mul_(g).sum(-1)
+        if self.doff is not None:
+            self.doff[rows] = g.masked_fill(inside, 0).sum(-1)
+
+    def _lora_grads(self, rows, dwp, scaling) -> None:
+        if self.da is not None:
+            self.da.addmm_(self.b[rows].T, dwp, alpha=scaling)
+        if self.db_lora is not None:
+            self.db_lora[rows] = scaling * (dwp @ self.a.T)
 
     def result(self, x, grad_scale):
-        dx = None if self.x is None else self.x.reshape(x.shape)
-        ds = None if self.s is None else self.s * grad_scale
-        db = None if self.off is None else self.off * grad_scale
-        return dx, None, self.a, self.b, ds, db, self.m, None, None, None
+        dx = None if self.dx is None else self.dx.reshape(x.shape)
+        ds = None if self.ds is None else self.ds * grad_scale
+        db = None if self.doff is None else self.doff * grad_scale
+        return dx, None, self.da, self.db_lora, ds, db, self.dm, None, None, None
 
 
 def lowrank_fake_quant_linear(x, w0, a, b, s, off, m, scaling: float, bits: int, grad_scale: float = 1.0,
@@ -142,8 +173,9 @@ def _grad_scaled(t: torch.Tensor, scale: float) -> torch.Tensor:
 def lowrank_codes(w0, a, b, s, off, scaling: float, bits: int) -> torch.Tensor:
     """Signed codes of ``Q_{s,b}(W0 + scaling B A)``, computed block by block exactly as in training."""
     codes = torch.empty(w0.shape, dtype=torch.int8, device=w0.device)
+    qn, qp = qrange(bits)
     for rows in row_blocks(*w0.shape):
-        q, *_ = _block_terms(w0, a, b, s, off, scaling, bits, rows)
+        q = _block_v(w0, a, b, s, off, scaling, rows).round_().clamp_(qn, qp)
         codes[rows] = q.reshape(-1, w0.shape[1]).to(torch.int8)
     return codes
 

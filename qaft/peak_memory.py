@@ -1,0 +1,101 @@
+"""Peak training memory of one run, comparable across runs that share a process (a Hydra sweep).
+
+What the number means, on either device: the bytes of every live tensor at the worst moment of the run
+(weights, gradients, optimizer state, saved activations, temporaries), as ``torch.cuda.max_memory_allocated``
+reports it on a GPU.
+
+* CUDA: ``max_memory_allocated`` after ``reset_peak_memory_stats`` at the start.
+* CPU: PyTorch keeps no allocator statistics there, and the process's peak resident set (``ru_maxrss``)
+  only ever grows, so in a sweep it would report the largest run so far for every later run. Instead a
+  background thread samples glibc's live heap (``mallinfo2``: bytes handed out by ``malloc``, mmapped
+  chunks included) every ``interval`` seconds, and the peak is
+  ``model bytes at start + (max live heap - live heap at start)``: the model (whose frozen weights may be
+  file-mapped rather than on the heap) plus everything the run allocated on top of it. Without glibc the
+  fallback is the process's peak RSS, labelled as such by :attr:`PeakMemory.method`.
+"""
+from __future__ import annotations
+
+import ctypes
+import resource
+import threading
+
+import torch
+from torch import nn
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def _mallinfo2():
+    try:
+        fn = ctypes.CDLL(None).mallinfo2  # glibc >= 2.33
+    except (AttributeError, OSError):
+        return None
+    fn.restype = _MallInfo2
+    return fn
+
+
+_MALLINFO2 = _mallinfo2()
+
+
+def live_heap_bytes() -> int | None:
+    """Bytes currently allocated through ``malloc`` (arena chunks in use + mmapped chunks); None without glibc."""
+    if _MALLINFO2 is None:
+        return None
+    info = _MALLINFO2()
+    return int(info.uordblks + info.hblkhd)
+
+
+def tensor_bytes(module: nn.Module) -> int:
+    """Bytes of the distinct storages behind ``module``'s parameters and buffers."""
+    storages = {}
+    for t in [*module.parameters(), *module.buffers()]:
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+class PeakMemory:
+    """``start(model)`` / ``peak_bytes()`` / ``stop()``; see the module docstring for what is measured."""
+
+    def __init__(self, interval: float = 0.002) -> None:
+        self.interval = interval
+        self.cuda = torch.cuda.is_available()
+        self.method = "cuda_max_allocated" if self.cuda else (
+            "model+heap_peak" if _MALLINFO2 is not None else "process_peak_rss")
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._base = self._model = self._max = 0
+
+    def start(self, model: nn.Module) -> None:
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+            return
+        if _MALLINFO2 is None:
+            return
+        self._model = tensor_bytes(model)
+        self._base = self._max = live_heap_bytes()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._sample, name="qaft-peak-memory", daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._max = max(self._max, live_heap_bytes())
+
+    def peak_bytes(self) -> int:
+        """The peak so far (also samples now, so a call right after a step sees that step)."""
+        if self.cuda:
+            return int(torch.cuda.max_memory_allocated())
+        if _MALLINFO2 is None:
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+        self._max = max(self._max, live_heap_bytes())
+        return self._model + self._max - self._base
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
