@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import platform
+import statistics
 import time
 import traceback
 from pathlib import Path
@@ -70,6 +71,23 @@ def trim_metrics(run_dir: Path, step: int) -> None:
     path.write_text("".join(row + "\n" for row in rows))
 
 
+def training_cost(run_dir: Path) -> dict[str, Any]:
+    """What training cost, from ``metrics.jsonl``: median seconds per step (the first step excluded: it
+    warms up allocators and kernels), the run's peak memory, and the largest trainable-parameter count
+    over its phases (per phase as well, where a method has several, e.g. DL-QAT's s, b then m, A, B)."""
+    path = Path(run_dir) / METRICS_FILE
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
+    rows = [r for r in rows if "train/step_s" in r]
+    if not rows:
+        return {}
+    timed = rows[1:] or rows
+    phases = list(dict.fromkeys(int(r["train/trainable_params"]) for r in rows))  # in the order they ran
+    return {"step_s": statistics.median(r["train/step_s"] for r in timed),
+            "tokens_per_s": statistics.median(r["train/tokens_per_s"] for r in timed),
+            "peak_memory_mb": max(r["train/peak_memory_mb"] for r in rows),
+            "trainable_params": float(max(phases)), "trainable_params_by_phase": phases}
+
+
 def last_step(run_dir: Path) -> int | None:
     """The last optimizer step in ``metrics.jsonl`` (None if nothing was logged)."""
     path = Path(run_dir) / METRICS_FILE
@@ -111,6 +129,8 @@ class RunRecord:
             "data": str(self.cfg.data.name),
             "method_config": method.to_dict(),
             "steps": int(self.cfg.trainer.max_steps),
+            "experiment": self.cfg.get("experiment_name"),
+            "scale": OmegaConf.select(self.cfg, "scale.name"),
         }
 
     def _environment(self) -> dict[str, Any]:

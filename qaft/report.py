@@ -2,11 +2,22 @@
 
 Runs are found by their records, not their dates: every folder under the run store that holds a
 ``record.json`` (or only a ``config.yaml``: a run that never finished) is one row; a wandb project can be
-read the same way. A report spec (``experiments/reports/*.yaml``) names the rows (e.g. method x bits), the metric
-columns, an optional filter, the grid of cells that should exist, and the paper's numbers where it reports
-the same cell. Missing and failed runs appear as such in the tables, never silently dropped.
+read the same way. A report spec (``experiments/reports/*.yaml``) names
 
-    qaft-report --spec experiments/reports/groupwise.yaml --runs runs --out results
+* ``where``: which runs (e.g. ``{experiment: groupwise, scale: tiny}``), matched on flattened record keys;
+* ``rows``: the keys that make a row (e.g. ``[method, bits]``), and ``expect``: the grid of rows that should
+  exist, so that missing runs show as ``missing`` and runs that only failed as ``failed``;
+* ``columns``: label -> record key, or a list of keys whose per-run mean is the cell (the papers' "Avg"),
+  or ``{keys: <key or list>, factor: 100}`` (accuracies as the papers' percentages);
+* ``relative``: optional ``{to: {method: lora}, columns: [...]}``, adding "label / lora" ratio columns;
+* ``paper``: the paper's numbers where it reports the same cell (a "paper vs reproduced" table);
+* ``plot``: ``{x, y, series, log, kind, categorical, where}`` (``kind``: line or bar; ``categorical``: x values
+  evenly spaced in table order; ``where``: a further filter), or just the ``y`` key for y against bits.
+
+Cells are the mean over seeds, ``mean ± std`` when there are several.
+
+    qaft-report --spec experiments/reports/*.yaml --runs runs --out results/tiny --archive results/tiny/records.jsonl
+    qaft-report --spec experiments/reports/*.yaml --runs results/tiny/records.jsonl --out results/tiny  # same tables
 """
 from __future__ import annotations
 
@@ -19,7 +30,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
-MISSING, FAILED = "missing", "failed"
+MISSING, FAILED, INCOMPLETE = "missing", "failed", "incomplete"
 
 
 def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
@@ -41,16 +52,49 @@ def _row(record: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
+def _incomplete(folder: Path) -> dict[str, Any]:
+    """A run with a config but no record (killed, or still running): the keys a report selects on."""
+    cfg = yaml.safe_load((folder / "config.yaml").read_text()) or {}
+    method, scale = cfg.get("method") or {}, cfg.get("scale") or {}
+    row = {"status": INCOMPLETE, "run_dir": str(folder), "method": method.get("name"), "bits": method.get("bits"),
+           "group_size": method.get("group_size"), "seed": cfg.get("seed"), "experiment": cfg.get("experiment_name"),
+           "scale": scale.get("name"), "model": (cfg.get("model") or {}).get("name_or_path"),
+           "data": (cfg.get("data") or {}).get("name")}
+    _flatten("method_config", {k: v for k, v in method.items() if k != "name"}, row)
+    return row
+
+
 def load_runs(root: str | Path) -> pd.DataFrame:
-    """One row per run folder under ``root`` (flattened ``record.json``; ``status='incomplete'`` without one)."""
+    """One row per run folder under ``root``: its flattened ``record.json``, or ``status='incomplete'`` with
+    the keys of its ``config.yaml`` when it has no record. ``root`` may also be an archive written by
+    :func:`archive_runs` (a ``.jsonl`` file, one record per line)."""
+    if Path(root).is_file():
+        return pd.DataFrame([_row(json.loads(line)) for line in Path(root).read_text().splitlines() if line])
     rows = []
     for folder in sorted({p.parent for p in Path(root).rglob("config.yaml")} |
                          {p.parent for p in Path(root).rglob("record.json")}):
         if (folder / "record.json").is_file():
             rows.append(_row(json.loads((folder / "record.json").read_text())))
-        elif not (folder.name == ".hydra"):
-            rows.append({"status": "incomplete", "run_dir": str(folder)})
+        elif folder.name != ".hydra":
+            rows.append(_incomplete(folder))
     return pd.DataFrame(rows)
+
+
+def archive_runs(root: str | Path, path: str | Path, where: list[dict[str, Any]] | None = None) -> Path:
+    """Every ``record.json`` under ``root`` (those matching any of ``where``, flattened-key filters) as one
+    JSON-lines file, sorted, so that a report can be rerun from it without the run folders."""
+    root = Path(root)
+    records = ([json.loads(line) for line in root.read_text().splitlines() if line] if root.is_file()
+               else [json.loads(p.read_text()) for p in sorted(root.rglob("record.json"))])
+    if where:
+        records = [r for r in records if any(all(_row(r).get(k) in (v if isinstance(v, list) else [v])
+                                                 for k, v in w.items()) for w in where)]
+    records.sort(key=lambda r: json.dumps({k: r.get(k) for k in ("experiment", "scale", "method", "bits",
+                                                                  "group_size", "seed", "run_dir")}))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+    return path
 
 
 def load_wandb_runs(project: str) -> pd.DataFrame:
@@ -74,6 +118,17 @@ def _select(frame: pd.DataFrame, where: dict[str, Any]) -> pd.DataFrame:
     return frame
 
 
+def _values(runs: pd.DataFrame, column: str | list[str] | dict[str, Any]) -> pd.Series:
+    """One number per run: the column, or the mean of several (a run missing any of them gives NaN);
+    ``{keys: ..., factor: 100}`` scales it (fractions as the papers' percentages)."""
+    spec = column if isinstance(column, dict) else {"keys": column}
+    keys = spec["keys"] if isinstance(spec["keys"], list) else [spec["keys"]]
+    if runs.empty or any(k not in runs for k in keys):
+        return pd.Series(dtype=float)
+    values = runs[keys].apply(pd.to_numeric, errors="coerce").mean(axis=1, skipna=False)
+    return values * spec.get("factor", 1)
+
+
 def _cell(values: pd.Series, decimals: int) -> str:
     values = values.dropna().astype(float)
     if values.empty:
@@ -83,25 +138,50 @@ def _cell(values: pd.Series, decimals: int) -> str:
     return f"{values.mean():.{decimals}f} ± {values.std(ddof=1):.{decimals}f}"
 
 
-def build_table(frame: pd.DataFrame, spec: dict[str, Any]) -> pd.DataFrame:
-    """Rows ``spec['rows']`` x metric columns ``spec['columns']`` (label -> column), mean ± std over seeds.
+def _ok(runs: pd.DataFrame) -> pd.DataFrame:
+    return runs[runs["status"] == "ok"] if "status" in runs else runs
 
-    Every combination of ``spec['expect']`` gets a row: ``missing`` where no run exists, ``failed`` where
-    only failed runs exist.
-    """
+
+def _not_ok(runs: pd.DataFrame) -> str:
+    """What a cell without a finished run says: failed beats incomplete beats missing."""
+    statuses = set(runs["status"]) if "status" in runs else set()
+    return FAILED if FAILED in statuses else INCOMPLETE if INCOMPLETE in statuses else MISSING
+
+
+def _grid(frame: pd.DataFrame, spec: dict[str, Any]) -> list[tuple]:
+    keys = list(spec["rows"])
+    expect = spec.get("expect") or {}
+    values = [expect.get(k) or sorted(frame[k].dropna().unique().tolist()) if k in frame or k in expect else []
+              for k in keys]
+    return list(itertools.product(*values))
+
+
+def _ratios(frame: pd.DataFrame, spec: dict[str, Any], row: dict[str, Any], runs: pd.DataFrame) -> dict[str, str]:
+    """``label / <reference>`` cells: this row's mean over the reference row's mean (same other row keys)."""
+    relative = spec.get("relative")
+    if not relative:
+        return {}
+    reference = _ok(_select(frame, {**{k: v for k, v in row.items() if k not in relative["to"]}, **relative["to"]}))
+    name = "/".join(str(v) for v in relative["to"].values())
+    out = {}
+    for label in relative["columns"]:
+        mine, ref = _values(runs, spec["columns"][label]).mean(), _values(reference, spec["columns"][label]).mean()
+        out[f"{label} / {name}"] = MISSING if pd.isna(mine) or pd.isna(ref) or not ref else f"{mine / ref:.2f}"
+    return out
+
+
+def build_table(frame: pd.DataFrame, spec: dict[str, Any]) -> pd.DataFrame:
+    """Rows ``spec['rows']`` x metric columns ``spec['columns']``, mean ± std over seeds (see the module doc)."""
     keys, columns = list(spec["rows"]), dict(spec["columns"])
     frame = _select(frame, spec.get("where", {}))
-    expect = spec.get("expect") or {k: sorted(frame[k].dropna().unique().tolist()) for k in keys if k in frame}
     out = []
-    for combo in itertools.product(*(expect[k] for k in keys)):
-        runs = _select(frame, dict(zip(keys, combo)))
-        ok = runs[runs["status"] == "ok"] if "status" in runs else runs
+    for combo in _grid(frame, spec):
         row = dict(zip(keys, combo))
+        runs = _select(frame, row)
+        ok = _ok(runs)
         for label, column in columns.items():
-            if ok.empty:
-                row[label] = FAILED if len(runs) else MISSING
-            else:
-                row[label] = _cell(ok[column] if column in ok else pd.Series(dtype=float), spec.get("decimals", 2))
+            row[label] = _not_ok(runs) if ok.empty else _cell(_values(ok, column), spec.get("decimals", 2))
+        row |= _ratios(frame, spec, dict(zip(keys, combo)), ok)
         row["seeds"] = len(ok)
         out.append(row)
     return pd.DataFrame(out)
@@ -130,39 +210,70 @@ def write_table(table: pd.DataFrame, out_dir: Path, name: str, caption: str) -> 
     return [md, tex, csv]
 
 
-def plot_vs_bits(frame: pd.DataFrame, spec: dict[str, Any], out: Path) -> Path | None:
-    """``spec['plot']`` (a column) against bits, one line per method (mean over seeds of ok runs)."""
-    column = spec.get("plot")
-    frame = _select(frame, spec.get("where", {}))
-    if not column or column not in frame or "bits" not in frame:
+def _plot_spec(spec: dict[str, Any]) -> dict[str, Any] | None:
+    plot = spec.get("plot")
+    if not plot:
+        return None
+    plot = {"y": plot} if isinstance(plot, str) else dict(plot)
+    return {"x": "bits", "series": "method", "log": True, "kind": "line", **plot}
+
+
+def _draw(ax: Any, ok: pd.DataFrame, plot: dict[str, Any], order: list[Any]) -> None:
+    x, y, series = plot["x"], plot["y"], plot["series"]
+    if plot.get("categorical"):  # e.g. group sizes with -1 for per channel: evenly spaced, in table order
+        ok = ok.assign(**{x: ok[x].map({v: i for i, v in enumerate(order)})})
+        ax.set_xticks(range(len(order)), [str(v) for v in order])
+    if plot["kind"] == "bar":
+        means = ok.groupby(x)[y].mean()
+        ax.bar([str(k) for k in means.index], means.values)
+        ax.tick_params(axis="x", labelrotation=45)
+        return
+    for name, group in ok.groupby(series):
+        means = group.groupby(x)[y].mean().sort_index()
+        ax.plot(means.index, means.values, marker="o", label=str(name))
+    ax.legend(fontsize=7)
+
+
+def plot_table(frame: pd.DataFrame, spec: dict[str, Any], out: Path) -> Path | None:
+    """The spec's plot (mean over seeds of ok runs), or None when the spec has none or no run has the data."""
+    plot = _plot_spec(spec)
+    frame = _select(frame, {**spec.get("where", {}), **((plot or {}).get("where") or {})})
+    if plot is None or any(k not in frame for k in (plot["x"], plot["y"])):
+        return None
+    ok = _ok(frame).dropna(subset=[plot["y"], plot["x"]])
+    if ok.empty:
         return None
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ok = frame[frame["status"] == "ok"].dropna(subset=[column, "bits"])
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for method, group in ok.groupby("method"):
-        means = group.groupby("bits")[column].mean().sort_index()
-        ax.plot(means.index, means.values, marker="o", label=method)
-    ax.set_xlabel("bits")
-    ax.set_ylabel(column)
-    ax.set_yscale("log")
-    ax.legend(fontsize=7)
+    _draw(ax, ok, plot, (spec.get("expect") or {}).get(plot["x"]) or sorted(ok[plot["x"]].unique()))
+    ax.set_xlabel(plot["x"])
+    ax.set_ylabel(plot.get("label", plot["y"]))
+    if plot["log"]:
+        ax.set_yscale("log")
+    ax.set_title(spec["name"], fontsize=9)
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    fig.savefig(out, dpi=120, metadata={"Software": None})  # no version stamp: regenerated files stay equal
     plt.close(fig)
     return out
 
 
-def report(spec_path: str | Path, runs: str | Path | None, out: str | Path, wandb_project: str | None = None) -> list[Path]:
-    """Write the tables (and plot) that ``spec_path`` describes; returns the files written."""
-    spec = yaml.safe_load(Path(spec_path).read_text())
+def load_store(runs: str | Path | None, wandb_project: str | None = None) -> pd.DataFrame:
+    """Every run of the local store and, when given, of a wandb project, as one frame."""
     frames = [load_runs(runs)] if runs else []
     if wandb_project:
         frames.append(load_wandb_runs(wandb_project))
-    frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def report(spec_path: str | Path, runs: str | Path | None, out: str | Path, wandb_project: str | None = None,
+           frame: pd.DataFrame | None = None) -> list[Path]:
+    """Write the tables (and plot) that ``spec_path`` describes; returns the files written."""
+    spec = yaml.safe_load(Path(spec_path).read_text())
+    frame = load_store(runs, wandb_project) if frame is None else frame
     out = Path(out)
     table = build_table(frame, spec)
     written = write_table(table, out, spec["name"], spec.get("caption", spec["name"]))
@@ -170,7 +281,7 @@ def report(spec_path: str | Path, runs: str | Path | None, out: str | Path, wand
     if versus is not None:
         written += write_table(versus, out, f"{spec['name']}_paper_vs_reproduced",
                                f"Paper vs reproduced: {spec.get('caption', spec['name'])}")
-    plot = plot_vs_bits(frame, spec, out / f"{spec['name']}.png") if not frame.empty else None
+    plot = plot_table(frame, spec, out / f"{spec['name']}.png") if not frame.empty else None
     return written + ([plot] if plot else [])
 
 
@@ -181,10 +292,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--runs", default="runs", help="run store (folder of run folders)")
     p.add_argument("--wandb", default=None, help="also read runs from this wandb project (entity/project)")
     p.add_argument("--out", default="results", help="folder for the tables and plots")
+    p.add_argument("--archive", default=None, help="also write the specs' run records to this .jsonl file "
+                   "(a run store that --runs accepts, small enough to commit beside the tables)")
     args = p.parse_args(argv)
+    frame = load_store(args.runs, args.wandb)
+    specs = [yaml.safe_load(Path(s).read_text()) for s in args.spec]
     for spec in args.spec:
-        for path in report(spec, args.runs, args.out, args.wandb):
+        for path in report(spec, None, args.out, frame=frame):
             print(path)
+    if args.archive:
+        print(archive_runs(args.runs, args.archive, [s.get("where", {}) for s in specs]))
 
 
 if __name__ == "__main__":

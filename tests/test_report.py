@@ -2,6 +2,7 @@
 import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -32,8 +33,9 @@ def store(tmp_path):
     _record(root, "c", method="qlora", bits=4, metrics={"ppl_merged": 35.0, "ppl_merged_ptq": 44.0, "ppl_trained": 35.0})
     _record(root, "d", method="l4q", bits=3, status="failed", error="RuntimeError: boom")
     _record(root, "e", method="l4q", bits=4, data="quiz", metrics={"ppl_merged": 1.0})  # filtered out
-    (root / "f").mkdir()
-    (root / "f" / "config.yaml").write_text("seed: 0\n")  # a run that never finished
+    (root / "f").mkdir()  # a run that never finished: a config, no record
+    (root / "f" / "config.yaml").write_text("seed: 0\nmethod: {name: dlqat, bits: 3, group_size: 64}\n"
+                                           "data: {name: austen}\n")
     spec = tmp_path / "groupwise.yaml"
     spec.write_text(yaml.safe_dump(SPEC))
     return root, spec
@@ -48,6 +50,7 @@ def test_table_cells(store):
     assert table.loc[("qlora", 4), "ppl (trained)"] == "35.00"
     assert table.loc[("l4q", 3), "ppl (deployed)"] == "failed"
     assert table.loc[("dlqat", 4), "ppl (deployed)"] == "missing"
+    assert table.loc[("dlqat", 3), "ppl (deployed)"] == "incomplete"
     assert len(table) == 6
     assert (report.load_runs(root)["status"] == "incomplete").sum() == 1
 
@@ -65,3 +68,34 @@ def test_report_regenerates_identical_files(store, tmp_path):
             assert a.read_text() == (tmp_path / "out2" / a.name).read_text()
     versus = (tmp_path / "out1" / "groupwise_paper_vs_reproduced.md").read_text()
     assert "5.9" in versus and "41.00 ± 1.41" in versus
+
+
+def test_mean_columns_and_ratios(store):
+    root, _ = store
+    spec = {"rows": ["method"], "where": {"data": "austen", "bits": 4},
+            "columns": {"avg": ["metrics.ppl_merged", "metrics.ppl_trained"], "ppl": "metrics.ppl_merged"},
+            "relative": {"to": {"method": "qlora"}, "columns": ["ppl"]}}
+    table = report.build_table(report.load_runs(root), spec).set_index("method")
+    assert table.loc["l4q", "avg"] == "41.00 ± 1.41"  # per-run mean of the two, then over seeds
+    assert table.loc["qlora", "avg"] == "35.00"
+    assert table.loc["l4q", "ppl / qlora"] == f"{41.0 / 35.0:.2f}" and table.loc["qlora", "ppl / qlora"] == "1.00"
+
+
+def test_bar_plot(store, tmp_path):
+    root, _ = store
+    spec = {"name": "cost", "rows": ["method"], "columns": {}, "where": {"data": "austen"},
+            "plot": {"x": "method", "y": "metrics.ppl_merged", "kind": "bar", "log": False}}
+    assert report.plot_table(report.load_runs(root), spec, tmp_path / "cost.png").stat().st_size > 0
+
+
+def test_archive_reproduces_the_tables(store, tmp_path):
+    root, _ = store
+    archive = report.archive_runs(root, tmp_path / "records.jsonl", [{"data": "austen"}])
+    assert len(archive.read_text().splitlines()) == 4  # the recorded austen runs; quiz filtered out
+    assert report.archive_runs(archive, tmp_path / "again.jsonl").read_text() == archive.read_text()
+    from_store = report.build_table(report.load_runs(root), SPEC).set_index(["method", "bits"])
+    from_archive = report.build_table(report.load_runs(archive), SPEC).set_index(["method", "bits"])
+    # a run without a record (killed mid-way) is not archived: its cell reads missing instead of incomplete
+    assert from_store.loc[("dlqat", 3), "ppl (deployed)"] == "incomplete"
+    assert from_archive.loc[("dlqat", 3), "ppl (deployed)"] == "missing"
+    pd.testing.assert_frame_equal(from_store.drop(("dlqat", 3)), from_archive.drop(("dlqat", 3)))
