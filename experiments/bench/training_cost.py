@@ -6,6 +6,11 @@ this reuses): build the model, apply the method, then one warm-up step and ``--s
 the timed steps, peak is the peak RSS above the pre-model baseline over warm-up + timed steps (model,
 gradients and AdamW state included). Ratios are against LoRA on the same model, same run.
 
+The ``floor`` row is LoRA plus, in backward, one ``G = grad^T x`` GEMM (out x in) per adapted layer and
+nothing else: the arithmetic any exact backward of LoRA-inside-the-quantizer (L4Q, DL-QAT) must add to
+LoRA, since ``dA``, ``dB``, ``ds``, ``db`` and ``dm`` are masked or group-summed products of ``G``. A method's
+step time over the floor's is what its own elementwise quantizer work costs.
+
     python experiments/bench/training_cost.py --json results/bench_training_cost.json
 """
 from __future__ import annotations
@@ -28,7 +33,7 @@ from memory import _peak_rss_bytes, _reset_peak_rss, _rss_bytes, _warm_up_optimi
 import qaft  # noqa: E402
 from qaft.models import load_causal_lm  # noqa: E402
 
-METHODS = {"lora": {}, "qlora": {}, "qalora": {}, "l4q": {}, "dlqat": {"quant_steps": 0}, "qat": {}}
+METHODS = {"lora": {}, "floor": {}, "qlora": {}, "qalora": {}, "l4q": {}, "dlqat": {"quant_steps": 0}, "qat": {}}
 MODELS = ("smollm2-135m", "wide-llama")
 
 
@@ -42,14 +47,31 @@ def build_model(name: str) -> torch.nn.Module:
     return LlamaForCausalLM(config)
 
 
+def _weight_gradient_gemm(grad: torch.Tensor, x: torch.Tensor) -> None:
+    torch.mm(grad.reshape(-1, grad.shape[-1]).T, x.reshape(-1, x.shape[-1]))  # formed, then dropped
+
+
+def add_weight_gradient_gemm(model: torch.nn.Module) -> None:
+    """The floor row: each LoRA layer's backward also forms ``grad^T x`` (out x in); x is the tensor LoRA's
+    own backward keeps anyway, so memory is unchanged."""
+    def hook(module: torch.nn.Module, args: tuple, out: torch.Tensor) -> None:
+        out.register_hook(lambda grad, x=args[0]: _weight_gradient_gemm(grad, x))
+
+    for layer in qaft.model.qaft_layers(model):
+        layer.register_forward_hook(hook)
+
+
 def measure(model_name: str, method: str, args: argparse.Namespace) -> dict:
     _warm_up_optimizer()
     base = _rss_bytes()
     model = build_model(model_name)
     wanted = {"rank": args.rank, "bits": args.bits, "group_size": args.group_size}
-    known = qaft.methods.config.registered(method).field_names()
-    qaft.apply_method(model, qaft.config_for(method, **{k: v for k, v in wanted.items() if k in known},
+    name = "lora" if method == "floor" else method
+    known = qaft.methods.config.registered(name).field_names()
+    qaft.apply_method(model, qaft.config_for(name, **{k: v for k, v in wanted.items() if k in known},
                                              **METHODS[method]))
+    if method == "floor":
+        add_weight_gradient_gemm(model)
     model.train()
     params = [p for group in qaft.parameter_groups(model).values() for p in group]
     opt = torch.optim.AdamW(params, lr=1e-5)
