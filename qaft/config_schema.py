@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from qaft.data import validate_data_source
 from qaft.methods.config import MethodConfig, config_for, registered
-from qaft.methods.gptq_model import needs_calibration
+from qaft.methods.gptq_model import GPTQOptions, needs_calibration
 from qaft.eval.harness import EvalError, parse_task
 from qaft.models import SMOLLM2, TINY_LLAMA, cache_dir, tiny_llama_config, validate_model_source
 from qaft.quant.affine import VALID_BITS
@@ -26,6 +26,8 @@ from qaft.quant.granularity import granularity
 
 # Every method YAML carries these; for methods that merge to a float model they are the deployment PTQ's.
 DEPLOY_FIELDS = ("bits", "group_size")
+# GPTQ's calibration settings: ptq's own fields; qalora's YAML carries them for base_quant=gptq.
+GPTQ_FIELDS = ("calib_batches", "act_order", "percdamp")
 SCHEDULES = {
     "constant": lambda progress: 1.0,
     "cosine": lambda progress: 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))),
@@ -49,27 +51,48 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class RunSpec:
-    """What the validated config means: the method config and the bits / group size it is deployed at."""
+    """What the validated config means: the method config and the bits / group size it is deployed at.
+
+    ``calibration``: GPTQ settings of a method that needs calibration data (``None`` for the others);
+    ``eval_gptq``: those of the end-of-run GPTQ deployment (``None`` unless ``eval.gptq``).
+    """
 
     method: MethodConfig
     bits: int
     group_size: int
+    calibration: GPTQOptions | None = None
+    eval_gptq: GPTQOptions | None = None
+
+
+def _fields(node: Any) -> dict[str, Any]:
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
 
 
 def method_config(node: Any) -> MethodConfig:
     """The registered method config for a ``method`` node (its ``name`` plus the dataclass fields)."""
-    fields = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
+    fields = _fields(node)
     name = fields.pop("name", None)
     own = set(registered(name).field_names())
-    for key in DEPLOY_FIELDS:
+    for key in DEPLOY_FIELDS + GPTQ_FIELDS:
         if key not in own:
             fields.pop(key, None)
-    config = config_for(name, **fields)
-    if needs_calibration(config):
-        # GPTQ needs calibration batches before the model is built; the Lightning module does not feed them yet.
-        raise ConfigError(f"method {name!r} with GPTQ is not trainable through qaft-train yet; evaluate GPTQ "
-                          "with qaft-eval ptq.algorithm=gptq, or call qaft.methods.gptq_model.apply_method_calibrated")
-    return config
+    return config_for(name, **fields)
+
+
+def gptq_options(node: Any, where: str) -> GPTQOptions:
+    """The GPTQ fields of a config node (defaults where absent); errors name the node, e.g. ``method``."""
+    fields = _fields(node)
+    try:
+        return GPTQOptions(**{k: fields[k] for k in GPTQ_FIELDS if k in fields})
+    except ValueError as err:
+        raise ValueError(f"{where}.{err}") from None
+
+
+def _eval_gptq(node: Any) -> GPTQOptions | None:
+    switch = node.get("gptq", False)
+    if not isinstance(switch, bool):
+        raise ValueError(f"eval.gptq must be true or false, got {switch!r}")
+    return gptq_options(node.get("gptq_options") or {}, "eval.gptq_options") if switch else None
 
 
 def _read_shape(name_or_path: str) -> dict[str, Any] | None:
@@ -137,6 +160,8 @@ def validate(cfg: DictConfig) -> RunSpec:
         raise ConfigError(f"missing required value(s) {missing}: set them on the command line, e.g. {missing[0]}=...")
     try:
         method = method_config(cfg.method)
+        calibration = gptq_options(cfg.method, "method") if needs_calibration(method) else None
+        eval_gptq = _eval_gptq(cfg.eval)
         bits, group_size = int(cfg.method.bits), int(cfg.method.group_size)
         if bits not in VALID_BITS:
             raise ValueError(f"method.bits must be one of {VALID_BITS}, got {bits}")
@@ -153,7 +178,7 @@ def validate(cfg: DictConfig) -> RunSpec:
     _check_optim(cfg)
     _check_trainer(cfg)
     _check_resume(cfg)
-    return RunSpec(method=method, bits=bits, group_size=group_size)
+    return RunSpec(method=method, bits=bits, group_size=group_size, calibration=calibration, eval_gptq=eval_gptq)
 
 
 # --- resolvers used by conf/train.yaml -------------------------------------------------------------------

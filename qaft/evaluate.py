@@ -74,22 +74,28 @@ def is_integer_model(model: nn.Module) -> bool:
 
 
 def end_of_run(model: nn.Module, batches: list[Batch], bits: int, group_size: int,
-               load_float: Callable[[], nn.Module] | None) -> tuple[dict[str, float], nn.Module]:
+               load_float: Callable[[], nn.Module] | None,
+               gptq: Callable[[nn.Module], nn.Module] | None = None) -> tuple[dict[str, float], nn.Module]:
     """Perplexities at the end of a run, and the merged (deployable) model.
 
     ``trained``: the training-time model; ``merged``: the deployed one (equal to ``trained`` up to float
     rounding for integer methods); ``merged_ptq``: a float-merged model quantized by RTN at ``bits`` /
     ``group_size`` (the papers' "+PTQ"); ``float`` and ``ptq``: the untouched model and its plain RTN,
-    when ``load_float`` is given.
+    when ``load_float`` is given. ``gptq`` (a float model in, a quantized copy out) adds the same two
+    deployments by GPTQ: ``merged_gptq`` and ``ptq_gptq``.
     """
     results = {"trained": batches_perplexity(model, batches)}
     merged = qaft.merge_model(model)
     results["merged"] = batches_perplexity(merged, batches)
     if not is_integer_model(merged):
         results["merged_ptq"] = batches_perplexity(qaft.ptq_model(merged, bits, group_size), batches)
+        if gptq is not None:
+            results["merged_gptq"] = batches_perplexity(gptq(merged), batches)
     if load_float is not None:
         base = load_float()
         results["float"] = batches_perplexity(base, batches)
+        if gptq is not None:
+            results["ptq_gptq"] = batches_perplexity(gptq(base), batches)
         results["ptq"] = batches_perplexity(qaft.ptq_model(base, bits, group_size, inplace=True), batches)
         del base
     return results, merged
@@ -105,7 +111,9 @@ def format_table(results: dict[str, float], method: str, bits: int, group_size: 
     group = "per-channel" if group_size == -1 else f"g{group_size}"
     rows = [("float (no quantization)", results.get("float")),
             (f"PTQ round-to-nearest w{bits} {group}", results.get("ptq")),
+            (f"PTQ GPTQ w{bits} {group}", results.get("ptq_gptq")),
             (f"{method} merged (deployed) w{bits} {group}", results.get(deployed_key(results))),
+            (f"{method} merged + GPTQ w{bits} {group}", results.get("merged_gptq")),
             (f"{method} training-time model", results.get("trained"))]
     width = max(len(name) for name, _ in rows)
     lines = [f"{'model'.ljust(width)}  perplexity", f"{'-' * width}  ----------"]

@@ -2,10 +2,12 @@
 
 The module knows nothing about any particular method: it applies ``config`` through the core API, moves the
 phases at optimizer-step boundaries with :func:`qaft.set_training_step`, and builds AdamW once from
-:func:`qaft.parameter_groups` (one group per role, each with its own lr and weight decay).
+:func:`qaft.parameter_groups` (one group per role, each with its own lr and weight decay). Methods that need
+calibration data (GPTQ) get it from :meth:`RunData.calibration_batches`.
 """
 from __future__ import annotations
 
+import hashlib
 import resource
 import time
 from typing import Any
@@ -18,6 +20,7 @@ from torch.utils.data import DataLoader, Sampler
 import qaft
 from qaft.config_schema import SCHEDULES
 from qaft.methods.config import MethodConfig
+from qaft.methods.gptq_model import GPTQOptions, apply_method_calibrated, needs_calibration
 from qaft.model import qaft_layers
 from qaft.models import load_causal_lm
 
@@ -43,7 +46,9 @@ def peak_memory_mb() -> float:
 class QaftModule(pl.LightningModule):
     """Causal LM with a qaft method applied; trains whatever the method's current phase trains."""
 
-    def __init__(self, cfg: DictConfig, method: MethodConfig) -> None:
+    def __init__(self, cfg: DictConfig, method: MethodConfig,
+                 calib_batches: list[dict[str, torch.Tensor]] | None = None, gptq: GPTQOptions | None = None) -> None:
+        """``calib_batches`` / ``gptq``: the calibration data and GPTQ options of a method that needs them."""
         super().__init__()
         self.cfg, self.method = cfg, method
         # Checkpoints hold only trained tensors; everything else is rebuilt from config + seed.
@@ -52,7 +57,9 @@ class QaftModule(pl.LightningModule):
         self.model, self.tokenizer = load_causal_lm(cfg.model.name_or_path, dtype)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)  # adapter init depends on the seed only, so a resume rebuilds it
-            qaft.apply_method(self.model, method)
+            apply_method_calibrated(self.model, method, calib_batches, gptq)
+        # A calibrated (GPTQ) base is rebuilt, not stored: its fingerprint lets a resume prove it rebuilt the same.
+        self.base_digest = self._frozen_digest() if needs_calibration(method) else None
         if cfg.optim.gradient_checkpointing:
             self.model.config.use_cache = False
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -114,10 +121,29 @@ class QaftModule(pl.LightningModule):
                 keys |= {f"{layer_name}.{b}" for b, _ in layer.named_buffers(recurse=False) if b in QUANT_STATE}
         return keys
 
+    def _frozen_digest(self) -> str:
+        """SHA-256 of every buffer of the method layers (codes, scales, offsets), in name order."""
+        digest = hashlib.sha256()
+        layers = set(qaft_layers(self.model))
+        for name, module in self.model.named_modules():
+            if module in layers:
+                for buffer_name, buffer in sorted(module.named_buffers(recurse=False)):
+                    digest.update(f"{name}.{buffer_name}".encode())
+                    digest.update(buffer.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         keep = self.checkpoint_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
-        checkpoint["qaft"] = {"method": self.method.to_dict(), "seed": int(self.cfg.seed)}
+        checkpoint["qaft"] = {"method": self.method.to_dict(), "seed": int(self.cfg.seed),
+                              "base_digest": self.base_digest}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Runs before the state dict loads: trained adapters on a different base would train on silently.
+        saved = checkpoint.get("qaft", {}).get("base_digest")
+        if saved != self.base_digest:
+            raise RuntimeError("resume: the GPTQ base rebuilt from the calibration data differs from the one the "
+                               "checkpoint was trained on (other data, options or numerics); rerun with resume=never")
 
 
 class TrainingStats(pl.Callback):
@@ -187,6 +213,15 @@ class RunData(pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         self.inner.setup(stage)
+
+    def calibration_batches(self, n: int) -> list[dict[str, torch.Tensor]]:
+        """The first ``n`` batches of the stream a one-process run trains on from step 0 (GPTQ's data).
+
+        Independent of rank, world size and resume step, so every rank and every resume rebuild the same base.
+        """
+        base = self.inner.train_dataloader()
+        sampler = StreamSampler(len(base.dataset), n * base.batch_size, self.seed)
+        return list(DataLoader(base.dataset, batch_size=base.batch_size, sampler=sampler, collate_fn=base.collate_fn))
 
     def train_dataloader(self) -> DataLoader:
         base = self.inner.train_dataloader()

@@ -5,6 +5,7 @@ has passed, so any exception from here on is a failed *run* (recorded as such), 
 """
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 from pathlib import Path
@@ -22,7 +23,8 @@ from qaft.config_schema import ConfigError, RunSpec, run_name, validate
 from qaft.data import lm_eval_windows, load_lm_texts
 from qaft.evaluate import Batch, end_of_run, format_table, is_integer_model, window_batches
 from qaft.lightning import QaftModule, RunData, TrainingStats
-from qaft.models import load_causal_lm
+from qaft.methods.gptq_model import gptq_quantize_model
+from qaft.models import load_causal_lm, load_tokenizer
 from qaft.records import MetricsRecorder, RunRecord, trim_metrics
 
 CHECKPOINTS, LAST = "checkpoints", "last.ckpt"
@@ -143,6 +145,16 @@ def _train(cfg: DictConfig, module: QaftModule, data: RunData, trainer: pl.Train
     return {"final_" + k.replace("/", "_"): v for k, v in metrics.items()} | {"global_step": trainer.global_step}
 
 
+def _gptq_deployment(spec: RunSpec, data: RunData) -> Callable[[torch.nn.Module], torch.nn.Module] | None:
+    """GPTQ of a float model at the run's bits / group size on training batches (``eval.gptq``), or None."""
+    options = spec.eval_gptq
+    if options is None:
+        return None
+    return functools.partial(gptq_quantize_model, calib_batches=data.calibration_batches(options.calib_batches),
+                             bits=spec.bits, group_size=spec.group_size, act_order=options.act_order,
+                             percdamp=options.percdamp)
+
+
 def _evaluate(cfg: DictConfig, spec: RunSpec, module: QaftModule, data: RunData) -> tuple[dict, torch.nn.Module]:
     batches = EVAL_SETS[cfg.data.kind](cfg, module.tokenizer, data)
     device = next(module.model.parameters()).device
@@ -151,7 +163,7 @@ def _evaluate(cfg: DictConfig, spec: RunSpec, module: QaftModule, data: RunData)
         return load_causal_lm(cfg.model.name_or_path, getattr(torch, cfg.model.dtype))[0].to(device)
 
     ppl, merged = end_of_run(module.model, batches, spec.bits, spec.group_size,
-                             load_float if cfg.eval.baselines else None)
+                             load_float if cfg.eval.baselines else None, _gptq_deployment(spec, data))
     return {f"ppl_{k}": v for k, v in ppl.items()} | {"eval_tokens": sum(
         int((b.get("labels", b["input_ids"])[:, 1:] != -100).sum()) for b in batches)}, merged
 
@@ -167,8 +179,10 @@ def _lm_eval(cfg: DictConfig, merged: torch.nn.Module, tokenizer: Any) -> dict[s
 
 def _run(cfg: DictConfig, spec: RunSpec, run_dir: Path, record: RunRecord) -> dict[str, Any] | None:
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    module = QaftModule(cfg, spec.method)
-    data = RunData(instantiate(cfg.data.datamodule, tokenizer=module.tokenizer), int(cfg.seed))
+    # The data comes first: a method calibrated on training batches (GPTQ) needs them to be built.
+    data = RunData(instantiate(cfg.data.datamodule, tokenizer=load_tokenizer(cfg.model.name_or_path)), int(cfg.seed))
+    calib = data.calibration_batches(spec.calibration.calib_batches) if spec.calibration else None
+    module = QaftModule(cfg, spec.method, calib, spec.calibration)
     trainer = build_trainer(cfg, run_dir)
     record.lap("load")
     metrics = _train(cfg, module, data, trainer, run_dir)

@@ -51,6 +51,8 @@ def test_every_method_fast_dev_run(method, tmp_path, monkeypatch):
 
 BAD = {
     "unknown method (group option)": ["method=nope"],
+    "no GPTQ calibration batches": ["method=qalora", "method.base_quant=gptq", "method.calib_batches=0"],
+    "negative GPTQ dampening at deployment": ["eval.gptq=true", "eval.gptq_options.percdamp=-1"],
     "unknown method (name)": ["method.name=nope"],
     "bits 5": ["method.bits=5"],
     "group size not dividing the widths": ["method.group_size=48"],
@@ -132,3 +134,141 @@ def test_end_of_run_lm_eval_on_the_merged_model(tmp_path, monkeypatch):
     assert result["harness"]["model_form"] == "merged" and result["harness"]["limit"] == 4
     (entry,) = result["results"].values()
     assert 0.0 <= entry["scores"]["acc"] <= 1.0
+
+
+# --- GPTQ inside qaft-train: ptq and the QA-LoRA base calibrated on training batches, and "+GPTQ" deployment ---
+
+def _tiny_data() -> "RunData":
+    """The run data of ``tiny_run_overrides`` (same source, block length, batch size, token cap and seed)."""
+    from qaft.data import LMDataModule
+    from qaft.lightning import RunData
+    from qaft.models import load_tokenizer
+
+    inner = LMDataModule(load_tokenizer("tiny-llama"), "austen", seq_len=32, batch_size=2, max_train_tokens=2048,
+                         max_eval_tokens=256, seed=0)
+    return RunData(inner, seed=0)
+
+
+def test_calibration_batches_are_the_first_training_batches():
+    from types import SimpleNamespace
+
+    data = _tiny_data()
+    data.trainer = SimpleNamespace(max_steps=4, accumulate_grad_batches=1, world_size=1, global_step=0, global_rank=0)
+    first = list(data.train_dataloader())[:3]
+    calib = data.calibration_batches(3)
+    assert len(calib) == 3
+    for a, b in zip(calib, first):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # a resumed or sharded run still calibrates on the stream's start
+    data.trainer = SimpleNamespace(max_steps=4, accumulate_grad_batches=1, world_size=2, global_step=2, global_rank=1)
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(calib, data.calibration_batches(3)))
+
+
+def test_ptq_gptq_run_records_and_saves_the_gptq_model(tmp_path, monkeypatch):
+    from qaft.eval.runs import load_run_model
+    from qaft.methods.gptq_model import gptq_quantize_model
+    from qaft.models import load_causal_lm
+
+    root = tmp_path / "runs"
+    run_main([*tiny_run_overrides(root), "method=ptq", "method.algorithm=gptq", "method.calib_batches=3",
+              "method.act_order=true", "save_model=true"], monkeypatch)
+    (record,) = records(root)
+    m = record["metrics"]
+    assert record["status"] == "ok" and record["method_config"]["algorithm"] == "gptq"
+    assert m["ppl_merged"] == m["ppl_trained"] and "global_step" not in m  # nothing trains
+    saved, _, _ = load_run_model(record["run_dir"])
+    expected = gptq_quantize_model(load_causal_lm("tiny-llama")[0], _tiny_data().calibration_batches(3), 4, 64,
+                                   act_order=True)
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
+        a, b = saved.get_submodule(name), expected.get_submodule(name)
+        assert torch.equal(a.codes(), b.codes()) and torch.equal(a.scale, b.scale), name
+
+
+def test_qalora_on_a_gptq_base_trains_and_merges_exactly(tmp_path, monkeypatch):
+    from qaft.eval.runs import load_run_model
+    from qaft.methods.gptq_model import gptq_quantize_model
+    from qaft.models import load_causal_lm
+
+    root = tmp_path / "runs"
+    run_main([*tiny_run_overrides(root, steps=2), "method=qalora", "method.base_quant=gptq", "method.rank=4",
+              "method.calib_batches=2", "method.act_order=true", "save_model=true"], monkeypatch)
+    (record,) = records(root)
+    m = record["metrics"]
+    assert record["status"] == "ok" and m["global_step"] == 2
+    assert record["method_config"]["base_quant"] == "gptq" and "ppl_merged_ptq" not in m
+    assert m["ppl_merged"] == pytest.approx(m["ppl_trained"], rel=1e-5)  # integer merge into the offsets
+    # the merge keeps the base's codes and scales: they are GPTQ's, with the run's options and training batches
+    merged, _, _ = load_run_model(record["run_dir"])
+    base = gptq_quantize_model(load_causal_lm("tiny-llama")[0], _tiny_data().calibration_batches(2), 4, 64,
+                               act_order=True)
+    for name in ("model.layers.0.self_attn.k_proj", "model.layers.1.mlp.up_proj"):
+        a, b = merged.get_submodule(name), base.get_submodule(name)
+        assert torch.equal(a.codes(), b.codes()) and torch.equal(a.scale, b.scale), name
+        assert not torch.equal(a.offset, b.offset), name  # the trained adapter went into the offsets
+
+
+def _linear_inputs(model: torch.nn.Module, batches: list[dict]) -> dict[str, torch.Tensor]:
+    seen: dict[str, list[torch.Tensor]] = {}
+    hooks = [m.register_forward_hook(lambda mod, a, out, n=n: seen.setdefault(n, []).append(a[0].detach()))
+             for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    with torch.no_grad():
+        for b in batches:
+            model(input_ids=b["input_ids"])
+    for h in hooks:
+        h.remove()
+    return {n: torch.cat([t.reshape(-1, t.shape[-1]) for t in ts]) for n, ts in seen.items()}
+
+
+def test_eval_gptq_deploys_a_float_merge_by_gptq(tmp_path, monkeypatch):
+    import qaft
+    from qaft.data import lm_eval_windows, load_lm_texts
+    from qaft.eval.runs import load_run_model
+    from qaft.evaluate import perplexity
+    from qaft.methods.gptq_model import gptq_quantize_model
+    from qaft.quant.gptq import layer_output_error
+
+    root = tmp_path / "runs"
+    run_main([*tiny_run_overrides(root, steps=2), "method=lora", "eval.gptq=true", "eval.baselines=true",
+              "eval.gptq_options.calib_batches=3", "save_model=true"], monkeypatch)
+    (record,) = records(root)
+    m = record["metrics"]
+    assert {"ppl_merged_ptq", "ppl_merged_gptq", "ppl_ptq", "ppl_ptq_gptq"} <= set(m)
+    merged, tokenizer, _ = load_run_model(record["run_dir"])
+    calib = _tiny_data().calibration_batches(3)
+    gptq, rtn = gptq_quantize_model(merged, calib, 4, 64), qaft.ptq_model(merged, 4, 64)
+    windows = lm_eval_windows(tokenizer, load_lm_texts("austen")["test"], 32, 256)
+    assert m["ppl_merged_gptq"] == pytest.approx(perplexity(gptq, windows, 4), rel=1e-6)
+    # GPTQ's objective, on the calibration data: every first-block layer (float inputs) and the sum beat RTN
+    gptq_total = rtn_total = 0.0
+    for name, x in _linear_inputs(merged, calib).items():
+        w = merged.get_submodule(name).weight
+        g = layer_output_error(x, w, gptq.get_submodule(name).dequantize_weight())
+        r = layer_output_error(x, w, rtn.get_submodule(name).dequantize_weight())
+        assert name.startswith("model.layers.1.") or g < r, name
+        gptq_total, rtn_total = gptq_total + g, rtn_total + r
+    assert gptq_total < rtn_total
+
+
+def test_resume_of_a_qalora_gptq_run_rebuilds_the_same_base(tmp_path, monkeypatch):
+    steps = ["method=qalora", "method.base_quant=gptq", "method.rank=4", "method.calib_batches=2",
+             "trainer.max_steps=4", "checkpoint.every_n_steps=2"]
+    clean, resumed = tmp_path / "clean", tmp_path / "resumed"
+    run_main([*tiny_run_overrides(clean), *steps], monkeypatch)
+    killed = run_qaft_train([*tiny_run_overrides(resumed), *steps, "debug.crash_after_steps=2"])
+    assert killed.returncode != 0 and not records(resumed), killed.stderr[-2000:]
+    (ckpt,) = resumed.rglob("last.ckpt")
+    saved = torch.load(ckpt, weights_only=False)
+    assert saved["global_step"] == 2 and saved["qaft"]["base_digest"]
+    assert not any(k.endswith("codes") for k in saved["state_dict"])  # the base is rebuilt, not stored
+    run_main([*tiny_run_overrides(resumed), *steps], monkeypatch)
+    (a,), (b,) = records(clean), records(resumed)
+    for key in ("final_train_loss", "ppl_trained", "ppl_merged", "global_step"):
+        assert b["metrics"][key] == pytest.approx(a["metrics"][key], rel=1e-6, abs=1e-7), key
+    rows_a, rows_b = (metric_rows(Path(d["run_dir"])) for d in (a, b))
+    assert [r["train/loss"] for r in rows_b] == pytest.approx([r["train/loss"] for r in rows_a], rel=1e-6)
+    # a base that GPTQ would rebuild differently (here: other dampening) refuses the checkpoint
+    other = tmp_path / "other"
+    with pytest.raises(SystemExit):  # Hydra reports the run's error and exits
+        run_main([*tiny_run_overrides(other), *steps, "method.percdamp=0.5", f"resume='{ckpt}'"], monkeypatch)
+    (failed,) = records(other)
+    assert failed["status"] == "failed" and "GPTQ base" in failed["error"]

@@ -15,11 +15,16 @@ Two consumers:
 
 GPTQ needs data, so neither fits ``apply_method``'s one-layer-at-a-time ``make_layer``; callers use
 :func:`apply_method_calibrated`, which falls back to ``apply_method`` for every method that needs no data.
+How GPTQ is calibrated (batch count, act-order, dampening) is a :class:`GPTQOptions`; ``qaft-train`` takes the
+batches from the start of the run's training stream (:meth:`qaft.lightning.RunData.calibration_batches`).
+
+Padding tokens (instruction batches) are left out of the Hessians: they are no input the model will serve.
 """
 from __future__ import annotations
 
 import copy
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -28,6 +33,28 @@ from torch import nn
 from qaft.methods.config import DEFAULT_TARGETS, MethodConfig
 from qaft.methods.deploy import QuantizedLinear
 from qaft.quant.gptq import HessianAccumulator, gptq_quantize_weight
+
+
+@dataclass(frozen=True)
+class GPTQOptions:
+    """How GPTQ is calibrated and run; bits, group size and init come from the method (or the deployment)."""
+
+    calib_batches: int = 16   # batches of the training stream the Hessians are accumulated on
+    act_order: bool = False   # visit columns by descending Hessian diagonal
+    percdamp: float = 0.01    # dampening, a fraction of the Hessian's mean diagonal
+
+    def __post_init__(self) -> None:
+        if isinstance(self.calib_batches, bool) or not isinstance(self.calib_batches, int) or self.calib_batches < 1:
+            raise ValueError(f"calib_batches must be an integer >= 1, got {self.calib_batches!r}")
+        if not isinstance(self.act_order, bool):
+            raise ValueError(f"act_order must be true or false, got {self.act_order!r}")
+        if isinstance(self.percdamp, bool) or not isinstance(self.percdamp, (int, float)) or self.percdamp < 0:
+            raise ValueError(f"percdamp must be a number >= 0, got {self.percdamp!r}")
+
+    @classmethod
+    def of(cls, config: MethodConfig) -> "GPTQOptions":
+        """The options a method config carries (``ptq`` has the fields; others get the defaults)."""
+        return cls(**{k: getattr(config, k) for k in ("calib_batches", "act_order", "percdamp") if hasattr(config, k)})
 
 
 class _Captured(Exception):
@@ -49,36 +76,42 @@ def _as_batch(batch: Any) -> dict[str, torch.Tensor]:
     return {k: batch[k] for k in ("input_ids", "attention_mask") if k in batch}
 
 
-def _block_inputs(model: nn.Module, first: nn.Module, batches: Iterable[Any]) -> list[tuple[tuple, dict]]:
-    """(args, kwargs) with which ``first`` is called, one entry per calibration batch."""
-    captured: list[tuple[tuple, dict]] = []
+# One calibration batch at a decoder block: its call's (args, kwargs) and the [B, T] mask of real tokens.
+_BlockInput = tuple[tuple, dict, "torch.Tensor | None"]
 
-    def grab(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        captured.append((args, dict(kwargs)))
-        raise _Captured
 
+def _block_inputs(model: nn.Module, first: nn.Module, batches: Iterable[Any]) -> list[_BlockInput]:
+    """How ``first`` is called, one entry per calibration batch."""
+    captured: list[_BlockInput] = []
     device = next(model.parameters()).device
-    handle = first.register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        for batch in batches:
-            try:
-                model(**{k: v.to(device) for k, v in _as_batch(batch).items()}, use_cache=False)
-            except _Captured:
-                pass
-    finally:
-        handle.remove()
+    for batch in batches:
+        inputs = {k: v.to(device) for k, v in _as_batch(batch).items()}
+        mask = inputs.get("attention_mask")
+        keep = None if mask is None or bool(mask.all()) else mask.bool()
+
+        def grab(module: nn.Module, args: tuple, kwargs: dict, keep: torch.Tensor | None = keep) -> None:
+            captured.append((args, dict(kwargs), keep))
+            raise _Captured
+
+        handle = first.register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            model(**inputs, use_cache=False)
+        except _Captured:
+            pass
+        finally:
+            handle.remove()
     if not captured:
         raise ValueError("GPTQ needs at least one calibration batch")
     return captured
 
 
-def _next_inputs(block: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+def _next_inputs(block: nn.Module, args: tuple, kwargs: dict, keep: torch.Tensor | None) -> _BlockInput:
     """The block's output as the next block's hidden states, other arguments (mask, rotary) unchanged."""
     out = block(*args, **kwargs)
     hidden = out[0] if isinstance(out, (tuple, list)) else out
     if args:
-        return (hidden,) + tuple(args[1:]), kwargs
-    return args, {**kwargs, "hidden_states": hidden}
+        return (hidden,) + tuple(args[1:]), kwargs, keep
+    return args, {**kwargs, "hidden_states": hidden}, keep
 
 
 def _replace_child(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -86,14 +119,21 @@ def _replace_child(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, child, new)
 
 
-def _quantize_block(block: nn.Module, inputs: list[tuple[tuple, dict]], targets: tuple[str, ...],
+def _quantize_block(block: nn.Module, inputs: list[_BlockInput], targets: tuple[str, ...],
                     gptq_kwargs: dict[str, Any]) -> None:
     linears = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in targets}
-    stats = {n: HessianAccumulator(m.in_features) for n, m in linears.items()}
-    handles = [m.register_forward_hook(lambda mod, args, out, n=n: stats[n].add(args[0]))
-               for n, m in linears.items()]
+    stats = {n: HessianAccumulator(m.in_features, m.weight.device) for n, m in linears.items()}
+    rows: list[torch.Tensor | None] = [None]  # the real-token mask of the batch being run
+
+    def add(name: str, x: torch.Tensor) -> None:
+        keep = rows[0]
+        # A linear that sees tokens in another layout (flattened, routed) cannot be masked: all its rows count.
+        stats[name].add(x[keep] if keep is not None and x.shape[:-1] == keep.shape else x)
+
+    handles = [m.register_forward_hook(lambda mod, args, out, n=n: add(n, args[0])) for n, m in linears.items()]
     try:
-        for args, kwargs in inputs:
+        for args, kwargs, keep in inputs:
+            rows[0] = keep
             block(*args, **kwargs)
     finally:
         for h in handles:
@@ -133,7 +173,7 @@ def gptq_quantize_model(
                "init": init, "symmetric": symmetric, "block_size": block_size}
     for block in blocks:
         _quantize_block(block, inputs, targets, options)
-        inputs = [_next_inputs(block, args, kwargs) for args, kwargs in inputs]
+        inputs = [_next_inputs(block, *entry) for entry in inputs]
     model.train(was_training)
     return model
 
@@ -143,17 +183,14 @@ def needs_calibration(config: MethodConfig) -> bool:
     return getattr(config, "algorithm", "rtn") == "gptq" or getattr(config, "base_quant", "rtn") == "gptq"
 
 
-def _gptq_options(config: MethodConfig) -> dict[str, Any]:
-    return {"bits": config.bits, "group_size": config.group_size, "init": config.init,
-            "symmetric": config.symmetric, "act_order": getattr(config, "act_order", False),
-            "percdamp": getattr(config, "percdamp", 0.01), "target_modules": config.target_modules}
-
-
-def apply_method_calibrated(model: nn.Module, config: MethodConfig, calib_batches: Iterable[Any] | None) -> nn.Module:
+def apply_method_calibrated(model: nn.Module, config: MethodConfig, calib_batches: Iterable[Any] | None,
+                            options: GPTQOptions | None = None) -> nn.Module:
     """``apply_method`` for every method, including those that need calibration data (in place).
 
     ``ptq`` + ``gptq``: the model is GPTQ-quantized. ``qalora`` + ``gptq`` base: GPTQ first, then each
-    ``QuantizedLinear`` becomes a ``QALoRALinear`` on the same codes, scales and offsets.
+    ``QuantizedLinear`` becomes a ``QALoRALinear`` on the same codes, scales and offsets. ``options``
+    (act-order, dampening) default to the config's own (:meth:`GPTQOptions.of`); the batch count is the
+    caller's, who chose ``calib_batches``.
     """
     from qaft.methods.qalora import QALoRALinear
     from qaft.model import apply_method, set_training_step
@@ -162,7 +199,10 @@ def apply_method_calibrated(model: nn.Module, config: MethodConfig, calib_batche
         return apply_method(model, config)
     if calib_batches is None:
         raise ValueError(f"method {config.name!r} with GPTQ needs calibration batches")
-    gptq_quantize_model(model, calib_batches, inplace=True, **_gptq_options(config))
+    options = options or GPTQOptions.of(config)
+    gptq_quantize_model(model, calib_batches, config.bits, config.group_size, act_order=options.act_order,
+                        percdamp=options.percdamp, init=config.init, symmetric=config.symmetric,
+                        target_modules=config.target_modules, inplace=True)
     model.requires_grad_(False)
     if config.name == "qalora":
         for name, module in list(model.named_modules()):
@@ -175,4 +215,4 @@ def apply_method_calibrated(model: nn.Module, config: MethodConfig, calib_batche
     return model
 
 
-__all__ = ["apply_method_calibrated", "gptq_quantize_model", "needs_calibration"]
+__all__ = ["GPTQOptions", "apply_method_calibrated", "gptq_quantize_model", "needs_calibration"]

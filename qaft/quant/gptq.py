@@ -69,13 +69,13 @@ class _Params:
     """Per-column ``(scale, offset)`` lookup over the (out, n_groups) tables, filled statically or lazily."""
 
     def __init__(self, out: int, n_groups: int, group_size: int, order: torch.Tensor, dtype: torch.dtype):
-        self.scale = torch.zeros(out, n_groups, dtype=dtype)
-        self.offset = torch.zeros(out, n_groups, dtype=dtype)
-        self.group_of = order // group_size  # group (original layout) of each visited column
+        self.scale = torch.zeros(out, n_groups, dtype=dtype, device=order.device)
+        self.offset = torch.zeros(out, n_groups, dtype=dtype, device=order.device)
+        self.group_of = (order // group_size).tolist()  # group (original layout) of each visited column
         self.group_size = group_size
 
     def column(self, j: int) -> tuple[torch.Tensor, torch.Tensor]:
-        k = int(self.group_of[j])
+        k = self.group_of[j]
         return self.scale[:, k], self.offset[:, k]
 
 
@@ -149,20 +149,21 @@ def _gptq(
     g = n_in if group_size == -1 else group_size
     if n_in % g:
         raise ValueError(f"group_size={group_size} does not divide in_features={n_in}")
+    # Everything on the weight's device: a model evaluated on a GPU is quantized there.
     w = weight.detach().to(torch.float64 if weight.dtype == torch.float64 else torch.float32).clone()
-    h = hessian.detach().to(torch.float64).clone()
+    h = hessian.detach().to(w.device, torch.float64).clone()
     # Inputs that never fire carry no information: any code is exact for them, zero keeps H invertible.
     dead = h.diagonal() == 0
     h.diagonal()[dead] = 1.0
     w[:, dead] = 0.0
-    order = torch.argsort(h.diagonal(), descending=True) if act_order else torch.arange(n_in)
+    order = torch.argsort(h.diagonal(), descending=True) if act_order else torch.arange(n_in, device=w.device)
     params = _Params(out, n_in // g, g, order, w.dtype)
     static = act_order or g == n_in
     if static:  # static groups: the original layout's groups, fitted on the (dead-zeroed) float weights
         params.scale[:], params.offset[:] = init_scale_offset(w, bits, group_size, init, symmetric)
     w, h = w[:, order], h[order][:, order]
     hinv = _inverse_cholesky(h, percdamp).to(w.dtype)
-    codes = torch.zeros(out, n_in, dtype=torch.int8)
+    codes = torch.zeros(out, n_in, dtype=torch.int8, device=w.device)
     step = _block_size(block_size, g, n_in)
     for i1 in range(0, n_in, step):
         i2 = min(i1 + step, n_in)
