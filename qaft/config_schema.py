@@ -147,6 +147,23 @@ def _check_trainer(cfg: DictConfig) -> None:
         raise ConfigError("trainer.max_steps must be a positive number of optimizer steps (runs are step-based)")
 
 
+CORPUS_KEYS = ("name", "source", "split", "seq_len", "batch_size")
+
+
+def _check_corpus(eval_cfg: DictConfig) -> None:
+    corpus = eval_cfg.get("corpus")
+    if not corpus:
+        return
+    missing = [k for k in CORPUS_KEYS if corpus.get(k) in (None, "")]
+    if missing:
+        raise ConfigError(f"eval.corpus needs {missing} (e.g. name=wikitext2 source=wikitext "
+                          "config=wikitext-2-raw-v1 split=test seq_len=2048 batch_size=1)")
+    try:
+        validate_data_source("lm", corpus.source)
+    except ValueError as err:
+        raise ConfigError(f"eval.corpus: {err}") from None
+
+
 def _check_resume(cfg: DictConfig) -> None:
     choice = str(cfg.get("resume", "auto"))
     if choice not in ("auto", "never") and not Path(choice).expanduser().is_file():
@@ -178,14 +195,19 @@ def validate(cfg: DictConfig) -> RunSpec:
     _check_optim(cfg)
     _check_trainer(cfg)
     _check_resume(cfg)
+    _check_corpus(cfg.eval)
     return RunSpec(method=method, bits=bits, group_size=group_size, calibration=calibration, eval_gptq=eval_gptq)
 
 
 # --- resolvers used by conf/train.yaml -------------------------------------------------------------------
 
-def run_name(method: DictConfig, model: str, data: str, seed: int) -> str:
-    """``l4q-w4g64-r16-s0-smollm2-135m-austen``: what a run computes, readable in a folder listing."""
-    parts = [str(method.get("name"))]
+def run_name(method: DictConfig, model: str, data: str, seed: int, preset: str | None = None) -> str:
+    """``l4q-w4g64-r16-s0-smollm2-135m-austen``: what a run computes, readable in a folder listing.
+
+    ``preset``: the ``method`` config option when it is not the method's own name (``loftq_int`` is LoftQ
+    with another base), so that two presets of one method never share a run folder.
+    """
+    parts = [preset if preset and preset != method.get("name") else str(method.get("name"))]
     if method.get("bits") is not None:
         group = "pc" if method.get("group_size") == -1 else f"g{method.get('group_size')}"
         parts.append(f"w{method.get('bits')}{group}")
@@ -218,9 +240,16 @@ def precision(choice: str = "auto") -> str:
     return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
 
 
+def experiments_dir() -> str:
+    """The repository's ``experiments/`` folder, which Hydra searches for the tables' experiment configs."""
+    return str(Path(__file__).resolve().parent.parent / "experiments")
+
+
 def register_resolvers() -> None:
-    """Make ``${qaft.run_name:...}``, ``${qaft.suffix:...}`` and ``${qaft.precision:...}`` available."""
-    for name, fn in (("qaft.run_name", run_name), ("qaft.suffix", dir_suffix), ("qaft.precision", precision)):
+    """Make ``${qaft.run_name:...}``, ``${qaft.suffix:...}``, ``${qaft.precision:...}`` and
+    ``${qaft.experiments_dir:}`` available."""
+    for name, fn in (("qaft.run_name", run_name), ("qaft.suffix", dir_suffix), ("qaft.precision", precision),
+                     ("qaft.experiments_dir", experiments_dir)):
         OmegaConf.register_new_resolver(name, fn, replace=True)
 
 

@@ -73,12 +73,17 @@ def is_integer_model(model: nn.Module) -> bool:
     return any(isinstance(m, QuantizedLinear) for m in model.modules())
 
 
+def deploy(merged: nn.Module, bits: int, group_size: int) -> nn.Module:
+    """The model a run ships: the merged integer model itself, or RTN PTQ of a float merge (the papers' "+PTQ")."""
+    return merged if is_integer_model(merged) else qaft.ptq_model(merged, bits, group_size)
+
+
 def end_of_run(model: nn.Module, batches: list[Batch], bits: int, group_size: int,
                load_float: Callable[[], nn.Module] | None,
-               gptq: Callable[[nn.Module], nn.Module] | None = None) -> tuple[dict[str, float], nn.Module]:
-    """Perplexities at the end of a run, and the merged (deployable) model.
+               gptq: Callable[[nn.Module], nn.Module] | None = None) -> tuple[dict[str, float], nn.Module, nn.Module]:
+    """Perplexities at the end of a run, the merged model and the deployed one (see :func:`deploy`).
 
-    ``trained``: the training-time model; ``merged``: the deployed one (equal to ``trained`` up to float
+    ``trained``: the training-time model; ``merged``: the merged one (equal to ``trained`` up to float
     rounding for integer methods); ``merged_ptq``: a float-merged model quantized by RTN at ``bits`` /
     ``group_size`` (the papers' "+PTQ"); ``float`` and ``ptq``: the untouched model and its plain RTN,
     when ``load_float`` is given. ``gptq`` (a float model in, a quantized copy out) adds the same two
@@ -87,8 +92,9 @@ def end_of_run(model: nn.Module, batches: list[Batch], bits: int, group_size: in
     results = {"trained": batches_perplexity(model, batches)}
     merged = qaft.merge_model(model)
     results["merged"] = batches_perplexity(merged, batches)
-    if not is_integer_model(merged):
-        results["merged_ptq"] = batches_perplexity(qaft.ptq_model(merged, bits, group_size), batches)
+    deployed = deploy(merged, bits, group_size)
+    if deployed is not merged:
+        results["merged_ptq"] = batches_perplexity(deployed, batches)
         if gptq is not None:
             results["merged_gptq"] = batches_perplexity(gptq(merged), batches)
     if load_float is not None:
@@ -98,7 +104,7 @@ def end_of_run(model: nn.Module, batches: list[Batch], bits: int, group_size: in
             results["ptq_gptq"] = batches_perplexity(gptq(base), batches)
         results["ptq"] = batches_perplexity(qaft.ptq_model(base, bits, group_size, inplace=True), batches)
         del base
-    return results, merged
+    return results, merged, deployed
 
 
 def deployed_key(results: dict[str, Any]) -> str:

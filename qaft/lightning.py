@@ -8,7 +8,6 @@ calibration data (GPTQ) get it from :meth:`RunData.calibration_batches`.
 from __future__ import annotations
 
 import hashlib
-import resource
 import time
 from typing import Any
 
@@ -23,6 +22,7 @@ from qaft.methods.config import MethodConfig
 from qaft.methods.gptq_model import GPTQOptions, apply_method_calibrated, needs_calibration
 from qaft.model import qaft_layers
 from qaft.models import load_causal_lm
+from qaft.peak_memory import PeakMemory
 
 # Quantizer state worth keeping in a checkpoint even where it is a buffer (symmetric offsets, QA-LoRA's s, b).
 QUANT_STATE = ("scale", "offset", "magnitude")
@@ -34,13 +34,6 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str) -> 
         return (step + 1) / (warmup_steps + 1)
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return SCHEDULES[schedule](progress)
-
-
-def peak_memory_mb() -> float:
-    """Peak CUDA allocation, or the process's peak resident set on CPU (what limits a CPU run)."""
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 class QaftModule(pl.LightningModule):
@@ -150,11 +143,22 @@ class TrainingStats(pl.Callback):
     """Logs what the step cost: tokens/s (all ranks), peak memory, trainable parameters, lr per role.
 
     A callback so that the step time covers forward, backward and the optimizer; lr is read before the
-    scheduler advances, i.e. the lr the step used.
+    scheduler advances, i.e. the lr the step used. Peak memory is this run's own (:mod:`qaft.peak_memory`),
+    also when a sweep runs many runs in one process.
     """
 
     def __init__(self) -> None:
         self._start, self._lrs = 0.0, {}
+        self.memory = PeakMemory()
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: QaftModule) -> None:
+        self.memory.start(pl_module.model)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: QaftModule) -> None:
+        self.memory.stop()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self.memory.stop()
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         self._start = time.perf_counter()
@@ -165,8 +169,9 @@ class TrainingStats(pl.Callback):
         seconds = max(time.perf_counter() - self._start, 1e-9)
         tokens = int(batch["attention_mask"].sum()) * trainer.world_size
         pl_module.log_dict({
+            "train/step_s": seconds,
             "train/tokens_per_s": tokens / seconds,
-            "train/peak_memory_mb": peak_memory_mb(),
+            "train/peak_memory_mb": self.memory.peak_bytes() / 2**20,
             "train/trainable_params": float(qaft.count_parameters(pl_module.model)),
             **self._lrs,
         }, on_step=True, on_epoch=False, rank_zero_only=True)

@@ -21,11 +21,11 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from qaft.config_schema import ConfigError, RunSpec, run_name, validate
 from qaft.data import lm_eval_windows, load_lm_texts
-from qaft.evaluate import Batch, end_of_run, format_table, is_integer_model, window_batches
+from qaft.evaluate import Batch, batches_perplexity, end_of_run, format_table, is_integer_model, window_batches
 from qaft.lightning import QaftModule, RunData, TrainingStats
 from qaft.methods.gptq_model import gptq_quantize_model
 from qaft.models import load_causal_lm, load_tokenizer
-from qaft.records import MetricsRecorder, RunRecord, trim_metrics
+from qaft.records import MetricsRecorder, RunRecord, training_cost, trim_metrics
 
 CHECKPOINTS, LAST = "checkpoints", "last.ckpt"
 
@@ -142,7 +142,9 @@ def _train(cfg: DictConfig, module: QaftModule, data: RunData, trainer: pl.Train
         return {}
     trainer.fit(module, datamodule=data, ckpt_path=resume_checkpoint(cfg, run_dir))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("train/", "val/"))}
-    return {"final_" + k.replace("/", "_"): v for k, v in metrics.items()} | {"global_step": trainer.global_step}
+    cost = rank_zero_only(training_cost)(run_dir) or {}
+    return {"final_" + k.replace("/", "_"): v for k, v in metrics.items()} | {
+        "global_step": trainer.global_step, "cost": cost}
 
 
 def _gptq_deployment(spec: RunSpec, data: RunData) -> Callable[[torch.nn.Module], torch.nn.Module] | None:
@@ -155,26 +157,35 @@ def _gptq_deployment(spec: RunSpec, data: RunData) -> Callable[[torch.nn.Module]
                              percdamp=options.percdamp)
 
 
-def _evaluate(cfg: DictConfig, spec: RunSpec, module: QaftModule, data: RunData) -> tuple[dict, torch.nn.Module]:
+def _evaluate(cfg: DictConfig, spec: RunSpec, module: QaftModule,
+              data: RunData) -> tuple[dict, torch.nn.Module, torch.nn.Module]:
     batches = EVAL_SETS[cfg.data.kind](cfg, module.tokenizer, data)
     device = next(module.model.parameters()).device
 
     def load_float() -> torch.nn.Module:
         return load_causal_lm(cfg.model.name_or_path, getattr(torch, cfg.model.dtype))[0].to(device)
 
-    ppl, merged = end_of_run(module.model, batches, spec.bits, spec.group_size,
-                             load_float if cfg.eval.baselines else None, _gptq_deployment(spec, data))
+    ppl, merged, deployed = end_of_run(module.model, batches, spec.bits, spec.group_size,
+                                       load_float if cfg.eval.baselines else None, _gptq_deployment(spec, data))
     return {f"ppl_{k}": v for k, v in ppl.items()} | {"eval_tokens": sum(
-        int((b.get("labels", b["input_ids"])[:, 1:] != -100).sum()) for b in batches)}, merged
+        int((b.get("labels", b["input_ids"])[:, 1:] != -100).sum()) for b in batches)}, merged, deployed
 
 
-def _lm_eval(cfg: DictConfig, merged: torch.nn.Module, tokenizer: Any) -> dict[str, Any]:
+def _corpus_perplexity(corpus: DictConfig, deployed: torch.nn.Module, tokenizer: Any) -> dict[str, float]:
+    """``eval.corpus``: the deployed model's perplexity on a second corpus (the papers' WikiText-2, 2048-token
+    windows, while the run trains on instructions), as ``ppl_<name>``."""
+    texts = load_lm_texts(corpus.source, corpus.get("config"))[corpus.split]
+    windows = lm_eval_windows(tokenizer, texts, int(corpus.seq_len), corpus.get("max_tokens"))
+    return {f"ppl_{corpus.name}": batches_perplexity(deployed, window_batches(windows, int(corpus.batch_size)))}
+
+
+def _lm_eval(cfg: DictConfig, deployed: torch.nn.Module, tokenizer: Any, form: str) -> dict[str, Any]:
     """The config's lm-eval tasks on the deployed model, with the harness settings recorded beside them."""
     from qaft.eval.harness import run_tasks
 
     opts = cfg.eval.lm_eval
-    return run_tasks(merged, tokenizer, list(cfg.eval.tasks), batch_size=int(opts.batch_size),
-                     max_length=int(opts.max_length), model_form="merged", limit=opts.limit)
+    return run_tasks(deployed, tokenizer, list(cfg.eval.tasks), batch_size=int(opts.batch_size),
+                     max_length=int(opts.max_length), model_form=form, limit=opts.limit)
 
 
 def _run(cfg: DictConfig, spec: RunSpec, run_dir: Path, record: RunRecord) -> dict[str, Any] | None:
@@ -189,10 +200,13 @@ def _run(cfg: DictConfig, spec: RunSpec, run_dir: Path, record: RunRecord) -> di
     record.lap("train")
     if not trainer.is_global_zero:
         return None
-    results, merged = _evaluate(cfg, spec, module, data)
+    results, merged, deployed = _evaluate(cfg, spec, module, data)
     metrics |= results
+    if cfg.eval.get("corpus"):
+        metrics |= _corpus_perplexity(cfg.eval.corpus, deployed, module.tokenizer)
     if cfg.eval.tasks:
-        metrics["lm_eval"] = _lm_eval(cfg, merged, module.tokenizer)
+        form = "merged" if deployed is merged else "merged+ptq"
+        metrics["lm_eval"] = _lm_eval(cfg, deployed, module.tokenizer, form)
     record.lap("eval")
     if cfg.save_model:
         metrics["merged_model_path"] = str(save_merged(merged, module.tokenizer, run_dir))

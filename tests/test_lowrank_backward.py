@@ -39,6 +39,28 @@ def test_custom_backward_equals_autograd(bits, with_m, grad_scale, block_element
         torch.testing.assert_close(custom, reference, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("with_m", [False, True])
+@pytest.mark.parametrize("trains", ["all", "lora_and_m", "quantizer"])  # L4Q / DL-QAT phase 2 / phase 1
+def test_compiled_backward_equals_eager(with_m, trains):
+    """The torch.compile path (pure formula) gives the eager custom backward's gradients and the same forward."""
+    x, w0, a, b, s, off, m = (t.float() for t in _inputs(bits=4))
+    m = m if with_m else None
+    wanted = {"all": (True,) * 6, "lora_and_m": (True, True, True, False, False, True),
+              "quantizer": (False, False, False, True, True, False)}[trains]
+    grad_out = torch.randn(2, 5, w0.shape[0])
+    results = []
+    for compiled in (False, True):
+        leaves = [None if t is None else t.clone().requires_grad_(want)
+                  for t, want in zip((x, a, b, s, off, m), wanted)]
+        y = lowrank_fake_quant_linear(leaves[0], w0, *leaves[1:5], leaves[5], 0.5, 4, compiled=compiled)
+        (y * grad_out).sum().backward()
+        results.append([y.detach()] + [t.grad for t in leaves if t is not None and t.requires_grad])
+    assert lowrank_qat._COMPILED["fn"] is not None  # compiled, not the eager fallback
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=0, atol=0)
+    for fused, eager in zip(results[1][1:], results[0][1:]):
+        torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-5)
+
+
 def test_frozen_inputs_get_no_gradient():
     x, w0, a, b, s, off, m = _inputs()
     s_, off_ = s.clone().requires_grad_(), off.clone().requires_grad_()

@@ -9,6 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
+
+import qaft
+from qaft.models import load_causal_lm
 
 from conftest import run_qaft_train, tiny_run_overrides
 from qaft.methods import available
@@ -59,6 +63,9 @@ BAD = {
     "missing model path": ["model=hf", "model.name_or_path=/no/such/model"],
     "unknown schedule": ["optim.schedule=linear"],
     "missing data file": ["data=json", "data.source=/no/such/data.jsonl"],
+    "second corpus missing on disk": ["eval.corpus={name: x, source: /no/such/corpus.txt, split: test, seq_len: 32, "
+                                      "batch_size: 1}"],
+    "second corpus without a name": ["eval.corpus={source: austen, split: test, seq_len: 32, batch_size: 1}"],
 }
 
 
@@ -134,6 +141,31 @@ def test_end_of_run_lm_eval_on_the_merged_model(tmp_path, monkeypatch):
     assert result["harness"]["model_form"] == "merged" and result["harness"]["limit"] == 4
     (entry,) = result["results"].values()
     assert 0.0 <= entry["scores"]["acc"] <= 1.0
+
+
+def test_float_method_is_scored_as_deployed_and_costs_are_recorded(tmp_path, monkeypatch):
+    """A float-merged method's lm-eval and second-corpus perplexity use its deployed (RTN PTQ) model; the
+    record carries what training cost."""
+    from qaft.data import lm_eval_windows, load_lm_texts
+    from qaft.evaluate import perplexity
+    from qaft.models import load_tokenizer
+
+    root = tmp_path / "runs"
+    corpus = "{name: austen_val, source: austen, split: validation, seq_len: 32, max_tokens: 128, batch_size: 2}"
+    run_main([*tiny_run_overrides(root, steps=3), "method=lora", "save_model=true", f"eval.corpus={corpus}",
+              "eval.tasks=[quiz_mc]", "eval.lm_eval.limit=4", "eval.lm_eval.batch_size=4"], monkeypatch)
+    (record,) = records(root)
+    m = record["metrics"]
+    assert m["lm_eval"]["harness"]["model_form"] == "merged+ptq"
+    merged = AutoModelForCausalLM.from_pretrained(m["merged_model_path"])
+    deployed = qaft.ptq_model(merged, 4, 64)
+    windows = lm_eval_windows(load_tokenizer("tiny-llama"), load_lm_texts("austen")["validation"], 32, 128)
+    assert m["ppl_austen_val"] == pytest.approx(perplexity(deployed, windows, 2), rel=1e-5)
+    cost = m["cost"]
+    assert cost["step_s"] > 0 and cost["tokens_per_s"] > 0 and cost["peak_memory_mb"] > 0
+    assert cost["trainable_params"] == qaft.count_parameters(qaft.apply_method(
+        load_causal_lm("tiny-llama")[0], qaft.config_for("lora")))
+    assert [row["step"] for row in metric_rows(Path(record["run_dir"]))] == [1, 2, 3]
 
 
 # --- GPTQ inside qaft-train: ptq and the QA-LoRA base calibrated on training batches, and "+GPTQ" deployment ---

@@ -1,15 +1,18 @@
 """Training cost per method on the same model and batch: seconds per step, peak memory, trainable parameters.
 
-Each (model, method) runs in a fresh subprocess (peak memory measured as in ``memory.py``, whose helpers
-this reuses): build the model, apply the method, then one warm-up step and ``--steps`` timed AdamW steps
-(forward with labels, backward, optimizer step) on a fixed random batch; seconds per step is the median of
-the timed steps, peak is the peak RSS above the pre-model baseline over warm-up + timed steps (model,
-gradients and AdamW state included). Ratios are against LoRA on the same model, same run.
+Two measurements, each built so that its ratios to LoRA hold on a noisy machine:
+
+* Time: one process holds every method's model and runs their AdamW steps round-robin (forward with
+  labels, backward, optimizer step on a fixed random batch), one warm-up round then ``--steps`` timed
+  rounds; seconds per step is each method's median. A slowdown of the machine hits every method alike.
+* Memory: each method in a fresh subprocess (as in ``memory.py``, whose helpers this reuses): the peak RSS
+  above the pre-model baseline over a warm-up and one more step (model, gradients and AdamW state included).
 
 The ``floor`` row is LoRA plus, in backward, one ``G = grad^T x`` GEMM (out x in) per adapted layer and
 nothing else: the arithmetic any exact backward of LoRA-inside-the-quantizer (L4Q, DL-QAT) must add to
 LoRA, since ``dA``, ``dB``, ``ds``, ``db`` and ``dm`` are masked or group-summed products of ``G``. A method's
-step time over the floor's is what its own elementwise quantizer work costs.
+step time over the floor's is what its own elementwise quantizer work costs; ``+compile`` rows run that
+work through ``torch.compile`` (``method.compile_backward=true``).
 
     python experiments/bench/training_cost.py --json results/bench_training_cost.json
 """
@@ -33,7 +36,13 @@ from memory import _peak_rss_bytes, _reset_peak_rss, _rss_bytes, _warm_up_optimi
 import qaft  # noqa: E402
 from qaft.models import load_causal_lm  # noqa: E402
 
-METHODS = {"lora": {}, "floor": {}, "qlora": {}, "qalora": {}, "l4q": {}, "dlqat": {"quant_steps": 0}, "qat": {}}
+# row -> (method, extra config fields)
+METHODS = {
+    "lora": ("lora", {}), "floor": ("lora", {}), "qlora": ("qlora", {}), "qalora": ("qalora", {}),
+    "l4q": ("l4q", {}), "l4q+compile": ("l4q", {"compile_backward": True}),
+    "dlqat": ("dlqat", {"quant_steps": 0}), "dlqat+compile": ("dlqat", {"quant_steps": 0, "compile_backward": True}),
+    "qat": ("qat", {}),
+}
 MODELS = ("smollm2-135m", "wide-llama")
 
 
@@ -61,49 +70,86 @@ def add_weight_gradient_gemm(model: torch.nn.Module) -> None:
         layer.register_forward_hook(hook)
 
 
-def measure(model_name: str, method: str, args: argparse.Namespace) -> dict:
+class Trainee:
+    """One method's model, optimizer and batch; ``step()`` is one timed training step."""
+
+    def __init__(self, model_name: str, row: str, args: argparse.Namespace) -> None:
+        method, extra = METHODS[row]
+        self.model = build_model(model_name)
+        wanted = {"rank": args.rank, "bits": args.bits, "group_size": args.group_size}
+        known = qaft.methods.config.registered(method).field_names()
+        qaft.apply_method(self.model, qaft.config_for(method, **{k: v for k, v in wanted.items() if k in known},
+                                                      **extra))
+        if row == "floor":
+            add_weight_gradient_gemm(self.model)
+        self.model.train()
+        params = [p for group in qaft.parameter_groups(self.model).values() for p in group]
+        self.opt = torch.optim.AdamW(params, lr=1e-5)
+        self.ids = torch.randint(0, self.model.config.vocab_size, (args.batch, args.seq),
+                                 generator=torch.Generator().manual_seed(1))
+        self.trainable = qaft.count_parameters(self.model)
+
+    def step(self) -> float:
+        t = time.perf_counter()
+        self.model(input_ids=self.ids, labels=self.ids).loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return time.perf_counter() - t
+
+
+def peak_memory(model_name: str, row: str, args: argparse.Namespace) -> dict:
+    """Runs in a fresh subprocess: peak RSS above the pre-model baseline over two steps."""
     _warm_up_optimizer()
     base = _rss_bytes()
-    model = build_model(model_name)
-    wanted = {"rank": args.rank, "bits": args.bits, "group_size": args.group_size}
-    name = "lora" if method == "floor" else method
-    known = qaft.methods.config.registered(name).field_names()
-    qaft.apply_method(model, qaft.config_for(name, **{k: v for k, v in wanted.items() if k in known},
-                                             **METHODS[method]))
-    if method == "floor":
-        add_weight_gradient_gemm(model)
-    model.train()
-    params = [p for group in qaft.parameter_groups(model).values() for p in group]
-    opt = torch.optim.AdamW(params, lr=1e-5)
-    torch.manual_seed(1)
-    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq))
+    trainee = Trainee(model_name, row, args)
     _reset_peak_rss()
-    times = []
-    for step in range(args.steps + 1):
-        t = time.perf_counter()
-        model(input_ids=ids, labels=ids).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if step:  # step 0 is the warm-up
-            times.append(time.perf_counter() - t)
-    return {"step_s": statistics.median(times), "peak_bytes": _peak_rss_bytes() - base,
-            "trainable": qaft.count_parameters(model)}
+    trainee.step()
+    trainee.step()
+    return {"peak_bytes": _peak_rss_bytes() - base, "trainable": trainee.trainable}
 
 
-def _child(model_name: str, method: str, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, __file__, "--child", f"{model_name}:{method}"] + [
+def step_times(model_name: str, rows: list[str], args: argparse.Namespace) -> dict[str, float]:
+    """Median seconds per step of every row, measured round-robin in this process."""
+    trainees = {row: Trainee(model_name, row, args) for row in rows}
+    times: dict[str, list[float]] = {row: [] for row in rows}
+    for round_ in range(args.steps + 1):
+        for row, trainee in trainees.items():
+            seconds = trainee.step()
+            if round_:  # round 0 warms up (and compiles the +compile rows)
+                times[row].append(seconds)
+    return {row: statistics.median(t) for row, t in times.items()}
+
+
+def _child(model_name: str, row: str, args: argparse.Namespace) -> dict:
+    cmd = [sys.executable, __file__, "--child", f"{model_name}:{row}"] + [
         f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("child", "json", "models")]
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
+def _print_table(model_name: str, rows: dict[str, dict], args: argparse.Namespace) -> dict[str, float]:
+    lora, ratios = rows["lora"], {}
+    print(f"\n{model_name}: batch {args.batch} x {args.seq}, rank {args.rank}, {args.bits}-bit g{args.group_size}; "
+          f"s/step: median of {args.steps} round-robin steps after 1 warm-up; CPU peak RSS above start")
+    print(f"| {'method':<13} | {'s/step':>7} | {'/ LoRA':>6} | {'peak MiB':>8} | {'/ LoRA':>6} | {'trainable':>11} |")
+    print(f"|{'-' * 15}|{'-' * 9}|{'-' * 8}|{'-' * 10}|{'-' * 8}|{'-' * 13}|")
+    for row, r in rows.items():
+        t, mem = r["step_s"] / lora["step_s"], r["peak_bytes"] / lora["peak_bytes"]
+        print(f"| {row:<13} | {r['step_s']:>7.3f} | {t:>6.2f} | {r['peak_bytes'] / 2**20:>8.0f} | {mem:>6.2f} | "
+              f"{r['trainable']:>11,} |")
+        ratios[f"{model_name} {row}/lora step_time"] = round(t, 3)
+        ratios[f"{model_name} {row}/lora peak_memory"] = round(mem, 3)
+    return ratios
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    p.add_argument("--rows", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--steps", type=int, default=5)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--group-size", type=int, default=64)
@@ -111,26 +157,20 @@ def main() -> None:
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        print(json.dumps(measure(*args.child.split(":"), args)))
+        print(json.dumps(peak_memory(*args.child.split(":"), args)))
         return
+    rows = list(dict.fromkeys(["lora", *args.rows]))
     results, ratios = {}, {}
     for model_name in args.models:
-        rows = {m: _child(model_name, m, args) for m in METHODS}
-        results[model_name] = rows
-        lora = rows["lora"]
-        print(f"\n{model_name}: batch {args.batch} x {args.seq}, rank {args.rank}, {args.bits}-bit g{args.group_size}, "
-              f"median of {args.steps} steps after 1 warm-up, CPU peak RSS above start")
-        print(f"| {'method':<7} | {'s/step':>7} | {'/ LoRA':>6} | {'peak MiB':>8} | {'/ LoRA':>6} | {'trainable':>10} |")
-        print(f"|{'-' * 9}|{'-' * 9}|{'-' * 8}|{'-' * 10}|{'-' * 8}|{'-' * 12}|")
-        for m, r in rows.items():
-            t, mem = r["step_s"] / lora["step_s"], r["peak_bytes"] / lora["peak_bytes"]
-            print(f"| {m:<7} | {r['step_s']:>7.2f} | {t:>6.2f} | {r['peak_bytes'] / 2**20:>8.0f} | {mem:>6.2f} | "
-                  f"{r['trainable']:>10,} |")
-            ratios[f"{model_name} {m}/lora step_time"] = round(t, 3)
-            ratios[f"{model_name} {m}/lora peak_memory"] = round(mem, 3)
+        memory = {row: _child(model_name, row, args) for row in rows}
+        times = step_times(model_name, rows, args)
+        results[model_name] = {row: {**memory[row], "step_s": times[row]} for row in rows}
+        ratios |= _print_table(model_name, results[model_name], args)
     print(json.dumps(ratios, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps({"setup": {k: v for k, v in vars(args).items() if k != "child"},
+                                               "cpu": torch.backends.cpu.get_cpu_capability(),
+                                               "threads": torch.get_num_threads(),
                                                "results": results, "ratios": ratios}, indent=2))
 
 

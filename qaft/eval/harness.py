@@ -28,7 +28,7 @@ from qaft.eval.tasks import LOCAL_TASKS, write_local_tasks
 
 PAPER_TASKS = ("mmlu:0", "mmlu:5", "arc_challenge", "arc_easy", "boolq", "hellaswag", "openbookqa", "piqa",
                "winogrande")
-MODEL_FORMS = ("training", "merged", "float", "ptq")
+MODEL_FORMS = ("training", "merged", "merged+ptq", "float", "ptq")
 
 
 class EvalError(RuntimeError):

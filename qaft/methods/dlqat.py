@@ -51,7 +51,8 @@ class DLQATLinear(QaftLinear):
         c = self.config
         s, b = self._scale_offset()
         y = lowrank_fake_quant_linear(x, self.weight, self.lora_A, self.lora_B, s, b, self.magnitude,
-                                      c.scaling, c.bits, grad_scale_of(self), c.memory_efficient)
+                                      c.scaling, c.bits, grad_scale_of(self), c.memory_efficient,
+                                      c.compile_backward)
         return self._add_bias(y)
 
     @torch.no_grad()
@@ -71,6 +72,7 @@ class DLQATConfig(QuantLoRAMethodConfig):
     magnitude: bool = True
     clipping: str = "learned_fixed"
     memory_efficient: bool = True
+    compile_backward: bool = False
 
     def validate(self) -> None:
         super().validate()

@@ -57,7 +57,8 @@ class L4QLinear(QaftLinear):
             y = y + lora_output(x, self.lora_A, self.lora_B, c.scaling, c.dropout, self.training)
         else:
             y = lowrank_fake_quant_linear(x, self.weight, self.lora_A, self.lora_B, self.scale, self.offset,
-                                          None, c.scaling, c.bits, grad_scale_of(self), c.memory_efficient)
+                                          None, c.scaling, c.bits, grad_scale_of(self), c.memory_efficient,
+                                          c.compile_backward)
         return self._add_bias(y)
 
     @torch.no_grad()
@@ -74,6 +75,7 @@ class L4QConfig(QuantLoRAMethodConfig):
     init: str = "l4q"
     warmup_steps: int = 0
     memory_efficient: bool = True
+    compile_backward: bool = False
 
     def validate(self) -> None:
         super().validate()

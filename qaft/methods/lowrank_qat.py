@@ -12,12 +12,17 @@ as in :mod:`qaft.quant.affine`)::
     ds = groupsum(m * G * (inside ? round(v) - v : Qn|Qp))    db = groupsum(m * G * ~inside)
 
 All weight-sized work runs over blocks of output rows (groups never straddle rows), so the temporaries
-are a few MB whatever the layer size, and they are freed before the next layer's backward. The magnitude
+are a few MB whatever the layer size, and they are freed before the next layer's backward. Eagerly, the
+backward's elementwise terms run as in-place passes; with ``compiled=True`` the pure formula
+:func:`grad_terms` goes through ``torch.compile`` instead (one fused loop per block; the forward stays
+eager, so the merge stays bit-exact), falling back to eager where compiling fails. The magnitude
 is folded into the group parameters, ``Wq = (m s) q + m b``, which is exactly what the merged integer
 layer dequantizes, so training forward and deployed model agree bit for bit. Cost per layer and step:
 one weight-sized GEMM more than LoRA (``G``) plus a handful of in-place elementwise passes over ``W'``.
 """
 from __future__ import annotations
+
+import warnings
 
 import torch
 
@@ -73,11 +78,54 @@ def _forward_blocks(x2, w0, a, b, s, off, m, scaling, bits):
     return y
 
 
+def grad_terms(v, g, s, off, m, s_eff, off_eff, qn: int, qp: int, want: tuple[bool, ...]):
+    """``(ds, db, dm, dW', Wq)`` of one block (``None`` where not wanted), from the grouped ``v`` and ``G``.
+
+    The pure formula (no argument is modified): what ``torch.compile`` fuses. ``want`` is
+    ``(ds, db, dm, dW', Wq)``; ``g`` may be None when only ``Wq`` is wanted; the group parameters are the
+    block's rows, ``s_eff`` / ``off_eff`` with ``m`` folded in.
+    """
+    q = v.round().clamp(qn, qp)
+    ds = db = dm = dwp = wq = None
+    if g is not None:
+        inside = (v >= qn) & (v <= qp)
+        if want[2]:
+            dm = (g * (q * s[..., None] + off[..., None])).sum(-1)
+        if m is not None:
+            g = g * m[..., None]
+        if want[0]:  # inside: round(v) - v; outside: the clamped bound, i.e. q itself
+            ds = ((q - v * inside) * g).sum(-1)
+        if want[1]:
+            db = g.masked_fill(inside, 0).sum(-1)
+        if want[3]:
+            dwp = g * inside
+    if want[4]:
+        wq = q * s_eff[..., None] + off_eff[..., None]
+    return ds, db, dm, dwp, wq
+
+
+_COMPILED: dict[str, object] = {}
+
+
+def _compiled_grad_terms(*args):
+    """:func:`grad_terms` through ``torch.compile``; None once compiling has failed on this machine."""
+    if "fn" not in _COMPILED:
+        _COMPILED["fn"] = torch.compile(grad_terms, dynamic=None)
+    if _COMPILED["fn"] is None:
+        return None
+    try:
+        return _COMPILED["fn"](*args)
+    except Exception as err:  # noqa: BLE001  (no C++ compiler / Triton, or an inductor bug): stay eager
+        warnings.warn(f"torch.compile of the low-rank QAT backward failed, running it eagerly: {err}", stacklevel=2)
+        _COMPILED["fn"] = None
+        return None
+
+
 class _LowRankFakeQuantLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w0, a, b, s, off, m, scaling, bits, grad_scale):
+    def forward(ctx, x, w0, a, b, s, off, m, scaling, bits, grad_scale, compiled):
         ctx.save_for_backward(x, w0, a, b, s, off, m)
-        ctx.scaling, ctx.bits, ctx.grad_scale = scaling, bits, grad_scale
+        ctx.scaling, ctx.bits, ctx.grad_scale, ctx.compiled = scaling, bits, grad_scale, compiled
         y = _forward_blocks(x.reshape(-1, x.shape[-1]), w0, a, b, s, off, m, scaling, bits)
         return y.reshape(*x.shape[:-1], w0.shape[0])
 
@@ -86,8 +134,9 @@ class _LowRankFakeQuantLinear(torch.autograd.Function):
         x, w0, a, b, s, off, m = ctx.saved_tensors
         x2, g2 = x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])
         grads = _Grads(x2, w0, a, b, s, off, m, ctx.needs_input_grad, ctx.bits)
+        block = grads.compiled_block if ctx.compiled else grads.block
         for rows in row_blocks(*w0.shape):
-            grads.block(rows, _block_v(w0, a, b, s, off, ctx.scaling, rows), g2, ctx.scaling)
+            block(rows, _block_v(w0, a, b, s, off, ctx.scaling, rows), g2, ctx.scaling)
         return grads.result(x, ctx.grad_scale)
 
 
@@ -115,13 +164,35 @@ class _Grads:
             g = grouped((g2[:, rows].T @ self.x2).to(v.dtype), v.shape[1])
             self._quantizer_grads(rows, g, q, v, inside)
         if self.need_x:
-            wq = _dequantized(q, self.s_eff, self.off_eff, rows).reshape(-1, self.x2.shape[1]).to(g2.dtype)
-            if self.dx is None:
-                self.dx = g2 @ wq
-            else:
-                self.dx.addmm_(g2[:, rows], wq)
+            self._input_grad(rows, _dequantized(q, self.s_eff, self.off_eff, rows).reshape(-1, self.x2.shape[1])
+                             .to(g2.dtype), g2)
         if self.need_g and (self.da is not None or self.db_lora is not None):
             self._lora_grads(rows, g.mul_(inside).reshape(g.shape[0], -1), scaling)
+
+    def compiled_block(self, rows: slice, v: torch.Tensor, g2: torch.Tensor, scaling: float) -> None:
+        """:meth:`block` with the elementwise terms from the compiled :func:`grad_terms`."""
+        g = grouped((g2[:, rows].T @ self.x2).to(v.dtype), v.shape[1]) if self.need_g else None
+        want = (self.ds is not None, self.doff is not None, self.dm is not None,
+                self.da is not None or self.db_lora is not None, self.need_x)
+        m = None if self.m is None else self.m[rows]
+        terms = _compiled_grad_terms(v, g, self.s[rows], self.off[rows], m, self.s_eff[rows], self.off_eff[rows],
+                                     self.qn, self.qp, want)
+        if terms is None:
+            return self.block(rows, v, g2, scaling)
+        ds, db, dm, dwp, wq = terms
+        for acc, term in ((self.ds, ds), (self.doff, db), (self.dm, dm)):
+            if acc is not None:
+                acc[rows] = term
+        if wq is not None:
+            self._input_grad(rows, wq.reshape(-1, self.x2.shape[1]).to(g2.dtype), g2)
+        if dwp is not None:
+            self._lora_grads(rows, dwp.reshape(dwp.shape[0], -1), scaling)
+
+    def _input_grad(self, rows: slice, wq: torch.Tensor, g2: torch.Tensor) -> None:
+        if self.dx is None:
+            self.dx = g2 @ wq
+        else:
+            self.dx.addmm_(g2[:, rows], wq)
 
     def _quantizer_grads(self, rows, g, q, v, inside) -> None:
         """dm, then ds and db; leaves ``g`` multiplied by ``m`` (the chain rule through ``m * Q``)."""
@@ -144,18 +215,18 @@ class _Grads:
         dx = None if self.dx is None else self.dx.reshape(x.shape)
         ds = None if self.ds is None else self.ds * grad_scale
         db = None if self.doff is None else self.doff * grad_scale
-        return dx, None, self.da, self.db_lora, ds, db, self.dm, None, None, None
+        return dx, None, self.da, self.db_lora, ds, db, self.dm, None, None, None, None
 
 
 def lowrank_fake_quant_linear(x, w0, a, b, s, off, m, scaling: float, bits: int, grad_scale: float = 1.0,
-                              memory_efficient: bool = True) -> torch.Tensor:
+                              memory_efficient: bool = True, compiled: bool = False) -> torch.Tensor:
     """``x (m * Q_{s,b}(W0 + scaling B A))^T``; ``m`` may be ``None``.
 
     ``memory_efficient=False`` is plain autograd of the naive formula (the reference, and the
-    memory benchmark's "naive" row).
+    memory benchmark's "naive" row); ``compiled`` compiles the custom backward's elementwise terms.
     """
     if memory_efficient:
-        return _LowRankFakeQuantLinear.apply(x, w0, a, b, s, off, m, scaling, bits, grad_scale)
+        return _LowRankFakeQuantLinear.apply(x, w0, a, b, s, off, m, scaling, bits, grad_scale, compiled)
     s_, off_ = _grad_scaled(s, grad_scale), _grad_scaled(off, grad_scale)
     wp = w0.to(a.dtype) + scaling * (b @ a)
     wq = fake_quantize_reference(wp, s_, off_, bits)
