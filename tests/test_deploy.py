@@ -49,6 +49,15 @@ def test_unsupported_layouts_fall_back_to_dequantize(bits, group_size, in_f):
     _check(_layer(bits, group_size, in_f=in_f), torch.float32, DequantLinear)
 
 
+@pytest.mark.parametrize("bits,group_size,fast_type", [(4, 32, Int4Linear), (3, 64, Int4Linear), (8, -1, Int8Linear)])
+def test_auto_uses_cpu_kernels_for_half_precision_only(bits, group_size, fast_type):
+    # On CPU both kernels lose to dense fp32 with fp32 activations (measured, see qaft.deploy.kernels).
+    layer = _layer(bits, group_size)
+    assert isinstance(inference_layer(layer, torch.float32, "auto"), DequantLinear)
+    assert isinstance(inference_layer(layer, torch.bfloat16, "auto"), fast_type)
+    assert isinstance(inference_layer(layer, torch.float32, "kernel"), fast_type)
+
+
 def test_dequant_backend_and_bad_backend():
     _check(_layer(4, 32), torch.float32, DequantLinear, backend="dequant")
     with pytest.raises(ValueError, match="backend"):

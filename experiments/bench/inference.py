@@ -1,30 +1,43 @@
-"""Inference speed and size of SmolLM2-135M: float vs merged integer models, measured side by side.
+r"""Inference speed and size of SmolLM2-135M: float vs merged integer models vs llama.cpp, side by side.
 
-Decode: batch 1, greedy, ``--new-tokens`` tokens after a short prompt (HF ``generate``, forced length).
-Prefill: one forward over ``--prefill`` tokens. Variants are measured round-robin (``--rounds`` times,
-median kept) so that load from other processes on the machine hits all of them alike. Integer models
-are round-to-nearest PTQ (``qaft.ptq_model``, min-max) and go through ``qaft.deploy.prepare_for_inference``
-with the backend named in the variant. Bytes on disk: the safetensors file (float) or the packed qaft
-checkpoint (integer), and the Q4_1 GGUF for int4 g32. Also reports where decode time goes (profiler: share
-of self CPU time in the linear kernels vs everything else, i.e. per-token Python and small-op overhead).
+Decode: batch 1, greedy, ``--new-tokens`` tokens after a short prompt, under one or more *harnesses*:
 
-    python experiments/bench/inference.py --json results/bench_inference.json
+* ``hf``: HF ``generate`` (dynamic cache, forced length via ``min_new_tokens``), the model as prepared;
+* ``hf+fuse``: the same on the model prepared with ``fuse=True`` (q/k/v and gate/up fused);
+* ``static+fuse``: :func:`qaft.deploy.greedy_generate` eagerly (static KV cache, no compile), fused;
+* ``compiled``, ``compiled+fuse``: ``greedy_generate`` with the decode step compiled by ``torch.compile``.
+
+Every harness runs every variant (float baselines too), so ratios inside a harness are like for like.
+Prefill: one forward over ``--prefill`` tokens, unfused and fused model. Variants and harnesses are
+measured round-robin (``--rounds`` times, median kept) so that load from other processes hits all alike.
+Integer models: round-to-nearest PTQ (``qaft.ptq_model``, min-max), prepared with the variant's compute
+dtype and backend. llama.cpp (when llama-cpp-python is installed): the Q4_1 GGUF of the int4 g32 model
+(``qaft.deploy.export_gguf``), decoded by a minimal greedy loop over ``Llama.eval`` (no sampler).
+Bytes on disk: safetensors (float), the packed qaft checkpoint (integer), the GGUF file.
+Also profiles where int4 decode time goes (self CPU time in matmul kernels vs the rest).
+
+    HF_HUB_OFFLINE=1 python experiments/bench/inference.py --harnesses hf hf+fuse compiled compiled+fuse \
+        --new-tokens 64 --prefill 512 --rounds 5 --gemv --json results/bench_inference.json
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import json
+import os
 import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
+import numpy as np
 import torch
 from safetensors.torch import save_file
 
 import qaft
-from qaft.deploy import export_gguf, prepare_for_inference, save_quantized
+from qaft.deploy import backend_counts, export_gguf, greedy_generate, prepare_for_inference, save_quantized
 from qaft.deploy.checkpoint import _unique_tensors, checkpoint_bytes
 from qaft.models import load_causal_lm
 
@@ -32,112 +45,257 @@ from qaft.models import load_causal_lm
 VARIANTS = {
     "fp32": (None, None, torch.float32, None),
     "bf16": (None, None, torch.bfloat16, None),
-    "int4": (4, 64, torch.float32, "kernel"),
-    "int4-bf16": (4, 64, torch.bfloat16, "kernel"),
-    "int4-auto": (4, 64, torch.float32, "auto"),
-    "int3": (3, 64, torch.float32, "kernel"),
+    "int4": (4, 64, torch.bfloat16, "kernel"),
+    "int3": (3, 64, torch.bfloat16, "kernel"),
     "int8": (8, -1, torch.bfloat16, "kernel"),
+    "int4-fp32act": (4, 64, torch.float32, "kernel"),  # the fp32-activation int4 kernel (slow on CPU)
+    "int4-auto-fp32": (4, 64, torch.float32, "auto"),  # what backend="auto" picks for fp32
 }
-LINEAR_OPS = ("aten::mm", "aten::addmm", "aten::linear", "aten::matmul", "aten::_weight_int4pack_mm_for_cpu",
-              "aten::_weight_int8pack_mm", "aten::bmm")
+DEFAULT_VARIANTS = ["fp32", "bf16", "int4", "int3", "int8"]
+# harness -> (fuse, loop); loop: "hf" = model.generate, "static"/"compiled" = greedy_generate
+HARNESSES = {"hf": (False, "hf"), "hf+fuse": (True, "hf"), "static+fuse": (True, "static"),
+             "compiled": (False, "compiled"), "compiled+fuse": (True, "compiled")}
+LINEAR_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_weight_int4pack_mm_for_cpu",
+              "aten::_weight_int8pack_mm")
+LLAMA_CPP = "llama.cpp-q4_1"
 
 
-def build(base: torch.nn.Module, label: str, workdir: Path) -> tuple[torch.nn.Module, int]:
-    """The variant's model and its bytes on disk."""
+def build(base: torch.nn.Module, label: str, fuse: bool, workdir: Path) -> tuple[torch.nn.Module, int]:
+    """The variant's model (fused or not) and its bytes on disk."""
     bits, group, dtype, backend = VARIANTS[label]
     if bits is None:
-        model = copy.deepcopy(base).to(dtype)
-        save_file(_unique_tensors(model), str(workdir / f"{label}.safetensors"))
-        return model.eval(), (workdir / f"{label}.safetensors").stat().st_size
+        path = workdir / f"{label}.safetensors"
+        if not path.exists():
+            save_file(_unique_tensors(copy.deepcopy(base).to(dtype)), str(path))
+        return prepare_for_inference(copy.deepcopy(base), dtype, fuse=fuse), path.stat().st_size
     merged = qaft.ptq_model(base, bits, group)
     size = checkpoint_bytes(save_quantized(merged, workdir / label))
-    return prepare_for_inference(merged, dtype, backend), size
+    return prepare_for_inference(merged, dtype, backend, fuse=fuse), size
 
 
-@torch.inference_mode()
-def decode_seconds(model, prompt: torch.Tensor, new_tokens: int, cache: str | None) -> float:
-    kwargs = {"cache_implementation": cache} if cache else {}
+def decoder(model: torch.nn.Module, loop: str) -> Callable[[torch.Tensor, int], None]:
+    """A function decoding exactly ``n`` new tokens with the given loop."""
+    if loop == "hf":
+        return lambda ids, n: model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    return lambda ids, n: greedy_generate(model, ids, n, compile=loop == "compiled")
+
+
+class LlamaCpp:
+    """llama-cpp-python on a GGUF file: greedy decode over ``eval`` and a prefill of one batch."""
+
+    def __init__(self, path: Path, n_ctx: int) -> None:
+        import llama_cpp
+        self.cpp = llama_cpp
+        self.llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=n_ctx, n_threads=torch.get_num_threads(),
+                                   n_threads_batch=torch.get_num_threads(), verbose=False)
+
+    def _next(self) -> int:
+        # Without logits_all, Llama.eval keeps no scores: read the last token's logits from the context.
+        logits = self.cpp.llama_get_logits_ith(self.llm.ctx, -1)
+        return int(np.argmax(np.ctypeslib.as_array(logits, shape=(self.llm.n_vocab(),))))
+
+    def decode(self, ids: torch.Tensor, n: int) -> list[int]:
+        self.llm.reset()
+        self.llm.eval(ids[0].tolist())
+        out = [self._next()]
+        for _ in range(n - 1):  # forced length: no eos check, like min_new_tokens on the torch side
+            self.llm.eval(out[-1:])
+            out.append(self._next())
+        return out
+
+    def prefill(self, ids: torch.Tensor) -> None:
+        self.llm.reset()
+        self.llm.eval(ids[0].tolist())
+
+
+def seconds(fn: Callable, *args) -> float:
     t = time.perf_counter()
-    model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, **kwargs)
+    fn(*args)
     return time.perf_counter() - t
 
 
 @torch.inference_mode()
-def prefill_seconds(model, ids: torch.Tensor) -> float:
-    t = time.perf_counter()
+def prefill(model: torch.nn.Module, ids: torch.Tensor) -> None:
     model(ids, use_cache=False)
-    return time.perf_counter() - t
 
 
-@torch.inference_mode()
-def linear_share(model, prompt: torch.Tensor, new_tokens: int) -> float:
-    """Share of decode self-CPU time spent in matmul kernels (the rest is per-token overhead)."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+def profile_decode(run: Callable[[], None], new_tokens: int) -> dict[str, float]:
+    """Per token: wall ms, and ms of self CPU time in matmul kernels vs everything else (profiler on)."""
+    for _ in range(2):  # the first profiled call of a compiled step recompiles (the profiler changes guards)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            wall = seconds(run)
     events = prof.key_averages()
-    total = sum(e.self_cpu_time_total for e in events)
-    return sum(e.self_cpu_time_total for e in events if e.key in LINEAR_OPS) / total
+    total = sum(e.self_cpu_time_total for e in events) / 1e3
+    linear = sum(e.self_cpu_time_total for e in events if e.key in LINEAR_OPS) / 1e3
+    return {"wall_ms_per_token": wall * 1e3 / new_tokens, "matmul_ms_per_token": linear / new_tokens,
+            "other_ms_per_token": (total - linear) / new_tokens}
+
+
+def gemv_micro(shapes: tuple[tuple[int, int], ...] = ((576, 576), (576, 1536), (1536, 576)),
+               iters: int = 300) -> dict[str, dict[str, float]]:
+    """Microseconds per single-token product (M=1), per path: dense GEMM vs the int4/int8 kernels, with fp32
+    and bf16 activations (the measurement behind ``backend="auto"``'s choice on CPU)."""
+    from qaft.deploy import inference_layer
+    from qaft.methods.deploy import rtn_quantize_linear
+    out = {}
+    for in_f, out_f in shapes:
+        lin = torch.nn.Linear(in_f, out_f, bias=False)
+        int4, int8 = rtn_quantize_linear(lin, 4, 64), rtn_quantize_linear(lin, 8, -1)
+        row = {}
+        for dtype in (torch.float32, torch.bfloat16):
+            name = "fp32" if dtype == torch.float32 else "bf16"
+            paths = {"dense": copy.deepcopy(lin).to(dtype), "int4": inference_layer(int4, dtype, "kernel"),
+                     "int8": inference_layer(int8, dtype, "kernel")}
+            x = torch.randn(1, 1, in_f, dtype=dtype)
+            for path, layer in paths.items():
+                with torch.inference_mode():
+                    for _ in range(20):
+                        layer(x)
+                    row[f"{path} {name}"] = round(seconds(lambda: [layer(x) for _ in range(iters)]) / iters * 1e6, 1)
+        out[f"{in_f}x{out_f}"] = row
+    return out
+
+
+def build_all(args: argparse.Namespace, base: torch.nn.Module, work: Path) -> tuple[dict, dict, dict]:
+    """Models keyed (variant, harness) (one copy per harness: each keeps its own cache and compiled step),
+    unfused/fused models for prefill, and bytes on disk."""
+    models, prefill_models, sizes = {}, {}, {}
+    for label in args.variants:
+        for harness in args.harnesses:
+            fuse = HARNESSES[harness][0]
+            models[label, harness], sizes[label] = build(base, label, fuse, work)
+            prefill_models.setdefault((label, "fuse" if fuse else "plain"), models[label, harness])
+    return models, prefill_models, sizes
 
 
 def measure(args: argparse.Namespace) -> dict:
     base, tok = load_causal_lm("smollm2-135m")
     prompt = tok("The capital of France is", return_tensors="pt").input_ids
-    prefill_ids = torch.randint(0, len(tok), (1, args.prefill))
+    prefill_ids = torch.randint(0, len(tok), (1, args.prefill), generator=torch.Generator().manual_seed(0))
     work = Path(tempfile.mkdtemp())
-    models, sizes = {}, {}
-    for label in args.variants:
-        models[label], sizes[label] = build(base, label, work)
-    gguf_bytes = export_gguf(qaft.ptq_model(base, 4, 32), work / "int4g32.gguf").stat().st_size
-    decode = {k: [] for k in models}
-    prefill = {k: [] for k in models}
-    for label, model in models.items():  # warm-up: first calls allocate and, for a static cache, build it
-        decode_seconds(model, prompt, 4, args.cache)
-        prefill_seconds(model, prefill_ids[:, :64])
+    models, prefill_models, sizes = build_all(args, base, work)
+    runs = {k: decoder(m, HARNESSES[k[1]][1]) for k, m in models.items()}
+    prefills = {k: (lambda m: lambda ids: prefill(m, ids))(m) for k, m in prefill_models.items()}
+    gguf = export_gguf(qaft.ptq_model(base, 4, 32), work / "int4g32.gguf")
+    sizes[LLAMA_CPP] = gguf.stat().st_size
+    if importlib.util.find_spec("llama_cpp") is not None and not args.no_llama_cpp:
+        cpp = LlamaCpp(gguf, n_ctx=max(512, args.prefill + args.new_tokens + prompt.shape[1]))
+        runs[LLAMA_CPP, "own"], prefills[LLAMA_CPP, "own"] = cpp.decode, cpp.prefill
+    warm = time.perf_counter()
+    for key, run in runs.items():  # warm-up: allocation, static caches (same size) and each step's compile
+        run(prompt, args.new_tokens)
+    for key, run in prefills.items():
+        run(prefill_ids[:, :64])
+    warm = time.perf_counter() - warm
+    decode_s = {k: [] for k in runs}
+    prefill_s = {k: [] for k in prefills}
     for _ in range(args.rounds):
-        for label, model in models.items():
-            decode[label].append(args.new_tokens / decode_seconds(model, prompt, args.new_tokens, args.cache))
-            prefill[label].append(args.prefill / prefill_seconds(model, prefill_ids))
-    share = {k: linear_share(m, prompt, 16) for k, m in models.items() if k in ("fp32", "int4")}
-    return {"decode_tok_s": {k: statistics.median(v) for k, v in decode.items()},
-            "prefill_tok_s": {k: statistics.median(v) for k, v in prefill.items()},
-            "bytes": sizes | {"int4g32.gguf": gguf_bytes}, "decode_linear_share": share}
+        for key, run in runs.items():
+            decode_s[key].append(args.new_tokens / seconds(run, prompt, args.new_tokens))
+        for key, run in prefills.items():
+            prefill_s[key].append(args.prefill / seconds(run, prefill_ids))
+    gemv = {f"round {r}": gemv_micro() for r in range(2)} if args.gemv else {}
+    if (LLAMA_CPP, "own") in runs:
+        runs[LLAMA_CPP, "own"].__self__.llm.close()  # before interpreter exit, where its __del__ fails
+    profile = {h: profile_decode(lambda: runs["int4", h](prompt, args.new_tokens), args.new_tokens)
+               for h in args.harnesses if ("int4", h) in runs}
+    return {"decode_tok_s": _nest(decode_s), "prefill_tok_s": _nest(prefill_s), "bytes": sizes,
+            "decode_samples": _nest(decode_s, median=False), "int4_decode_profile": profile,
+            "backends": {k[0]: backend_counts(m) for k, m in prefill_models.items() if k[1] == "plain"},
+            "warmup_and_compile_s": round(warm, 1), "gemv_us": gemv}
 
 
-def ratios(res: dict) -> dict[str, float]:
-    out = {}
-    for num in res["decode_tok_s"]:
-        for den in ("fp32", "bf16"):
-            if num != den and den in res["decode_tok_s"]:
-                for kind in ("decode", "prefill"):
-                    out[f"{num}/{den} {kind}"] = round(res[f"{kind}_tok_s"][num] / res[f"{kind}_tok_s"][den], 3)
-        if "fp32" in res["bytes"]:
-            out[f"{num}/fp32 bytes"] = round(res["bytes"][num] / res["bytes"]["fp32"], 3)
+def _nest(samples: dict, median: bool = True) -> dict[str, dict]:
+    out: dict[str, dict] = {}
+    for (label, harness), values in samples.items():
+        out.setdefault(label, {})[harness] = statistics.median(values) if median else [round(v, 2) for v in values]
     return out
+
+
+def ratios(res: dict, harnesses: list[str]) -> dict[str, float]:
+    """Decode ratios inside each harness (like for like; llama.cpp, with its own loop, against the baselines
+    of each harness), each harness over hf, prefill and bytes over fp32."""
+    dec, out = res["decode_tok_s"], {}
+    for label, by_h in dec.items():
+        for h in harnesses:
+            mine = by_h.get(h, by_h.get("own"))
+            for den in ("fp32", "bf16"):
+                if label != den and h in dec.get(den, {}):
+                    out[f"{label}/{den} decode [{h}]"] = round(mine / dec[den][h], 3)
+            if h != "hf" and h in by_h and "hf" in by_h:
+                out[f"{label} decode {h}/hf"] = round(by_h[h] / by_h["hf"], 3)
+    pre = {label: by.get("plain", by.get("own")) for label, by in res["prefill_tok_s"].items()}
+    for label in pre:
+        if label != "fp32" and "fp32" in pre:
+            out[f"{label}/fp32 prefill"] = round(pre[label] / pre["fp32"], 3)
+    for label, size in res["bytes"].items():
+        if "fp32" in res["bytes"]:
+            out[f"{label}/fp32 bytes"] = round(size / res["bytes"]["fp32"], 3)
+    return out
+
+
+def targets(res: dict, harnesses: list[str]) -> dict[str, dict[str, bool]]:
+    """The issue's targets per harness: int4 decode >= 3x fp32 and >= 1.5x bf16."""
+    dec = res["decode_tok_s"]
+    if not {"int4", "fp32", "bf16"} <= dec.keys():
+        return {}
+    return {h: {"int4 >= 3x fp32": dec["int4"][h] >= 3 * dec["fp32"][h],
+                "int4 >= 1.5x bf16": dec["int4"][h] >= 1.5 * dec["bf16"][h]} for h in harnesses}
+
+
+def print_report(res: dict, args: argparse.Namespace) -> None:
+    m = res["machine"]
+    print(f"torch {m['torch']}, {m['threads']} threads, CPU capability {m['cpu_capability']}, "
+          f"llama.cpp: {m['llama_cpp']}, loadavg start {m['loadavg_start']} end {m['loadavg_end']}")
+    cols = [f"decode {h}" for h in args.harnesses] + ["prefill", "prefill+fuse", "MB on disk"]
+    print("| variant | " + " | ".join(cols) + " |")
+    print("|---" * (len(cols) + 1) + "|")
+    for label, by_h in res["decode_tok_s"].items():
+        if label == LLAMA_CPP:
+            cells = [f"{by_h['own']:.1f} (own loop)"] + [""] * (len(args.harnesses) - 1)
+            pre = [f"{res['prefill_tok_s'][label]['own']:.0f}", ""]
+        else:
+            cells = [f"{by_h[h]:.1f}" for h in args.harnesses]
+            pre = [f"{res['prefill_tok_s'][label].get(k, float('nan')):.0f}" for k in ("plain", "fuse")]
+        print(f"| {label} | " + " | ".join(cells + pre) + f" | {res['bytes'][label] / 1e6:.1f} |")
+    if LLAMA_CPP not in res["decode_tok_s"]:
+        print(f"({LLAMA_CPP}: not measured; GGUF file {res['bytes'][LLAMA_CPP] / 1e6:.1f} MB)")
+    print("int4 decode profile (ms/token):", json.dumps(
+        {h: {k: round(v, 2) for k, v in p.items()} for h, p in res["int4_decode_profile"].items()}))
+    if res["gemv_us"]:
+        print("single-token GEMV, us:", json.dumps(res["gemv_us"]))
+    print("targets:", json.dumps(res["targets"]))
+    print(json.dumps(res["ratios"], indent=1))
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS))
+    p.add_argument("--harnesses", nargs="+", default=["hf", "compiled+fuse"], choices=list(HARNESSES))
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--prefill", type=int, default=512)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--cache", default=None, help="cache_implementation for generate, e.g. static")
+    p.add_argument("--no-llama-cpp", action="store_true", help="skip llama.cpp even where installed")
+    p.add_argument("--gemv", action="store_true", help="also time single-token products per kernel path")
     p.add_argument("--json", default=None)
     args = p.parse_args()
+    machine = {"torch": torch.__version__, "threads": torch.get_num_threads(),
+               "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+               "loadavg_start": round(os.getloadavg()[0], 2),
+               "llama_cpp": _llama_cpp_version()}
     res = measure(args)
-    res["ratios"] = ratios(res)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
-          f"{torch.backends.cpu.get_cpu_capability()}, cache={args.cache}, llama.cpp: not installed")
-    print(f"| {'variant':<10} | {'decode tok/s':>12} | {'prefill tok/s':>13} | {'MB on disk':>10} |")
-    print(f"|{'-' * 12}|{'-' * 14}|{'-' * 15}|{'-' * 12}|")
-    for k in res["decode_tok_s"]:
-        print(f"| {k:<10} | {res['decode_tok_s'][k]:>12.2f} | {res['prefill_tok_s'][k]:>13.1f} | "
-              f"{res['bytes'][k] / 1e6:>10.1f} |")
-    print(f"int4 g32 Q4_1 GGUF: {res['bytes']['int4g32.gguf'] / 1e6:.1f} MB")
-    print("decode self-CPU share in matmul kernels:", {k: round(v, 3) for k, v in res["decode_linear_share"].items()})
-    print(json.dumps(res["ratios"], indent=1))
+    res["machine"] = machine | {"loadavg_end": round(os.getloadavg()[0], 2)}
+    res["ratios"], res["targets"] = ratios(res, args.harnesses), targets(res, args.harnesses)
+    print_report(res, args)
     if args.json:
         Path(args.json).write_text(json.dumps({"setup": vars(args), **res}, indent=2, default=str))
+
+
+def _llama_cpp_version() -> str:
+    if importlib.util.find_spec("llama_cpp") is None:
+        return "not installed"
+    import llama_cpp
+    return f"llama-cpp-python {llama_cpp.__version__}"
 
 
 if __name__ == "__main__":

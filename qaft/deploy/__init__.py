@@ -1,5 +1,7 @@
-"""qaft.deploy: fast inference layers, packed integer checkpoints and GGUF export of merged models."""
+"""qaft.deploy: fast inference layers, fused projections, a compiled greedy decode loop, packed integer
+checkpoints and GGUF export of merged models."""
 from qaft.deploy.checkpoint import load_quantized, save_quantized
+from qaft.deploy.decode import greedy_generate
 from qaft.deploy.kernels import (
     DequantLinear,
     Int4Linear,
@@ -10,8 +12,8 @@ from qaft.deploy.kernels import (
 )
 
 __all__ = [
-    "DequantLinear", "Int4Linear", "Int8Linear", "backend_counts", "export_gguf", "inference_layer",
-    "load_quantized", "prepare_for_inference", "save_quantized",
+    "DequantLinear", "Int4Linear", "Int8Linear", "backend_counts", "export_gguf", "greedy_generate",
+    "inference_layer", "load_quantized", "prepare_for_inference", "save_quantized",
 ]
 
 

@@ -15,12 +15,19 @@ Paths, each built once from a ``QuantizedLinear`` (weights converted at construc
 * :class:`DequantLinear`: the weight dequantized once into the compute dtype (dense GEMM; no memory
   saving, but always correct and the fastest choice where the integer kernels are not vectorized).
 
-``backend="auto"`` uses a kernel only where it is both applicable and fast. Measured on this project's
-AVX2 build machine (results/bench_inference.md): with fp32 activations the CPU int4 kernel runs ~3x
-slower than the dense fp32 model end to end (its fp32 path is vectorized for AVX512 only), with bf16
-activations it is the fastest path (decode 1.7x fp32, 6x bf16); the int8 kernel beats dense bf16 but not
-dense fp32. ``backend="kernel"`` forces the kernels wherever they apply (tests, benchmarks);
-``backend="dequant"`` never uses them. For speed on CPU, prepare with ``dtype=torch.bfloat16``.
+``backend="auto"`` uses a kernel only where it is both applicable and measured faster than the dense GEMM.
+On CPU that means half-precision activations only (bf16 measured; fp16 taken to behave alike). With fp32
+activations both CPU kernels lose to dense fp32 on every machine measured. Single-token product, 576x576,
+2-core AVX512 EPYC, torch 2.13 (``experiments/bench/inference.py --gemv``, results/bench_inference.json):
+dense fp32 20 us, int4 kernel with fp32 activations 270 us, int8 kernel with fp32 activations 120 us;
+with bf16 activations the same kernels take 15 us (int4) and 22 us (int8) against 40 us for dense bf16.
+On an earlier AVX2 machine the fp32 int4 path made the whole model 2.4x slower than fp32 (so neither
+AVX2 nor AVX512 is an exception).
+``backend="kernel"`` forces the kernels wherever they apply (tests, benchmarks); ``backend="dequant"``
+never uses them. For speed on CPU, prepare with ``dtype=torch.bfloat16``.
+
+``prepare_for_inference(..., fuse=True)`` first fuses q/k/v and gate/up into one layer each
+(:mod:`qaft.deploy.fuse`): one int4 call instead of three or two, which measurably cuts decode time.
 """
 from __future__ import annotations
 
@@ -34,7 +41,6 @@ from qaft.methods.deploy import QuantizedLinear
 
 Backend = Literal["auto", "kernel", "dequant"]
 INT4_GROUP_SIZES = (32, 64, 128, 256)
-FAST_CPU_INT4 = ("AVX512", "AVX512_BF16", "AMX")  # where the fp32 path of the CPU int4 kernel is vectorized
 
 
 def _bias(layer: QuantizedLinear, dtype: torch.dtype) -> torch.Tensor | None:
@@ -142,13 +148,11 @@ def int8_applicable(layer: QuantizedLinear, dtype: torch.dtype, device: torch.de
         and dtype in (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _kernel_is_fast(kind: str, dtype: torch.dtype, device: torch.device) -> bool:
-    """Measured on the build machine (see the module docstring): where a kernel beats the dense GEMM."""
-    if device.type == "cuda":
-        return True
-    if kind == "int4" and torch.backends.cpu.get_cpu_capability() in FAST_CPU_INT4:
-        return True
-    return dtype != torch.float32  # on AVX2 both CPU kernels are fast for bf16/fp16 activations only
+def _kernel_is_fast(dtype: torch.dtype, device: torch.device) -> bool:
+    """Where the kernels beat the dense GEMM (measurements in the module docstring): CUDA, or CPU with
+    half-precision activations. Deliberately not keyed on the CPU capability: the fp32 CPU paths were slower
+    than dense fp32 on AVX2 and on AVX512 alike."""
+    return device.type == "cuda" or dtype in (torch.bfloat16, torch.float16)
 
 
 def inference_layer(layer: QuantizedLinear, dtype: torch.dtype, backend: Backend = "auto") -> nn.Module:
@@ -158,9 +162,9 @@ def inference_layer(layer: QuantizedLinear, dtype: torch.dtype, backend: Backend
     device = layer.qweight.device
     if backend != "dequant":
         force = backend == "kernel"
-        if int4_applicable(layer, dtype, device) and (force or _kernel_is_fast("int4", dtype, device)):
+        if int4_applicable(layer, dtype, device) and (force or _kernel_is_fast(dtype, device)):
             return Int4Linear(layer, dtype)
-        if int8_applicable(layer, dtype, device) and (force or _kernel_is_fast("int8", dtype, device)):
+        if int8_applicable(layer, dtype, device) and (force or _kernel_is_fast(dtype, device)):
             return Int8Linear(layer, dtype)
     return DequantLinear(layer, dtype)
 
@@ -174,13 +178,18 @@ def _float_dtype(model: nn.Module) -> torch.dtype:
 
 @torch.no_grad()
 def prepare_for_inference(model: nn.Module, dtype: torch.dtype | None = None,
-                          backend: Backend = "auto") -> nn.Module:
+                          backend: Backend = "auto", fuse: bool = False) -> nn.Module:
     """Swap every ``QuantizedLinear`` of ``model`` (in place) for an inference layer; returns ``model``.
 
     ``dtype``: compute dtype of activations and of every float tensor of the model (default: the model's
-    current float dtype). The swapped model keeps the same call signature, so ``generate()`` works on it.
+    current float dtype). ``fuse``: first merge q/k/v and gate/up into one layer each
+    (:func:`qaft.deploy.fuse.fuse_projections`; float models too). The swapped model keeps the same call
+    signature, so ``generate()`` works on it.
     """
     dtype = dtype or _float_dtype(model)
+    if fuse:
+        from qaft.deploy.fuse import fuse_projections  # imports transformers' Llama module
+        fuse_projections(model)
     targets = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantizedLinear)]
     for name, layer in targets:
         parent, _, child = name.rpartition(".")

@@ -1,0 +1,135 @@
+"""Fused projections and the static-cache / compiled greedy loop give the same tokens as the plain model."""
+import copy
+import warnings
+
+import pytest
+import torch
+
+import qaft
+from qaft.deploy import Int4Linear, Int8Linear, greedy_generate, prepare_for_inference
+from qaft.deploy import decode as decode_mod
+from qaft.deploy.fuse import fuse_projections
+from qaft.methods.deploy import QuantizedLinear
+from qaft.models import build_tiny_llama
+
+VOCAB = 512
+
+
+def _lively_tiny() -> torch.nn.Module:
+    """The tiny random LLaMA with larger weights: its greedy output varies from token to token (the default
+    init repeats one token, which would make a token-equality test pass for almost any bug)."""
+    model = build_tiny_llama(vocab_size=VOCAB)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    model.generation_config.eos_token_id = None  # a fixed number of tokens in every call
+    return model
+
+
+def _prompt(batch: int = 1) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, 8), generator=torch.Generator().manual_seed(1))
+
+
+def _hf_greedy(model, ids, n=12):
+    return model.generate(ids, max_new_tokens=n, do_sample=False)
+
+
+@pytest.mark.parametrize("bits,group_size", [(4, 32), (8, -1), (None, None)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_model_equals_unfused(bits, group_size, dtype):
+    base = _lively_tiny()
+    model = base if bits is None else qaft.ptq_model(base, bits, group_size)
+    plain = prepare_for_inference(copy.deepcopy(model), dtype, "kernel")
+    fused = prepare_for_inference(copy.deepcopy(model), dtype, "kernel", fuse=True)
+    attn, mlp = fused.model.layers[0].self_attn, fused.model.layers[0].mlp
+    assert not hasattr(attn, "q_proj") and attn.qkv_sizes == [64, 32, 32] and mlp.gate_up_sizes == [128, 128]
+    kernel = {4: Int4Linear, 8: Int8Linear, None: torch.nn.Linear}[bits]
+    assert isinstance(attn.qkv_proj, kernel) and isinstance(mlp.gate_up_proj, kernel)
+    ids = _prompt(2)
+    ref, out = plain(ids).logits.float(), fused(ids).logits.float()
+    # Same per-row arithmetic; only the kernels' blocking over a wider output may reorder sums.
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out, ref, rtol=0, atol=tol * ref.abs().max().item())
+    if dtype == torch.float32:
+        assert torch.equal(_hf_greedy(fused, ids[:1]), _hf_greedy(plain, ids[:1]))
+
+
+def _requantized(layer: QuantizedLinear, group_size: int) -> QuantizedLinear:
+    from qaft.methods.deploy import float_linear, rtn_quantize_linear
+    return rtn_quantize_linear(float_linear(layer.dequantize_weight(), None, torch.float32), layer.bits, group_size)
+
+
+def test_fusion_skips_mismatched_layers():
+    merged = qaft.ptq_model(_lively_tiny(), 4, 32)
+    attn = merged.model.layers[0].self_attn
+    attn.k_proj = _requantized(attn.k_proj, 64)  # another group size: q/k/v cannot share one layer
+    assert fuse_projections(merged) == 3  # the other attention block and both MLPs
+    assert hasattr(attn, "q_proj") and not hasattr(attn, "qkv_proj")
+    assert hasattr(merged.model.layers[0].mlp, "gate_up_proj")
+
+
+def _assert_greedy(model, out: torch.Tensor, prompt_len: int) -> None:
+    """Each new token is an argmax of the full (cache-free) forward up to bf16 rounding: where bf16 logits
+    tie within their precision, the cache layouts (padded static vs dynamic) may legitimately pick either."""
+    logits = model(out[:, :-1]).logits.float()[:, prompt_len - 1:]
+    chosen = logits.gather(-1, out[:, prompt_len:, None])[..., 0]
+    assert (logits.max(-1).values - chosen).max() <= 2e-2 * logits.abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_static_cache_loop_equals_hf_generate(dtype):
+    model = prepare_for_inference(qaft.ptq_model(_lively_tiny(), 4, 32), dtype, "kernel", fuse=True)
+    for batch in (1, 2):
+        ids = _prompt(batch)
+        ref = _hf_greedy(model, ids)
+        assert len(set(ref[0, 8:].tolist())) > 4  # a varied continuation, not one repeated token
+        out = greedy_generate(model, ids, 12, compile=False)
+        if dtype == torch.float32:
+            assert torch.equal(out, ref)
+        else:
+            _assert_greedy(model, out, ids.shape[1])
+
+
+def test_loop_stops_at_eos_and_pads_finished_rows():
+    model = prepare_for_inference(_lively_tiny(), torch.float32)
+    ids = _prompt(2)
+    free = greedy_generate(model, ids, 12, compile=False)
+    eos = int(free[0, 11])
+
+    def first_eos(row: torch.Tensor) -> int | None:
+        hits = (row[8:] == eos).nonzero()
+        return 8 + int(hits[0]) if len(hits) else None
+    expected, ends = free.clone(), [first_eos(r) for r in free]
+    for r, end in enumerate(ends):
+        if end is not None:
+            expected[r, end + 1:] = eos  # a finished row keeps emitting eos
+    length = free.shape[1] if None in ends else max(ends) + 1  # stops once every row is done
+    assert torch.equal(greedy_generate(model, ids, 12, compile=False, eos_token_id=eos), expected[:, :length])
+
+
+def test_compiled_loop_equals_hf_and_falls_back(monkeypatch):
+    # Two compiles of tiny fused models (a few seconds each). Alternating them also checks that skipping
+    # guard evaluation after the first step never runs one model's graph for the other.
+    ids = _prompt()
+    models = [prepare_for_inference(qaft.ptq_model(_lively_tiny(), bits, group), torch.float32, "kernel", fuse=True)
+              for bits, group in ((4, 32), (8, -1))]
+    refs = [_hf_greedy(m, ids) for m in models]
+    assert not torch.equal(refs[0], refs[1])
+    for model, ref in [*zip(models, refs), *zip(models, refs)]:
+        assert torch.equal(greedy_generate(model, ids, 12, compile=True), ref)
+        assert decode_mod._STATES[model].compiled
+    other = copy.deepcopy(models[0])
+
+    def broken_compile(fn, **kwargs):
+        def run(*args, **kw):
+            raise RuntimeError("no C++ compiler")
+        return run
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = greedy_generate(other, ids, 12, compile=True)
+    assert torch.equal(out, refs[0])
+    assert any("decoding eagerly" in str(w.message) for w in caught)
+    assert other in decode_mod._COMPILE_FAILED and not decode_mod._STATES[other].compiled
