@@ -6,18 +6,20 @@ reports it on a GPU.
 
 * CUDA: ``max_memory_allocated`` after ``reset_peak_memory_stats`` at the start.
 * CPU: PyTorch keeps no allocator statistics there, and the process's peak resident set (``ru_maxrss``)
-  only ever grows, so in a sweep it would report the largest run so far for every later run. Instead a
-  background thread samples glibc's live heap (``mallinfo2``: bytes handed out by ``malloc``, mmapped
-  chunks included) every ``interval`` seconds, and the peak is
-  ``model bytes at start + (max live heap - live heap at start)``: the model (whose frozen weights may be
-  file-mapped rather than on the heap) plus everything the run allocated on top of it. Without glibc the
-  fallback is the process's peak RSS, labelled as such by :attr:`PeakMemory.method`.
+  only ever grows, so in a sweep it would report the largest run so far for every later run. Instead glibc's
+  live heap (``mallinfo2``: bytes handed out by ``malloc``, mmapped chunks included) is read at every module's
+  forward output and again when that output's gradient arrives in backward (hooks, in the training thread),
+  and the peak is ``model bytes at start + (max live heap - live heap at start)``: the model (whose frozen
+  weights may be file-mapped rather than on the heap) plus everything the run allocated on top of it.
+  Not a sampling thread: on a 2-core machine a thread waking every few ms preempts the math library's
+  worker threads and doubled the step time here. Without glibc the fallback is the process's peak RSS,
+  labelled as such by :attr:`PeakMemory.method`. Sampling at module boundaries misses temporaries that live
+  and die inside one module's forward or backward; they are small next to the saved activations here.
 """
 from __future__ import annotations
 
 import ctypes
 import resource
-import threading
 
 import torch
 from torch import nn
@@ -60,13 +62,11 @@ def tensor_bytes(module: nn.Module) -> int:
 class PeakMemory:
     """``start(model)`` / ``peak_bytes()`` / ``stop()``; see the module docstring for what is measured."""
 
-    def __init__(self, interval: float = 0.002) -> None:
-        self.interval = interval
+    def __init__(self) -> None:
         self.cuda = torch.cuda.is_available()
         self.method = "cuda_max_allocated" if self.cuda else (
             "model+heap_peak" if _MALLINFO2 is not None else "process_peak_rss")
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._handles: list = []
         self._base = self._model = self._max = 0
 
     def start(self, model: nn.Module) -> None:
@@ -77,13 +77,18 @@ class PeakMemory:
             return
         self._model = tensor_bytes(model)
         self._base = self._max = live_heap_bytes()
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._sample, name="qaft-peak-memory", daemon=True)
-        self._thread.start()
+        self._handles = [m.register_forward_hook(self._after_forward) for m in model.modules()]
 
-    def _sample(self) -> None:
-        while not self._stop.wait(self.interval):
-            self._max = max(self._max, live_heap_bytes())
+    def sample(self) -> None:
+        self._max = max(self._max, live_heap_bytes())
+
+    def _after_forward(self, module: nn.Module, args: tuple, output) -> None:
+        self.sample()
+        if isinstance(output, torch.Tensor) and output.requires_grad:
+            output.register_hook(self._in_backward)
+
+    def _in_backward(self, grad: torch.Tensor) -> None:
+        self.sample()
 
     def peak_bytes(self) -> int:
         """The peak so far (also samples now, so a call right after a step sees that step)."""
@@ -91,11 +96,10 @@ class PeakMemory:
             return int(torch.cuda.max_memory_allocated())
         if _MALLINFO2 is None:
             return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-        self._max = max(self._max, live_heap_bytes())
+        self.sample()
         return self._model + self._max - self._base
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []

@@ -1,0 +1,28 @@
+import pytest
+import torch
+from torch import nn
+
+from qaft.peak_memory import PeakMemory, live_heap_bytes, tensor_bytes
+
+
+class Blowup(nn.Module):
+    """Saves a 64 MiB activation for backward, then reduces it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.expand(16 * 2**20).clone() * self.w).square().sum()
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or live_heap_bytes() is None, reason="the CPU heap path")
+def test_peak_sees_the_saved_activation_and_hooks_are_removed():
+    model = nn.Sequential(Blowup())
+    memory = PeakMemory()
+    memory.start(model)
+    assert memory.peak_bytes() < tensor_bytes(model) + 32 * 2**20
+    model(torch.ones(1)).backward()
+    assert memory.peak_bytes() >= tensor_bytes(model) + 64 * 2**20
+    memory.stop()
+    assert not any(m._forward_hooks for m in model.modules())
