@@ -7,12 +7,15 @@ reports it on a GPU.
 * CUDA: ``max_memory_allocated`` after ``reset_peak_memory_stats`` at the start.
 * CPU: PyTorch keeps no allocator statistics there, and the process's peak resident set (``ru_maxrss``)
   only ever grows, so in a sweep it would report the largest run so far for every later run. Instead glibc's
-  live heap (``mallinfo2``: bytes handed out by ``malloc``, mmapped chunks included) is read at every module's
-  forward output and again when that output's gradient arrives in backward (hooks, in the training thread),
+  live heap (``mallinfo2``: bytes handed out by ``malloc``, mmapped chunks included) is read after the forward
+  of every block (each element of a ``ModuleList``: the decoder layers) and of every leaf module outside the
+  blocks (embedding, final norm, head), and again when that output's gradient arrives in backward (hooks, in
+  the training thread),
   and the peak is ``model bytes at start + (max live heap - live heap at start)``: the model (whose frozen
   weights may be file-mapped rather than on the heap) plus everything the run allocated on top of it.
   Not a sampling thread: on a 2-core machine a thread waking every few ms preempts the math library's
-  worker threads and doubled the step time here. Without glibc the fallback is the process's peak RSS,
+  worker threads and doubled the step time here; and not every module, because ``mallinfo2`` walks the
+  allocator's free lists (~0.5 ms on a fragmented heap), which over ~1,000 modules per step is seconds. Without glibc the fallback is the process's peak RSS,
   labelled as such by :attr:`PeakMemory.method`. Sampling at module boundaries misses temporaries that live
   and die inside one module's forward or backward; they are small next to the saved activations here.
 """
@@ -59,6 +62,23 @@ def tensor_bytes(module: nn.Module) -> int:
     return sum(storages.values())
 
 
+def sampled_modules(model: nn.Module) -> list[nn.Module]:
+    """Every element of a ``ModuleList`` (not below it) and every leaf module outside those elements."""
+    blocks = [m for lst in model.modules() if isinstance(lst, nn.ModuleList) for m in lst]
+    below = {id(sub) for block in blocks for sub in block.modules() if sub is not block}
+    outermost = [b for b in blocks if id(b) not in below]
+    inside = below | {id(b) for b in blocks}
+    leaves = [m for m in model.modules() if not list(m.children()) and id(m) not in inside]
+    return outermost + leaves
+
+
+def _first_tensor(output) -> torch.Tensor | None:
+    if isinstance(output, torch.Tensor):
+        return output
+    values = output.values() if isinstance(output, dict) else output if isinstance(output, (tuple, list)) else ()
+    return next((v for v in values if isinstance(v, torch.Tensor)), None)
+
+
 class PeakMemory:
     """``start(model)`` / ``peak_bytes()`` / ``stop()``; see the module docstring for what is measured."""
 
@@ -77,15 +97,16 @@ class PeakMemory:
             return
         self._model = tensor_bytes(model)
         self._base = self._max = live_heap_bytes()
-        self._handles = [m.register_forward_hook(self._after_forward) for m in model.modules()]
+        self._handles = [m.register_forward_hook(self._after_forward) for m in sampled_modules(model)]
 
     def sample(self) -> None:
         self._max = max(self._max, live_heap_bytes())
 
     def _after_forward(self, module: nn.Module, args: tuple, output) -> None:
         self.sample()
-        if isinstance(output, torch.Tensor) and output.requires_grad:
-            output.register_hook(self._in_backward)
+        tensor = _first_tensor(output)
+        if tensor is not None and tensor.requires_grad:
+            tensor.register_hook(self._in_backward)
 
     def _in_backward(self, grad: torch.Tensor) -> None:
         self.sample()

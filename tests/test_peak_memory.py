@@ -26,3 +26,15 @@ def test_peak_sees_the_saved_activation_and_hooks_are_removed():
     assert memory.peak_bytes() >= tensor_bytes(model) + 64 * 2**20
     memory.stop()
     assert not any(m._forward_hooks for m in model.modules())
+
+
+def test_sampled_modules_are_the_decoder_layers_and_the_leaves_around_them():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from qaft.peak_memory import sampled_modules
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                         num_attention_heads=4, num_key_value_heads=2))
+    sampled = sampled_modules(model)
+    assert sampled[:3] == list(model.model.layers)
+    assert {id(m) for m in sampled[3:]} == {id(model.model.embed_tokens), id(model.model.norm),
+                                            id(model.model.rotary_emb), id(model.lm_head)}
