@@ -198,8 +198,6 @@ def test_calibration_batches_are_the_first_training_batches():
 
 def test_ptq_gptq_run_records_and_saves_the_gptq_model(tmp_path, monkeypatch):
     from qaft.eval.runs import load_run_model
-    from qaft.methods.gptq_model import gptq_quantize_model
-    from qaft.models import load_causal_lm
 
     root = tmp_path / "runs"
     run_main([*tiny_run_overrides(root), "method=ptq", "method.algorithm=gptq", "method.calib_batches=3",
@@ -209,17 +207,26 @@ def test_ptq_gptq_run_records_and_saves_the_gptq_model(tmp_path, monkeypatch):
     assert record["status"] == "ok" and record["method_config"]["algorithm"] == "gptq"
     assert m["ppl_merged"] == m["ppl_trained"] and "global_step" not in m  # nothing trains
     saved, _, _ = load_run_model(record["run_dir"])
-    expected = gptq_quantize_model(load_causal_lm("tiny-llama")[0], _tiny_data().calibration_batches(3), 4, 64,
-                                   act_order=True)
-    for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
-        a, b = saved.get_submodule(name), expected.get_submodule(name)
+    _assert_gptq_codes(saved, calib_batches=3,
+                       names=("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"))
+
+
+def _assert_gptq_codes(model: torch.nn.Module, calib_batches: int, names: tuple[str, ...]) -> torch.nn.Module:
+    """``model``'s layers hold the codes and scales of GPTQ (w4 g64, act-order) of the tiny model on the first
+    training batches; returns that GPTQ model."""
+    from qaft.methods.gptq_model import gptq_quantize_model
+    from qaft.models import load_causal_lm
+
+    expected = gptq_quantize_model(load_causal_lm("tiny-llama")[0], _tiny_data().calibration_batches(calib_batches),
+                                   4, 64, act_order=True)
+    for name in names:
+        a, b = model.get_submodule(name), expected.get_submodule(name)
         assert torch.equal(a.codes(), b.codes()) and torch.equal(a.scale, b.scale), name
+    return expected
 
 
 def test_qalora_on_a_gptq_base_trains_and_merges_exactly(tmp_path, monkeypatch):
     from qaft.eval.runs import load_run_model
-    from qaft.methods.gptq_model import gptq_quantize_model
-    from qaft.models import load_causal_lm
 
     root = tmp_path / "runs"
     run_main([*tiny_run_overrides(root, steps=2), "method=qalora", "method.base_quant=gptq", "method.rank=4",
@@ -231,12 +238,10 @@ def test_qalora_on_a_gptq_base_trains_and_merges_exactly(tmp_path, monkeypatch):
     assert m["ppl_merged"] == pytest.approx(m["ppl_trained"], rel=1e-5)  # integer merge into the offsets
     # the merge keeps the base's codes and scales: they are GPTQ's, with the run's options and training batches
     merged, _, _ = load_run_model(record["run_dir"])
-    base = gptq_quantize_model(load_causal_lm("tiny-llama")[0], _tiny_data().calibration_batches(2), 4, 64,
-                               act_order=True)
+    base = _assert_gptq_codes(merged, calib_batches=2, names=("model.layers.0.self_attn.k_proj",
+                                                              "model.layers.1.mlp.up_proj"))
     for name in ("model.layers.0.self_attn.k_proj", "model.layers.1.mlp.up_proj"):
-        a, b = merged.get_submodule(name), base.get_submodule(name)
-        assert torch.equal(a.codes(), b.codes()) and torch.equal(a.scale, b.scale), name
-        assert not torch.equal(a.offset, b.offset), name  # the trained adapter went into the offsets
+        assert not torch.equal(merged.get_submodule(name).offset, base.get_submodule(name).offset), name
 
 
 def _linear_inputs(model: torch.nn.Module, batches: list[dict]) -> dict[str, torch.Tensor]:
