@@ -122,7 +122,7 @@ def step_times(model_name: str, rows: list[str], args: argparse.Namespace) -> di
 
 def _child(model_name: str, row: str, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--child", f"{model_name}:{row}"] + [
-        f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("child", "json", "models")]
+        f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("child", "json", "models", "rows")]
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
     return json.loads(out.strip().splitlines()[-1])
