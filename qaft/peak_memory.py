@@ -7,17 +7,19 @@ reports it on a GPU.
 * CUDA: ``max_memory_allocated`` after ``reset_peak_memory_stats`` at the start.
 * CPU: PyTorch keeps no allocator statistics there, and the process's peak resident set (``ru_maxrss``)
   only ever grows, so in a sweep it would report the largest run so far for every later run. Instead glibc's
-  live heap (``mallinfo2``: bytes handed out by ``malloc``, mmapped chunks included) is read after the forward
-  of every block (each element of a ``ModuleList``: the decoder layers) and of every leaf module outside the
-  blocks (embedding, final norm, head), and again when that output's gradient arrives in backward (hooks, in
-  the training thread),
-  and the peak is ``model bytes at start + (max live heap - live heap at start)``: the model (whose frozen
-  weights may be file-mapped rather than on the heap) plus everything the run allocated on top of it.
+  live heap (``mallinfo2``: bytes handed out by ``malloc``, mmapped chunks included) is read after the
+  forward of every block (each element of a ``ModuleList``: the decoder layers) and of every leaf module
+  outside the blocks (embedding, final norm, head), and again when that output's gradient arrives in
+  backward (hooks, in the training thread). The peak is
+  ``model bytes at start + (max live heap - live heap at start)``: the model (whose frozen weights may be
+  file-mapped rather than on the heap) plus everything the run allocated on top of it. Without glibc the
+  fallback is the process's peak RSS, labelled as such by :attr:`PeakMemory.method`.
+
   Not a sampling thread: on a 2-core machine a thread waking every few ms preempts the math library's
-  worker threads and doubled the step time here; and not every module, because ``mallinfo2`` walks the
-  allocator's free lists (~0.5 ms on a fragmented heap), which over ~1,000 modules per step is seconds. Without glibc the fallback is the process's peak RSS,
-  labelled as such by :attr:`PeakMemory.method`. Sampling at module boundaries misses temporaries that live
-  and die inside one module's forward or backward; they are small next to the saved activations here.
+  worker threads and doubled the step time here. Not every module either: ``mallinfo2`` walks the
+  allocator's free lists (~0.5 ms on a fragmented heap), which over ~1,000 modules per step is seconds.
+  Sampling at block boundaries misses temporaries that live and die inside one block's forward or
+  backward; they are small next to the saved activations here.
 """
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ import argparse
 import torch
 
 from qaft.models import load_causal_lm
-from qaft.quant.affine import dequantize, quantize
+from qaft.quant.affine import _v, dequantize, quantize
 from qaft.quant.granularity import grouped
 from qaft.quant.init import init_scale_offset
 from qaft.quant.nf4 import nf4_dequantize, nf4_quantize
@@ -28,7 +28,7 @@ from qaft.quant.nf4 import nf4_dequantize, nf4_quantize
 def rtn_stats(w: torch.Tensor, bits: int, group_size: int) -> tuple[float, float]:
     """(share of exact ties, mean over rows of |row-mean signed error| / s) of min-max RTN of ``w``."""
     scale, offset = init_scale_offset(w, bits, group_size, "minmax", False)
-    v = (grouped(w, scale.shape[-1]) - offset.unsqueeze(-1)) / scale.unsqueeze(-1)
+    v = _v(w, scale, offset)  # the unrounded codes, as quantize computes them
     ties = ((v - v.floor()) == 0.5).float().mean().item()
     err = grouped(dequantize(quantize(w, scale, offset, bits), scale, offset) - w, scale.shape[-1])
     row_bias = (err / scale.unsqueeze(-1)).flatten(1).mean(-1).abs().mean().item()
@@ -42,7 +42,7 @@ def main() -> None:
     p.add_argument("--layers", type=int, nargs="+", default=[0, 3, 15, 29])
     args = p.parse_args()
     model = load_causal_lm("smollm2-135m")[0]
-    print(f"| layer | nf4 zeros | ties nf4(W) | ties W | row bias nf4(W) / s | row bias W / s |")
+    print("| layer | nf4 zeros | ties nf4(W) | ties W | row bias nf4(W) / s | row bias W / s |")
     print("|---|---|---|---|---|---|")
     for i in args.layers:
         for name in ("self_attn.q_proj", "mlp.up_proj", "mlp.down_proj"):

@@ -60,17 +60,21 @@ LINEAR_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_weight_int4pack_mm
 LLAMA_CPP = "llama.cpp-q4_1"
 
 
-def build(base: torch.nn.Module, label: str, fuse: bool, workdir: Path) -> tuple[torch.nn.Module, int]:
-    """The variant's model (fused or not) and its bytes on disk."""
+def build(base: torch.nn.Module, label: str, fuse: bool, workdir: Path,
+          merged: dict[str, tuple[torch.nn.Module, int]]) -> tuple[torch.nn.Module, int]:
+    """The variant's model (fused or not, a copy of its own) and its bytes on disk. ``merged`` keeps each
+    integer variant's PTQ model and checkpoint size, so that quantizing and saving happen once per variant."""
     bits, group, dtype, backend = VARIANTS[label]
     if bits is None:
         path = workdir / f"{label}.safetensors"
         if not path.exists():
             save_file(_unique_tensors(copy.deepcopy(base).to(dtype)), str(path))
         return prepare_for_inference(copy.deepcopy(base), dtype, fuse=fuse), path.stat().st_size
-    merged = qaft.ptq_model(base, bits, group)
-    size = checkpoint_bytes(save_quantized(merged, workdir / label))
-    return prepare_for_inference(merged, dtype, backend, fuse=fuse), size
+    if label not in merged:
+        model = qaft.ptq_model(base, bits, group)
+        merged[label] = model, checkpoint_bytes(save_quantized(model, workdir / label))
+    model, size = merged[label]
+    return prepare_for_inference(copy.deepcopy(model), dtype, backend, fuse=fuse), size
 
 
 def decoder(model: torch.nn.Module, loop: str) -> Callable[[torch.Tensor, int], None]:
@@ -159,11 +163,11 @@ def gemv_micro(shapes: tuple[tuple[int, int], ...] = ((576, 576), (576, 1536), (
 def build_all(args: argparse.Namespace, base: torch.nn.Module, work: Path) -> tuple[dict, dict, dict]:
     """Models keyed (variant, harness) (one copy per harness: each keeps its own cache and compiled step),
     unfused/fused models for prefill, and bytes on disk."""
-    models, prefill_models, sizes = {}, {}, {}
+    models, prefill_models, sizes, merged = {}, {}, {}, {}
     for label in args.variants:
         for harness in args.harnesses:
             fuse = HARNESSES[harness][0]
-            models[label, harness], sizes[label] = build(base, label, fuse, work)
+            models[label, harness], sizes[label] = build(base, label, fuse, work, merged)
             prefill_models.setdefault((label, "fuse" if fuse else "plain"), models[label, harness])
     return models, prefill_models, sizes
 

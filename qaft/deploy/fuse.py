@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from transformers.models.llama import modeling_llama as llama
 
-from qaft.methods.deploy import QuantizedLinear
+from qaft.methods.deploy import QuantizedLinear, float_linear
 
 
 def _fused_linear(layers: list[nn.Module]) -> nn.Module | None:
@@ -42,14 +42,7 @@ def _fused_linear(layers: list[nn.Module]) -> nn.Module | None:
         return QuantizedLinear(torch.cat([l.codes() for l in layers]), torch.cat([l.scale for l in layers]),
                                torch.cat([l.offset for l in layers]), first.bits, bias)
     if type(first) is nn.Linear and len({l.weight.dtype for l in layers}) == 1:
-        weight = torch.cat([l.weight.detach() for l in layers])
-        fused = nn.Linear(first.in_features, weight.shape[0], bias=bias is not None,
-                          device=weight.device, dtype=weight.dtype)
-        with torch.no_grad():
-            fused.weight.copy_(weight)
-            if bias is not None:
-                fused.bias.copy_(bias)
-        return fused.requires_grad_(False)
+        return float_linear(torch.cat([l.weight.detach() for l in layers]), bias, first.weight.dtype)
     return None
 
 
