@@ -7,7 +7,6 @@ built-in models, read from ``config.json`` for local ones), the model path and t
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -35,7 +34,8 @@ SCHEDULES = {
 DTYPES = ("float32", "bfloat16", "float16")
 ROLES = ("lora", "quant", "weight")
 # SmolLM2-135M's shape, so a bad group size is caught before the first (slow) GGUF conversion.
-_SMOLLM2_SHAPE = {"hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9, "head_dim": 64}
+_SMOLLM2_SHAPE = {"hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9, "head_dim": 64,
+                  "max_position_embeddings": 8192}
 # Input width of each target projection, from a LLaMA-style config.
 _IN_FEATURES = {
     "q_proj": lambda c: c["hidden_size"], "k_proj": lambda c: c["hidden_size"],
@@ -95,20 +95,34 @@ def _eval_gptq(node: Any) -> GPTQOptions | None:
     return gptq_options(node.get("gptq_options") or {}, "eval.gptq_options") if switch else None
 
 
-def _read_shape(name_or_path: str) -> dict[str, Any] | None:
-    """The model's widths without loading it; ``None`` for hub ids (checked at load time instead)."""
+def _hub_config(repo: str) -> Path:
+    """A hub model's ``config.json`` (from the local cache, or fetched: a few KB); one line when it cannot be."""
+    from huggingface_hub import constants, hf_hub_download
+
+    try:
+        return Path(hf_hub_download(repo, "config.json"))
+    except Exception as err:  # noqa: BLE001 - offline, unreachable, gated or missing: all one line
+        offline = " (HF_HUB_OFFLINE is set and it is not in the local cache)" if constants.HF_HUB_OFFLINE else ""
+        raise ConfigError(f"model {repo!r}: cannot get its config.json from the Hugging Face hub{offline}: "
+                          f"{type(err).__name__}") from None
+
+
+def _read_shape(name_or_path: str, fetch: bool = True) -> dict[str, Any] | None:
+    """The model's config (widths, positions) without loading its weights; ``None`` where there is none (or,
+    with ``fetch=False``, where it would have to come from the hub)."""
     if name_or_path == TINY_LLAMA:
         return tiny_llama_config().to_dict()
     if name_or_path == SMOLLM2:
         cached = cache_dir() / SMOLLM2 / "config.json"
         return json.loads(cached.read_text()) if cached.is_file() else dict(_SMOLLM2_SHAPE)
     config = Path(name_or_path).expanduser() / "config.json"
+    if fetch and not config.is_file() and not Path(name_or_path).expanduser().exists():
+        config = _hub_config(name_or_path)
     return json.loads(config.read_text()) if config.is_file() else None
 
 
-def model_widths(name_or_path: str, modules: tuple[str, ...]) -> dict[str, int]:
-    """``in_features`` of each target module name that the model's config describes."""
-    shape = _read_shape(name_or_path)
+def model_widths(shape: dict[str, Any] | None, modules: tuple[str, ...]) -> dict[str, int]:
+    """``in_features`` of each target module name that the model's config (``shape``) describes."""
     if shape is None:
         return {}
     shape = shape.get("text_config", shape)  # multimodal configs nest the language model's
@@ -140,11 +154,56 @@ def _check_optim(cfg: DictConfig) -> None:
             raise ConfigError(f"optim.{key} has unknown role(s) {unknown}; roles: {list(ROLES)}")
     if int(optim.warmup_steps) < 0:
         raise ConfigError(f"optim.warmup_steps={optim.warmup_steps} must be >= 0")
+    limit = OmegaConf.select(cfg, "divergence.loss_vs_uniform")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit > 1):
+        raise ConfigError(f"divergence.loss_vs_uniform={limit!r} must be null or a number above 1 "
+                          "(a model at initialisation may sit at the uniform guess's loss)")
+    for role, lr in optim.lr.items():
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
+            raise ConfigError(f"optim.lr.{role}={lr!r} must be a finite number >= 0")
 
 
-def _check_trainer(cfg: DictConfig) -> None:
-    if not cfg.trainer.get("fast_dev_run") and int(cfg.trainer.get("max_steps", -1)) <= 0:
+def _check_trainer(cfg: DictConfig, method: MethodConfig) -> None:
+    if cfg.trainer.get("fast_dev_run"):
+        return
+    steps = int(cfg.trainer.get("max_steps", -1))
+    if steps <= 0:
         raise ConfigError("trainer.max_steps must be a positive number of optimizer steps (runs are step-based)")
+    late = [b for b in method.phase_boundaries() if b >= steps]
+    if late:  # e.g. DL-QAT's phase 1 or L4Q's warm-up outlasting the run: its last phase would never train
+        raise ConfigError(f"method {method.name!r} changes phase at step {late[0]}, but the run has only "
+                          f"trainer.max_steps={steps}: its last phase would never run; shorten the phase "
+                          "(method.quant_steps / method.warmup_steps) or train longer")
+
+
+def _check_lengths(cfg: DictConfig, shape: dict[str, Any] | None) -> None:
+    """Every sequence length the run uses fits the model's positions."""
+    limit = (shape or {}).get("text_config", shape or {}).get("max_position_embeddings")
+    lengths = {"data.datamodule.seq_len": OmegaConf.select(cfg, "data.datamodule.seq_len"),
+               "data.datamodule.max_length": OmegaConf.select(cfg, "data.datamodule.max_length"),
+               "eval.seq_len": OmegaConf.select(cfg, "eval.seq_len"),
+               "eval.corpus.seq_len": OmegaConf.select(cfg, "eval.corpus.seq_len")}
+    for key, value in lengths.items():
+        if value is None:
+            continue
+        if int(value) < 2:
+            raise ConfigError(f"{key}={value} must be at least 2")
+        if limit and int(value) > int(limit):
+            raise ConfigError(f"{key}={value} exceeds the model's max_position_embeddings={limit}")
+
+
+def _check_data_contents(cfg: DictConfig) -> None:
+    """Local data files read and checked, hub datasets looked up (see :mod:`qaft.data.checks`)."""
+    from qaft.data.checks import check_data
+    from qaft.models import load_tokenizer
+
+    data = cfg.data
+    length = OmegaConf.select(cfg, "data.datamodule.max_length" if data.kind == "instruct" else "data.datamodule.seq_len")
+    try:
+        tokenizer = None if data.source in ("quiz", "austen") else load_tokenizer(cfg.model.name_or_path)
+        check_data(data.kind, data.source, data.get("config"), tokenizer, int(length or 2))
+    except ValueError as err:
+        raise ConfigError(f"data: {err}") from None
 
 
 CORPUS_KEYS = ("name", "source", "split", "seq_len", "batch_size")
@@ -164,14 +223,24 @@ def _check_corpus(eval_cfg: DictConfig) -> None:
         raise ConfigError(f"eval.corpus: {err}") from None
 
 
+def _check_callbacks(cfg: DictConfig) -> None:
+    for name, node in (cfg.get("callbacks") or {}).items():
+        if node and not OmegaConf.select(node, "_target_"):
+            raise ConfigError(f"callbacks.{name} needs a _target_ (a pytorch_lightning.Callback class path)")
+
+
 def _check_resume(cfg: DictConfig) -> None:
     choice = str(cfg.get("resume", "auto"))
     if choice not in ("auto", "never") and not Path(choice).expanduser().is_file():
         raise ConfigError(f"resume={choice!r} must be auto, never or an existing .ckpt file")
 
 
-def validate(cfg: DictConfig) -> RunSpec:
-    """Check the whole composed config; raise :class:`ConfigError` (one line) on the first problem."""
+def validate(cfg: DictConfig, resources: bool = True) -> RunSpec:
+    """Check the whole composed config; raise :class:`ConfigError` (one line) on the first problem.
+
+    ``resources=False`` checks the config alone: no hub lookups (a hub model's widths, a hub dataset) and no
+    reading of local data files (what ``qaft-train`` checks on top, before it writes anything).
+    """
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError(f"missing required value(s) {missing}: set them on the command line, e.g. {missing[0]}=...")
@@ -191,11 +260,16 @@ def validate(cfg: DictConfig) -> RunSpec:
         raise ConfigError(str(err)) from None
     if cfg.model.dtype not in DTYPES:
         raise ConfigError(f"model.dtype={cfg.model.dtype!r} must be one of {list(DTYPES)}")
-    _check_groups(cfg.model.name_or_path, group_size, model_widths(cfg.model.name_or_path, method.target_modules))
+    shape = _read_shape(cfg.model.name_or_path, fetch=resources)
+    _check_groups(cfg.model.name_or_path, group_size, model_widths(shape, method.target_modules))
+    _check_lengths(cfg, shape)
     _check_optim(cfg)
-    _check_trainer(cfg)
+    _check_trainer(cfg, method)
     _check_resume(cfg)
     _check_corpus(cfg.eval)
+    _check_callbacks(cfg)
+    if resources:
+        _check_data_contents(cfg)
     return RunSpec(method=method, bits=bits, group_size=group_size, calibration=calibration, eval_gptq=eval_gptq)
 
 
@@ -217,20 +291,6 @@ def run_name(method: DictConfig, model: str, data: str, seed: int, preset: str |
     return "-".join(parts)
 
 
-def dir_suffix(override_dirname: str, limit: int = 96) -> str:
-    """The remaining command-line overrides, appended to the run name (nothing when there are none).
-
-    Past ``limit`` characters the tail becomes a hash of the whole, which stays deterministic (a rerun
-    finds its folder) and keeps names under the file system's 255-byte limit.
-    """
-    if not override_dirname:
-        return ""
-    text = override_dirname.replace("/", "_")
-    if len(text) > limit:
-        text = f"{text[:limit - 11]}~{hashlib.sha1(text.encode()).hexdigest()[:10]}"
-    return f"__{text}"
-
-
 def precision(choice: str = "auto") -> str:
     """``auto``: bf16-mixed on a GPU with bf16, full fp32 elsewhere (CPU bf16 autocast is slower)."""
     if choice != "auto":
@@ -245,11 +305,18 @@ def experiments_dir() -> str:
     return str(Path(__file__).resolve().parent.parent / "experiments")
 
 
+def fraction_of_steps(fraction: float, steps: int) -> int:
+    """``${qaft.steps_fraction:0.2,${trainer.max_steps}}``: a phase length as a share of the run (at least 1)."""
+    return max(1, int(float(fraction) * int(steps)))
+
+
 def register_resolvers() -> None:
-    """Make ``${qaft.run_name:...}``, ``${qaft.suffix:...}``, ``${qaft.precision:...}`` and
-    ``${qaft.experiments_dir:}`` available."""
-    for name, fn in (("qaft.run_name", run_name), ("qaft.suffix", dir_suffix), ("qaft.precision", precision),
-                     ("qaft.experiments_dir", experiments_dir)):
+    """Make ``${qaft.run_name:...}``, ``${qaft.digest:}`` (:mod:`qaft.identity`), ``${qaft.precision:...}``,
+    ``${qaft.steps_fraction:...}`` and ``${qaft.experiments_dir:}`` available."""
+    from qaft.identity import digest_resolver
+
+    for name, fn in (("qaft.run_name", run_name), ("qaft.digest", digest_resolver), ("qaft.precision", precision),
+                     ("qaft.steps_fraction", fraction_of_steps), ("qaft.experiments_dir", experiments_dir)):
         OmegaConf.register_new_resolver(name, fn, replace=True)
 
 

@@ -3,75 +3,82 @@
     qaft-export runs/<run> format=qaft  [out=PATH]     # folder: model.safetensors + quantization.json
     qaft-export runs/<run> format=gguf  [out=PATH]     # one .gguf file (4-bit g%32 layers as Q4_1)
 
-Reads what ``qaft.pipeline.save_merged`` leaves in the run folder: ``merged_model.pt`` (integer models:
-state dict, HF config dict and the method config) or ``merged_model/`` (float-merged methods, deployed by
-round-to-nearest PTQ at the run's ``method.bits`` / ``method.group_size`` from ``config.yaml``). A folder
-written by ``save_quantized`` (with ``quantization.json``) is accepted as the run folder too.
+Reads the run folder's ``merged_model/`` (:func:`qaft.deploy.checkpoint.load_merged`, safetensors only): an
+integer model as it is, a float-merged one deployed by round-to-nearest PTQ at the run's ``method.bits`` /
+``method.group_size`` from ``config.yaml``. A folder written by ``save_quantized`` (with ``quantization.json``)
+is accepted as the run folder too. Options are ``key=value`` (``--key value`` works as well); the first other
+argument is the run folder, whatever characters its name holds.
 """
 from __future__ import annotations
 
-import argparse
+import re
 import sys
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
-from transformers import AutoConfig, AutoModelForCausalLM
 
-from qaft.deploy.checkpoint import QUANT_FILE, build_skeleton, load_quantized, save_quantized
+from qaft.deploy.checkpoint import QUANT_FILE, load_merged, load_quantized, save_quantized
+from qaft.methods.deploy import QuantizedLinear
 from qaft.models import load_tokenizer
 
-
-def _from_state(path: Path) -> torch.nn.Module:
-    saved = torch.load(path, map_location="cpu", weights_only=False)
-    state, bits = saved["state_dict"], int(saved["qaft"]["bits"])
-    config = AutoConfig.for_model(**saved["config"])
-    skeleton = build_skeleton(config, {})
-    layers = {}
-    for key in (k for k in state if k.endswith(".qweight")):
-        name = key[: -len(".qweight")]
-        in_f = skeleton.get_submodule(name).in_features  # packed width does not say it for 3 bits
-        layers[name] = {"bits": bits, "group_size": in_f // state[f"{name}.scale"].shape[1], "in_features": in_f,
-                        "out_features": state[key].shape[0], "bias": f"{name}.bias" in state}
-    model = build_skeleton(config, layers)
-    model.load_state_dict(state, strict=False, assign=True)
-    model.tie_weights()
-    return model.eval()
+FORMATS = ("qaft", "gguf")
+USAGE = "usage: qaft-export RUN_DIR [format=qaft|gguf] [out=PATH]"
 
 
 def load_run(run_dir: Path) -> tuple[torch.nn.Module, object | None]:
     """The merged integer model of a run folder and its tokenizer (if it can be found)."""
+    from qaft.eval.runs import merged_model_dir, read_run
+
     if (run_dir / QUANT_FILE).is_file():
         return load_quantized(run_dir), load_tokenizer(str(run_dir))
     cfg = OmegaConf.load(run_dir / "config.yaml")
+    model = load_merged(merged_model_dir(run_dir, read_run(run_dir)))
     tokenizer = load_tokenizer(cfg.model.name_or_path)
-    if (run_dir / "merged_model.pt").is_file():
-        return _from_state(run_dir / "merged_model.pt"), tokenizer
-    if (run_dir / "merged_model").is_dir():
-        import qaft
-        model = AutoModelForCausalLM.from_pretrained(str(run_dir / "merged_model"), dtype=torch.float32)
-        return qaft.ptq_model(model, int(cfg.method.bits), int(cfg.method.group_size)), tokenizer
-    raise FileNotFoundError(f"{run_dir}: no merged model (run with save_model=true) and no {QUANT_FILE}")
+    if any(isinstance(m, QuantizedLinear) for m in model.modules()):
+        return model, tokenizer
+    import qaft
+
+    return qaft.ptq_model(model, int(cfg.method.bits), int(cfg.method.group_size), inplace=True), tokenizer
 
 
-def main(argv: list[str] | None = None) -> Path:
-    # Accept Hydra-style key=value as well as --key value.
-    argv = [f"--{a}" if "=" in a and not a.startswith("-") else a for a in (sys.argv[1:] if argv is None else argv)]
-    p = argparse.ArgumentParser(prog="qaft-export", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run_dir", type=Path)
-    p.add_argument("--format", choices=("qaft", "gguf"), default="qaft")
-    p.add_argument("--out", type=Path, default=None, help="default: <run_dir>/export_<format>[.gguf]")
-    args = p.parse_args(argv)
-    model, tokenizer = load_run(args.run_dir)
-    if args.format == "qaft":
-        out = save_quantized(model, args.out or args.run_dir / "export_qaft", tokenizer)
+def parse_args(argv: list[str]) -> tuple[Path, dict[str, str | None]]:
+    """``RUN_DIR`` and the ``key=value`` options (``ValueError`` with a one-line reason on anything else)."""
+    options: dict[str, str | None] = {"format": "qaft", "out": None}
+    run_dir, rest = None, list(argv)
+    while rest:
+        arg = rest.pop(0)
+        match = re.fullmatch(r"(?:--)?(format|out)(?:=(.*))?", arg)
+        if match and (match.group(2) is not None or arg.startswith("--")):
+            options[match.group(1)] = match.group(2) if match.group(2) is not None else (rest.pop(0) if rest else "")
+        elif run_dir is None and not arg.startswith("-"):
+            run_dir = Path(arg)
+        else:
+            raise ValueError(f"unexpected argument {arg!r}")
+    if run_dir is None:
+        raise ValueError("missing RUN_DIR")
+    if options["format"] not in FORMATS:
+        raise ValueError(f"format={options['format']!r} must be one of {FORMATS}")
+    return run_dir, options
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point; 0 on success, 2 on a usage error or an unreadable run folder."""
+    try:
+        run_dir, options = parse_args(sys.argv[1:] if argv is None else argv)
+        model, tokenizer = load_run(run_dir)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"qaft-export: {err}\n{USAGE}", file=sys.stderr)
+        return 2
+    out = Path(options["out"]) if options["out"] else None
+    if options["format"] == "qaft":
+        written = save_quantized(model, out or run_dir / "export_qaft", tokenizer)
     else:
         from qaft.deploy.gguf_export import export_gguf
-        out = export_gguf(model, args.out or args.run_dir / "export.gguf", name=args.run_dir.name)
-    print(f"wrote {out}")
-    return out
+        written = export_gguf(model, out or run_dir / "export.gguf", name=run_dir.name)
+    print(f"wrote {written}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,20 +1,24 @@
-"""One method-agnostic LightningModule for every qaft method, and the resumable data stream it trains on.
+"""One method-agnostic LightningModule for every qaft method, and the callbacks every run trains with.
 
 The module knows nothing about any particular method: it applies ``config`` through the core API, moves the
 phases at optimizer-step boundaries with :func:`qaft.set_training_step`, and builds AdamW once from
 :func:`qaft.parameter_groups` (one group per role, each with its own lr and weight decay). Methods that need
-calibration data (GPTQ) get it from :meth:`RunData.calibration_batches`.
+calibration data (GPTQ) get it from :meth:`qaft.data.stream.RunData.calibration_batches`.
+
+A checkpoint holds only what trains (plus quantizer state), the run's identity and the RNG state, so that a
+resume continues the exact computation; :class:`DivergenceGuard` stops a run at its first non-finite number.
 """
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from lightning_fabric.plugins import TorchCheckpointIO
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader, Sampler
 
 import qaft
 from qaft.config_schema import SCHEDULES
@@ -23,9 +27,10 @@ from qaft.methods.gptq_model import GPTQOptions, apply_method_calibrated, needs_
 from qaft.model import qaft_layers
 from qaft.models import load_causal_lm
 from qaft.peak_memory import PeakMemory
+from qaft.records import Diverged, atomic_write
 
 # Quantizer state worth keeping in a checkpoint even where it is a buffer (symmetric offsets, QA-LoRA's s, b).
-QUANT_STATE = ("scale", "offset", "magnitude")
+QUANT_STATE = ("scale", "offset", "zero", "magnitude")
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str) -> float:
@@ -40,10 +45,12 @@ class QaftModule(pl.LightningModule):
     """Causal LM with a qaft method applied; trains whatever the method's current phase trains."""
 
     def __init__(self, cfg: DictConfig, method: MethodConfig,
-                 calib_batches: list[dict[str, torch.Tensor]] | None = None, gptq: GPTQOptions | None = None) -> None:
-        """``calib_batches`` / ``gptq``: the calibration data and GPTQ options of a method that needs them."""
+                 calib_batches: list[dict[str, torch.Tensor]] | None = None, gptq: GPTQOptions | None = None,
+                 identity: dict[str, Any] | None = None) -> None:
+        """``calib_batches`` / ``gptq``: the calibration data and GPTQ options of a method that needs them;
+        ``identity``: the run's identity config (:mod:`qaft.identity`), stored in every checkpoint."""
         super().__init__()
-        self.cfg, self.method = cfg, method
+        self.cfg, self.method, self.identity = cfg, method, identity or {}
         # Checkpoints hold only trained tensors; everything else is rebuilt from config + seed.
         self.strict_loading = False
         dtype = getattr(torch, cfg.model.dtype)
@@ -83,6 +90,7 @@ class QaftModule(pl.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.model(**batch).loss
+        self.last_loss = loss.detach()
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
         return loss
 
@@ -128,15 +136,22 @@ class QaftModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         keep = self.checkpoint_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
-        checkpoint["qaft"] = {"method": self.method.to_dict(), "seed": int(self.cfg.seed),
-                              "base_digest": self.base_digest}
+        rng = {"cpu": torch.get_rng_state()} | ({"cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available()
+                                                else {})
+        checkpoint["qaft"] = {"identity": self.identity, "base_digest": self.base_digest, "rng": rng}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Runs before the state dict loads: trained adapters on a different base would train on silently.
-        saved = checkpoint.get("qaft", {}).get("base_digest")
-        if saved != self.base_digest:
+        saved = checkpoint.get("qaft", {})
+        if saved.get("base_digest") != self.base_digest:
             raise RuntimeError("resume: the GPTQ base rebuilt from the calibration data differs from the one the "
                                "checkpoint was trained on (other data, options or numerics); rerun with resume=never")
+        # Dropout draws from the global RNG: continue its stream where the checkpoint left it.
+        rng = saved.get("rng", {})
+        if "cpu" in rng:
+            torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
 
 
 class TrainingStats(pl.Callback):
@@ -177,70 +192,63 @@ class TrainingStats(pl.Callback):
         }, on_step=True, on_epoch=False, rank_zero_only=True)
 
 
-class StreamSampler(Sampler[int]):
-    """The whole run's sample order as one stream, so that a resumed run continues it exactly.
+def _all_finite(tensors: list[torch.Tensor]) -> bool:
+    """One device sync for the lot, not one per tensor."""
+    return not tensors or bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
-    Pass ``p`` over the data is ``randperm(n)`` seeded by ``seed + p``; rank ``r`` of ``world`` takes every
-    ``world``-th item; ``start`` items (all ranks together) were consumed before a resume.
+
+class DivergenceGuard(pl.Callback):
+    """Stops training (raises :class:`Diverged`) at the first non-finite loss, gradient or trained tensor, and
+    at a training loss above ``loss_vs_uniform * ln(vocab_size)``: a model that predicts worse than a uniform
+    guess over its vocabulary has diverged, even where its numbers stay finite (``None``: finiteness only).
+
+    Gradients are checked before the optimizer step and trained tensors right after it, before any checkpoint
+    of that step is written (Lightning runs checkpoint callbacks last), so the last checkpoint stays the last
+    sound state. Every rank takes part in the decision, so that all stop at the same step.
     """
 
-    def __init__(self, n: int, total: int, seed: int, start: int = 0, rank: int = 0, world: int = 1) -> None:
-        if n <= 0:
-            raise ValueError("the training split is empty")
-        self.n, self.total, self.seed, self.start, self.rank, self.world = n, total, seed, start, rank, world
+    def __init__(self, loss_vs_uniform: float | None = None) -> None:
+        self.loss_vs_uniform = loss_vs_uniform
 
-    def _indices(self) -> range:
-        return range(self.start + self.rank, self.total, self.world)
+    def _loss_problem(self, loss: torch.Tensor | None, vocab_size: int) -> str | None:
+        if loss is None:
+            return None
+        if not bool(torch.isfinite(loss)):
+            return f"non-finite loss ({float(loss)})"
+        limit = None if self.loss_vs_uniform is None else self.loss_vs_uniform * math.log(vocab_size)
+        if limit is not None and float(loss) > limit:
+            return f"loss {float(loss):.3f} above {self.loss_vs_uniform} x ln(vocab) = {limit:.3f} (worse than a uniform guess)"
+        return None
 
-    def __len__(self) -> int:
-        return len(self._indices())
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: QaftModule, optimizer: Any) -> None:
+        bad = self._loss_problem(getattr(pl_module, "last_loss", None), pl_module.model.config.vocab_size)
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if bad is None and not _all_finite(grads):
+            bad = "non-finite gradient"
+        self._check(trainer, bad and f"{bad} at step {trainer.global_step + 1}")
 
-    def __iter__(self):
-        perms: dict[int, list[int]] = {}
-        for i in self._indices():
-            p, j = divmod(i, self.n)
-            if p not in perms:
-                perms.clear()
-                perms[p] = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + p)).tolist()
-            yield perms[p][j]
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: QaftModule, *args: Any) -> None:
+        params = [p for group in qaft.parameter_groups(pl_module.model).values() for p in group]
+        ok = _all_finite([p.detach() for p in params])
+        self._check(trainer, None if ok else f"non-finite trained tensor after step {trainer.global_step}")
+
+    @staticmethod
+    def _check(trainer: pl.Trainer, problem: str | None) -> None:
+        if trainer.strategy.reduce_boolean_decision(problem is not None, all=False):
+            raise Diverged(f"{problem or 'divergence on another rank'}; the last checkpoint is the last sound "
+                           "state (lower the learning rate or check the data)")
 
 
-class RunData(pl.LightningDataModule):
-    """Wraps a qaft DataModule: its validation / test loaders as they are, its training set as a stream.
+class SafeCheckpointIO(TorchCheckpointIO):
+    """Checkpoints that neither run code nor leave debris.
 
-    The stream covers exactly ``max_steps`` optimizer steps and starts after the steps a restored checkpoint
-    already took, which Lightning's own restart (it replays an epoch from its first batch) does not do.
+    Written to a temporary file beside the target and renamed into place (a kill mid-write keeps the previous
+    checkpoint and leaves nothing in the system's temporary folder; :func:`qaft.records.remove_stale_temporaries`
+    clears a killed writer's file on the next start), and read back with ``weights_only=True``.
     """
 
-    def __init__(self, inner: pl.LightningDataModule, seed: int) -> None:
-        super().__init__()
-        self.inner, self.seed = inner, seed
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        atomic_write(path, lambda f: torch.save(checkpoint, f))
 
-    def setup(self, stage: str | None = None) -> None:
-        self.inner.setup(stage)
-
-    def calibration_batches(self, n: int) -> list[dict[str, torch.Tensor]]:
-        """The first ``n`` batches of the stream a one-process run trains on from step 0 (GPTQ's data).
-
-        Independent of rank, world size and resume step, so every rank and every resume rebuild the same base.
-        """
-        base = self.inner.train_dataloader()
-        sampler = StreamSampler(len(base.dataset), n * base.batch_size, self.seed)
-        return list(DataLoader(base.dataset, batch_size=base.batch_size, sampler=sampler, collate_fn=base.collate_fn))
-
-    def train_dataloader(self) -> DataLoader:
-        base = self.inner.train_dataloader()
-        trainer = self.trainer
-        per_step = base.batch_size * trainer.accumulate_grad_batches * trainer.world_size
-        sampler = StreamSampler(len(base.dataset), int(trainer.max_steps) * per_step, self.seed,
-                                start=trainer.global_step * per_step, rank=trainer.global_rank,
-                                world=trainer.world_size)
-        return DataLoader(base.dataset, batch_size=base.batch_size, sampler=sampler, drop_last=True,
-                          collate_fn=base.collate_fn, num_workers=base.num_workers)
-
-    def val_dataloader(self) -> DataLoader:
-        return self.inner.val_dataloader()
-
-    def test_dataloader(self) -> DataLoader:
-        return self.inner.test_dataloader()
-
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        return torch.load(path, map_location=map_location or "cpu", weights_only=True)

@@ -1,13 +1,16 @@
 """A whole run from a validated config: train, evaluate, save the deployable model, write the record.
 
 ``qaft.train`` validates and calls :func:`run`; everything here assumes :func:`qaft.config_schema.validate`
-has passed, so any exception from here on is a failed *run* (recorded as such), not a bad config.
+has passed, so an exception from here on is a run that did not finish, recorded with its status
+(:mod:`qaft.records`): ``failed``, ``diverged`` or ``interrupted``. A run folder belongs to one process at a
+time (:class:`qaft.run_control.RunLock`); a finished ``ok`` run is not run again (``resume=never`` forces it).
 """
 from __future__ import annotations
 
 import functools
-import os
+import math
 import shutil
+import signal
 from pathlib import Path
 from typing import Any, Callable
 
@@ -18,23 +21,34 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities import rank_zero_only
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from qaft.config_schema import ConfigError, RunSpec, run_name, validate
 from qaft.data import lm_eval_windows, load_lm_texts
-from qaft.evaluate import Batch, batches_perplexity, end_of_run, format_table, is_integer_model, window_batches
-from qaft.lightning import QaftModule, RunData, TrainingStats
+from qaft.data.stream import RunData
+from qaft.deploy.checkpoint import save_merged
+from qaft.evaluate import Batch, batches_perplexity, end_of_run, format_table, window_batches
+from qaft.identity import config_digest, differences, identity_config
+from qaft.lightning import DivergenceGuard, QaftModule, SafeCheckpointIO, TrainingStats
 from qaft.methods.gptq_model import gptq_quantize_model
 from qaft.models import load_causal_lm, load_tokenizer
-from qaft.records import MetricsRecorder, RunRecord, training_cost, trim_metrics
+from qaft.records import (DIVERGED, FAILED, INTERRUPTED, OK, RECORD_FILE, Diverged, MetricsRecorder, RunInterrupted,
+                          RunRecord, read_record, remove_stale_temporaries, training_cost, trim_metrics)
+from qaft.run_control import LOCK_FILE, RunLock, SignalGuard, StopOnSignal
 
-CHECKPOINTS, LAST = "checkpoints", "last.ckpt"
+CHECKPOINTS, LAST, MERGED = "checkpoints", "last.ckpt", "merged_model"
+
+
+class ResumeRefused(ConfigError):
+    """A checkpoint that is not this run's: resuming it would train something other than the config says."""
 
 
 def run_dir_of(cfg: DictConfig) -> Path:
-    """The run folder: Hydra's output folder inside a Hydra app, else the config's name under ``runs_root``."""
+    """The run folder: Hydra's output folder inside a Hydra app, else ``runs_root/<name>-<identity digest>``."""
     if HydraConfig.initialized():
         return Path(HydraConfig.get().runtime.output_dir)
-    return Path(cfg.runs_root) / run_name(cfg.method, cfg.model.name_or_path, cfg.data.name, cfg.seed)
+    name = run_name(cfg.method, cfg.model.name_or_path, cfg.data.name, cfg.seed)
+    return Path(cfg.runs_root) / f"{name}-{config_digest(cfg)}"
 
 
 def discard_run_dir(runs_root: str | None = None) -> None:
@@ -44,7 +58,7 @@ def discard_run_dir(runs_root: str | None = None) -> None:
         return
     hydra_cfg = HydraConfig.get()
     out = Path(hydra_cfg.runtime.output_dir).resolve()
-    if not out.is_dir() or not {p.name for p in out.iterdir()} <= {".hydra", f"{hydra_cfg.job.name}.log"}:
+    if not out.is_dir() or not {p.name for p in out.iterdir()} <= {".hydra", f"{hydra_cfg.job.name}.log", LOCK_FILE}:
         return
     shutil.rmtree(out)
     root = Path(runs_root).resolve() if runs_root else out.parent
@@ -54,57 +68,55 @@ def discard_run_dir(runs_root: str | None = None) -> None:
         parent = parent.parent
 
 
-class DumpTrainable(pl.Callback):
-    """Each rank saves its trained tensors at the end (the DDP test checks that ranks agree)."""
-
-    def __init__(self, run_dir: Path) -> None:
-        self.run_dir = run_dir
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: QaftModule) -> None:
-        keys = pl_module.checkpoint_keys()
-        state = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items() if k in keys}
-        torch.save(state, self.run_dir / f"trainable_rank{trainer.global_rank}.pt")
-
-
-class CrashAfter(pl.Callback):
-    """Hard-exits, like a killed job, once ``steps`` optimizer steps are done (the resume test)."""
-
-    def __init__(self, steps: int) -> None:
-        self.steps = steps
-
-    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
-        if trainer.global_step >= self.steps:
-            os._exit(3)
-
-
-def build_trainer(cfg: DictConfig, run_dir: Path) -> pl.Trainer:
-    """Lightning's Trainer from ``cfg.trainer`` plus qaft's record, checkpoint and debug callbacks."""
+def build_trainer(cfg: DictConfig, run_dir: Path, guard: SignalGuard) -> pl.Trainer:
+    """Lightning's Trainer from ``cfg.trainer`` plus qaft's record, safety and checkpoint callbacks, and the
+    config's own ``callbacks`` (``_target_`` nodes, e.g. a profiler or a test's probe)."""
     callbacks: list[pl.Callback] = [
         TrainingStats(),
+        DivergenceGuard(cfg.divergence.loss_vs_uniform),
         MetricsRecorder(run_dir),
+        StopOnSignal(guard, run_dir / CHECKPOINTS / LAST),
         ModelCheckpoint(dirpath=run_dir / CHECKPOINTS, save_last=True, save_top_k=0,
                         every_n_train_steps=int(cfg.checkpoint.every_n_steps), enable_version_counter=False),
     ]
-    if cfg.debug.dump_trainable:
-        callbacks.append(DumpTrainable(run_dir))
-    if cfg.debug.crash_after_steps:
-        callbacks.append(CrashAfter(int(cfg.debug.crash_after_steps)))
+    callbacks += [instantiate(node) for node in (cfg.get("callbacks") or {}).values() if node]
     logger = instantiate(cfg.logger, save_dir=str(run_dir), name=run_dir.name) if cfg.logger.get("_target_") else False
-    return instantiate(cfg.trainer, callbacks=callbacks, logger=logger, default_root_dir=str(run_dir))
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=logger, default_root_dir=str(run_dir),
+                       plugins=[SafeCheckpointIO()])
 
 
-def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
-    """``resume=auto`` continues from the folder's ``last.ckpt`` when there is one; a path resumes from it."""
-    last = run_dir / CHECKPOINTS / LAST
-    choices: dict[str, Callable[[], Path | None]] = {
-        "auto": lambda: last if last.is_file() else None, "never": lambda: None}
+def resume_checkpoint(cfg: DictConfig, run_dir: Path, identity: dict[str, Any]) -> str | None:
+    """``resume=auto``: the folder's ``last.ckpt`` when there is one; a path: that file; ``never``: none.
+
+    The checkpoint must carry this run's identity; anything else is refused (:class:`ResumeRefused`).
+    """
     choice = str(cfg.resume)
-    path = choices[choice]() if choice in choices else Path(choice)
+    last = run_dir / CHECKPOINTS / LAST
+    path = {"auto": last if last.is_file() else None, "never": None}.get(choice, Path(choice))
     if path is None:
+        rank_zero_only(_start_over)(run_dir)
         return None
-    step = torch.load(path, map_location="cpu", weights_only=False)["global_step"]
-    rank_zero_only(trim_metrics)(run_dir, step)
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # noqa: BLE001 - not a checkpoint, or one that would need to run code to load
+        raise ResumeRefused(f"resume: {path} is not a readable checkpoint ({type(err).__name__}); "
+                            "rerun with resume=never to start over") from None
+    theirs = saved.get("qaft", {}).get("identity")
+    if theirs is None:
+        raise ResumeRefused(f"resume: {path} carries no run identity (written by an older qaft); "
+                            "rerun with resume=never to start over")
+    if theirs != identity:
+        raise ResumeRefused(f"resume: {path} was trained with another config ({'; '.join(differences(theirs, identity))}); "
+                            "rerun with resume=never to start over, or without resume=<path>")
+    rank_zero_only(trim_metrics)(run_dir, int(saved["global_step"]))
     return str(path)
+
+
+def _start_over(run_dir: Path) -> None:
+    """A run that starts at step 0 keeps nothing of an earlier attempt in its folder (rows, checkpoints, record)."""
+    trim_metrics(run_dir, 0)
+    shutil.rmtree(run_dir / CHECKPOINTS, ignore_errors=True)
+    (run_dir / RECORD_FILE).unlink(missing_ok=True)
 
 
 def _lm_batches(cfg: DictConfig, tokenizer: Any, data: RunData) -> list[Batch]:
@@ -123,26 +135,15 @@ def _instruct_batches(cfg: DictConfig, tokenizer: Any, data: RunData) -> list[Ba
 EVAL_SETS = {"lm": _lm_batches, "instruct": _instruct_batches}
 
 
-def save_merged(merged: torch.nn.Module, tokenizer: Any, run_dir: Path) -> Path:
-    """Safetensors via ``save_pretrained`` for a float model; ``torch.save`` of the state dict when it holds
-    packed integer codes, which ``from_pretrained`` could not rebuild anyway."""
-    if is_integer_model(merged):
-        path = run_dir / "merged_model.pt"
-        torch.save({"state_dict": merged.state_dict(), "config": merged.config.to_dict(),
-                    "qaft": merged.qaft_config.to_dict()}, path)
-        return path
-    path = run_dir / "merged_model"
-    merged.save_pretrained(str(path), safe_serialization=True)
-    tokenizer.save_pretrained(str(path))
-    return path
-
-
-def _train(cfg: DictConfig, module: QaftModule, data: RunData, trainer: pl.Trainer, run_dir: Path) -> dict:
+def _train(cfg: DictConfig, module: QaftModule, data: RunData, trainer: pl.Trainer, ckpt: str | None) -> dict:
     if not module.trains:
         return {}
-    trainer.fit(module, datamodule=data, ckpt_path=resume_checkpoint(cfg, run_dir))
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt, weights_only=True)
+    expected = 1 if cfg.trainer.get("fast_dev_run") else int(cfg.trainer.max_steps)
+    if trainer.global_step != expected:  # a run record must never claim steps that did not happen
+        raise RuntimeError(f"training stopped at step {trainer.global_step} of {expected}")
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("train/", "val/"))}
-    cost = rank_zero_only(training_cost)(run_dir) or {}
+    cost = rank_zero_only(training_cost)(trainer.default_root_dir) or {}
     return {"final_" + k.replace("/", "_"): v for k, v in metrics.items()} | {
         "global_step": trainer.global_step, "cost": cost}
 
@@ -188,15 +189,22 @@ def _lm_eval(cfg: DictConfig, deployed: torch.nn.Module, tokenizer: Any, form: s
                      max_length=int(opts.max_length), model_form=form, limit=opts.limit)
 
 
-def _run(cfg: DictConfig, spec: RunSpec, run_dir: Path, record: RunRecord) -> dict[str, Any] | None:
+def _check_finite(metrics: dict[str, Any]) -> None:
+    bad = sorted(k for k, v in metrics.items() if k.startswith("ppl_") and not math.isfinite(v))
+    if bad:
+        raise Diverged(f"non-finite final metric(s) {bad}: the deployed model's outputs are not finite")
+
+
+def _run(cfg: DictConfig, spec: RunSpec, run_dir: Path, record: RunRecord, metrics: dict[str, Any],
+         guard: SignalGuard, ckpt: str | None) -> dict[str, Any] | None:
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     # The data comes first: a method calibrated on training batches (GPTQ) needs them to be built.
     data = RunData(instantiate(cfg.data.datamodule, tokenizer=load_tokenizer(cfg.model.name_or_path)), int(cfg.seed))
     calib = data.calibration_batches(spec.calibration.calib_batches) if spec.calibration else None
-    module = QaftModule(cfg, spec.method, calib, spec.calibration)
-    trainer = build_trainer(cfg, run_dir)
+    module = QaftModule(cfg, spec.method, calib, spec.calibration, identity_config(cfg))
+    trainer = build_trainer(cfg, run_dir, guard)
     record.lap("load")
-    metrics = _train(cfg, module, data, trainer, run_dir)
+    metrics |= _train(cfg, module, data, trainer, ckpt)
     record.lap("train")
     if not trainer.is_global_zero:
         return None
@@ -208,30 +216,68 @@ def _run(cfg: DictConfig, spec: RunSpec, run_dir: Path, record: RunRecord) -> di
         form = "merged" if deployed is merged else "merged+ptq"
         metrics["lm_eval"] = _lm_eval(cfg, deployed, module.tokenizer, form)
     record.lap("eval")
+    _check_finite(metrics)
     if cfg.save_model:
-        metrics["merged_model_path"] = str(save_merged(merged, module.tokenizer, run_dir))
+        save_merged(merged, run_dir / MERGED, module.tokenizer)
+        metrics["merged_model_path"] = MERGED  # relative: a copied or moved run folder stays whole
         record.lap("save")
-    record.finish("ok", metrics)
+    record.finish(OK, metrics)
     print(f"\n{format_table({k[4:]: v for k, v in results.items() if k.startswith('ppl_')}, spec.method.name, spec.bits, spec.group_size)}")
-    print(f"record: {run_dir / 'record.json'}")
+    print(f"record: {run_dir / RECORD_FILE}")
     return metrics
+
+
+def _status(err: BaseException) -> tuple[str, BaseException]:
+    if isinstance(err, SIGTERMException):  # Lightning's own SIGTERM exit (a signal between two of our checks)
+        return INTERRUPTED, RunInterrupted(signal.SIGTERM)
+    if isinstance(err, KeyboardInterrupt):
+        return INTERRUPTED, RunInterrupted(signal.SIGINT)
+    return (INTERRUPTED if isinstance(err, RunInterrupted) else DIVERGED if isinstance(err, Diverged) else FAILED), err
+
+
+def _preset() -> str | None:
+    """The ``method`` option Hydra composed (``loftq_int`` is LoftQ on the integer base), if any."""
+    return HydraConfig.get().runtime.choices.get("method") if HydraConfig.initialized() else None
+
+
+def _finished(run_dir: Path, cfg: DictConfig) -> dict[str, Any] | None:
+    """The metrics of an ``ok`` record already in the folder (a rerun of a finished run does nothing)."""
+    record = read_record(run_dir)
+    if str(cfg.resume) == "never" or not record or record.get("status") != OK:
+        return None
+    print(f"qaft-train: {run_dir} already finished (status ok); resume=never runs it again")
+    return record.get("metrics", {})
 
 
 def run(cfg: DictConfig, spec: RunSpec | None = None) -> dict[str, Any] | None:
     """Run the job ``cfg`` describes; returns its final metrics (``None`` on ranks other than 0).
 
-    An invalid config raises :class:`ConfigError` before anything is written; after that, any failure
-    leaves a ``failed`` record and is re-raised.
+    An invalid config raises :class:`ConfigError` before anything is written; after that, a run that does not
+    finish leaves its record (``failed``, ``diverged`` or ``interrupted``) and re-raises.
     """
     spec = spec or validate(cfg)
-    run_dir = run_dir_of(cfg)
-    record = RunRecord(run_dir, cfg, spec)
-    record.write_config()
+    run_dir, identity = run_dir_of(cfg), identity_config(cfg)
+    lock = RunLock(run_dir).acquire() if rank_zero_only.rank == 0 else None
     try:
-        return _run(cfg, spec, run_dir, record)
-    except BaseException as err:  # KeyboardInterrupt too: the record must not look finished
-        record.finish("failed", error=err)
-        raise
+        if rank_zero_only.rank == 0 and (done := _finished(run_dir, cfg)) is not None:
+            return done
+        with SignalGuard() as guard:
+            ckpt = resume_checkpoint(cfg, run_dir, identity)  # a refused checkpoint costs no model load
+            remove_stale_temporaries(run_dir / CHECKPOINTS)
+            record = RunRecord(run_dir, cfg, spec, config_digest(identity), _preset())
+            record.write_config()
+            metrics: dict[str, Any] = {}
+            try:
+                return _run(cfg, spec, run_dir, record, metrics, guard, ckpt)
+            except BaseException as err:  # KeyboardInterrupt too: the record must not look finished
+                status, reason = _status(err)
+                record.finish(status, metrics, error=reason)
+                if reason is not err:
+                    raise reason from None
+                raise
+    finally:
+        if lock is not None:
+            lock.release()
 
 
-__all__ = ["ConfigError", "build_trainer", "discard_run_dir", "run", "run_dir_of", "save_merged"]
+__all__ = ["ConfigError", "ResumeRefused", "build_trainer", "discard_run_dir", "run", "run_dir_of"]

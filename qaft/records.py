@@ -2,18 +2,34 @@
 
 * ``config.yaml``: the resolved config (reruns and reports read this, not the command line);
 * ``metrics.jsonl``: one JSON object per optimizer step (loss, lr per role, tokens/s, peak memory, ...);
-* ``record.json``: status ``ok`` or ``failed``, method, bits, group size, seed, model, data, final metrics
-  and timings. A report reads only ``ok`` records; a config that fails validation writes none of these.
+* ``record.json``: the status, method, bits, group size, seed, model, data, the config's identity digest,
+  final metrics and timings. A report reads only ``ok`` records; a config that fails validation writes none.
+
+Statuses (and the exit code of ``qaft-train``):
+
+* ``ok`` (0): trained exactly as configured, to ``max_steps``, every loss, gradient, trained tensor and final
+  metric finite, on the data the config names;
+* ``failed`` (1): an error; ``diverged`` (3): a non-finite loss, gradient, trained tensor or final metric,
+  the run stopped before keeping it (the last good checkpoint stays); ``interrupted`` (128 + signal number):
+  SIGTERM / SIGINT, checkpointed at a step boundary where it arrived during training, resumable.
+
+Every file is strict JSON, written to a temporary file beside its target and renamed into place: a kill
+leaves the previous version or the new one, never half of one. Non-finite numbers are written as ``null``
+and listed under ``"non_finite"`` with what they were.
 """
 from __future__ import annotations
 
 import json
+import math
+import os
 import platform
+import signal
 import statistics
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pytorch_lightning as pl
 import torch
@@ -24,6 +40,78 @@ import qaft
 from qaft.config_schema import RunSpec
 
 CONFIG_FILE, METRICS_FILE, RECORD_FILE = "config.yaml", "metrics.jsonl", "record.json"
+OK, FAILED, DIVERGED, INTERRUPTED = "ok", "failed", "diverged", "interrupted"
+EXIT_CODES = {OK: 0, FAILED: 1, DIVERGED: 3}
+TMP_MARK = ".tmp-"
+
+
+class Diverged(RuntimeError):
+    """A non-finite loss, gradient, trained tensor or final metric: the run must not be recorded ``ok``."""
+
+
+class RunInterrupted(Exception):
+    """SIGTERM or SIGINT: the run stops (checkpointed where possible) and can be resumed."""
+
+    def __init__(self, signum: int, step: int | None = None) -> None:
+        self.signum, self.step = int(signum), step
+        where = "" if step is None else f" at step {step}"
+        super().__init__(f"interrupted by {signal.Signals(self.signum).name}{where}")
+
+
+def exit_code(status: str, error: BaseException | None = None) -> int:
+    """The process exit status of a run that ended with ``status``."""
+    if isinstance(error, RunInterrupted):
+        return 128 + error.signum
+    return EXIT_CODES.get(status, 1)
+
+
+def atomic_write(path: Path | str, write: Callable[[IO[bytes]], None]) -> Path:
+    """Call ``write`` on a temporary file beside ``path``, then rename it into place (removed on any error)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Delete what :func:`atomic_write` left in ``folder`` when a process was killed mid-write."""
+    stale = [p for p in Path(folder).glob(f".*{TMP_MARK}*") if p.is_file()] if Path(folder).is_dir() else []
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
+def finite_json(value: Any, path: str = "", non_finite: dict[str, str] | None = None) -> Any:
+    """``value`` with every non-finite float replaced by ``None``; ``non_finite`` collects ``path -> repr``."""
+    if isinstance(value, dict):
+        return {k: finite_json(v, f"{path}.{k}" if path else str(k), non_finite) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(v, f"{path}[{i}]", non_finite) for i, v in enumerate(value)]
+    if isinstance(value, float) and not math.isfinite(value):
+        if non_finite is not None:
+            non_finite[path] = str(value)
+        return None
+    return value
+
+
+def dumps(value: Any, **kwargs: Any) -> str:
+    """Strict JSON (``NaN``/``Infinity`` would make the file unreadable by other JSON parsers)."""
+    return json.dumps(finite_json(value), allow_nan=False, **kwargs)
+
+
+def write_json(path: Path | str, data: dict[str, Any]) -> Path:
+    """Atomic strict-JSON write: a record is never half-written and never holds bare ``NaN``."""
+    text = dumps(data, indent=2) + "\n"
+    return atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def _number(value: Any) -> float | None:
@@ -52,7 +140,7 @@ class MetricsRecorder(pl.Callback):
                 row[key] = number
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(dumps(row) + "\n")
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         self._write(trainer, ("train/", "lr/"))
@@ -62,22 +150,31 @@ class MetricsRecorder(pl.Callback):
             self._write(trainer, ("val/",))
 
 
-def trim_metrics(run_dir: Path, step: int) -> None:
-    """Drop rows after ``step``: a killed run logged steps its last checkpoint does not hold."""
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The rows of ``metrics.jsonl`` (a last line cut short by a kill is dropped)."""
     path = Path(run_dir) / METRICS_FILE
-    if not path.is_file():
-        return
-    rows = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    path.write_text("".join(row + "\n" for row in rows))
+    rows = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def trim_metrics(run_dir: Path, step: int) -> None:
+    """Keep rows up to ``step``: a killed run logged steps its last checkpoint does not hold."""
+    path = Path(run_dir) / METRICS_FILE
+    if path.is_file():
+        text = "".join(dumps(r) + "\n" for r in read_metrics(run_dir) if r["step"] <= step)
+        atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def training_cost(run_dir: Path) -> dict[str, Any]:
     """What training cost, from ``metrics.jsonl``: median seconds per step (the first step excluded: it
     warms up allocators and kernels), the run's peak memory, and the largest trainable-parameter count
     over its phases (per phase as well, where a method has several, e.g. DL-QAT's s, b then m, A, B)."""
-    path = Path(run_dir) / METRICS_FILE
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
-    rows = [r for r in rows if "train/step_s" in r]
+    rows = [r for r in read_metrics(run_dir) if r.get("train/step_s") is not None]
     if not rows:
         return {}
     timed = rows[1:] or rows
@@ -88,28 +185,21 @@ def training_cost(run_dir: Path) -> dict[str, Any]:
             "trainable_params": float(max(phases)), "trainable_params_by_phase": phases}
 
 
-def last_step(run_dir: Path) -> int | None:
-    """The last optimizer step in ``metrics.jsonl`` (None if nothing was logged)."""
-    path = Path(run_dir) / METRICS_FILE
-    if not path.is_file():
-        return None
-    steps = [json.loads(line)["step"] for line in path.read_text().splitlines() if line]
-    return max(steps) if steps else None
-
-
 class RunRecord:
     """Writes a run folder's ``config.yaml`` now and its ``record.json`` when the run ends (rank 0 only)."""
 
-    def __init__(self, run_dir: Path, cfg: DictConfig, spec: RunSpec) -> None:
-        self.run_dir, self.cfg, self.spec = Path(run_dir), cfg, spec
+    def __init__(self, run_dir: Path, cfg: DictConfig, spec: RunSpec, identity: str, preset: str | None = None) -> None:
+        """``preset``: the ``method`` config option (``loftq_int``, ``ptq_gptq``), when it is not the method's name."""
+        self.run_dir, self.cfg, self.spec, self.identity = Path(run_dir), cfg, spec, identity
+        self.preset = preset or spec.method.name
         self.started = time.time()
         self.timings: dict[str, float] = {}
         self._mark = time.perf_counter()
 
     @rank_zero_only
     def write_config(self) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(self.cfg, self.run_dir / CONFIG_FILE, resolve=True)
+        text = OmegaConf.to_yaml(self.cfg, resolve=True)
+        atomic_write(self.run_dir / CONFIG_FILE, lambda f: f.write(text.encode()))
 
     def lap(self, name: str) -> None:
         """Record the seconds since the previous lap under ``timings[name + '_s']``."""
@@ -121,6 +211,7 @@ class RunRecord:
         method = self.spec.method
         return {
             "method": method.name,
+            "preset": self.preset,
             "bits": self.spec.bits,
             "group_size": self.spec.group_size,
             "rank": getattr(method, "rank", None),
@@ -131,6 +222,7 @@ class RunRecord:
             "steps": int(self.cfg.trainer.max_steps),
             "experiment": self.cfg.get("experiment_name"),
             "scale": OmegaConf.select(self.cfg, "scale.name"),
+            "identity": self.identity,
         }
 
     def _environment(self) -> dict[str, Any]:
@@ -139,20 +231,25 @@ class RunRecord:
 
     @rank_zero_only
     def finish(self, status: str, metrics: dict[str, Any] | None = None, error: BaseException | None = None) -> Path:
-        """Write ``record.json``; ``status`` is ``ok`` or ``failed`` (with the error and its traceback)."""
+        """Write ``record.json`` with ``status`` (and the error, with its traceback where it is a bug)."""
         self.timings["total_s"] = round(time.time() - self.started, 3)
-        record = {"status": status, **self._summary(), "metrics": metrics or {}, "timings": self.timings,
-                  "environment": self._environment(), "run_dir": str(self.run_dir),
+        non_finite: dict[str, str] = {}
+        record = {"status": status, **self._summary(), "metrics": finite_json(metrics or {}, "metrics", non_finite),
+                  "timings": self.timings, "environment": self._environment(), "run_dir": str(self.run_dir),
                   "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        if non_finite:
+            record["non_finite"] = non_finite
         if error is not None:
             record["error"] = f"{type(error).__name__}: {error}"
-            record["traceback"] = "".join(traceback.format_exception(error))[-4000:]
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        path = self.run_dir / RECORD_FILE
-        path.write_text(json.dumps(record, indent=2) + "\n")
-        return path
+            if status == FAILED:
+                record["traceback"] = "".join(traceback.format_exception(error))[-4000:]
+        return write_json(self.run_dir / RECORD_FILE, record)
 
 
-def read_record(run_dir: Path) -> dict[str, Any]:
-    """The ``record.json`` of a run folder."""
-    return json.loads((Path(run_dir) / RECORD_FILE).read_text())
+def read_record(run_dir: Path) -> dict[str, Any] | None:
+    """The ``record.json`` of a run folder, or None where there is none (or it cannot be read)."""
+    path = Path(run_dir) / RECORD_FILE
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None

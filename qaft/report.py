@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,15 @@ import pandas as pd
 import yaml
 
 MISSING, FAILED, INCOMPLETE = "missing", "failed", "incomplete"
+DIVERGED, INTERRUPTED, CORRUPT = "diverged", "interrupted", "corrupt"
+NOT_APPLICABLE = "—"
+# What a cell without an ok run says, most telling first.
+NOT_OK = (FAILED, DIVERGED, INTERRUPTED, CORRUPT, INCOMPLETE)
+
+
+def warn(message: str) -> None:
+    """Reports go on past a bad record, but say so (stderr, one line each)."""
+    print(f"qaft-report: {message}", file=sys.stderr)
 
 
 def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
@@ -52,11 +62,13 @@ def _row(record: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def _incomplete(folder: Path) -> dict[str, Any]:
-    """A run with a config but no record (killed, or still running): the keys a report selects on."""
+def _incomplete(folder: Path, status: str = INCOMPLETE) -> dict[str, Any]:
+    """A run with a config but no (readable) record: the keys a report selects on, from its ``config.yaml``."""
+    if not (folder / "config.yaml").is_file():
+        return {"status": status, "run_dir": str(folder)}
     cfg = yaml.safe_load((folder / "config.yaml").read_text()) or {}
     method, scale = cfg.get("method") or {}, cfg.get("scale") or {}
-    row = {"status": INCOMPLETE, "run_dir": str(folder), "method": method.get("name"), "bits": method.get("bits"),
+    row = {"status": status, "run_dir": str(folder), "method": method.get("name"), "bits": method.get("bits"),
            "group_size": method.get("group_size"), "seed": cfg.get("seed"), "experiment": cfg.get("experiment_name"),
            "scale": scale.get("name"), "model": (cfg.get("model") or {}).get("name_or_path"),
            "data": (cfg.get("data") or {}).get("name")}
@@ -74,10 +86,24 @@ def load_runs(root: str | Path) -> pd.DataFrame:
     for folder in sorted({p.parent for p in Path(root).rglob("config.yaml")} |
                          {p.parent for p in Path(root).rglob("record.json")}):
         if (folder / "record.json").is_file():
-            rows.append(_row(json.loads((folder / "record.json").read_text())))
+            record = _read(folder / "record.json")
+            # the folder it was read from, not the one it was written in: run folders may be moved
+            rows.append(_row({**record, "run_dir": str(folder)}) if record is not None else _incomplete(folder, CORRUPT))
         elif folder.name != ".hydra":
             rows.append(_incomplete(folder))
     return pd.DataFrame(rows)
+
+
+def _read(path: Path) -> dict[str, Any] | None:
+    """A record, or None (with a warning naming the file) where it is not readable JSON."""
+    try:
+        record = json.loads(path.read_text())
+        if isinstance(record, dict):
+            return record
+        raise ValueError("not a JSON object")
+    except (OSError, ValueError) as err:
+        warn(f"{path}: unreadable record ({type(err).__name__}: {err}); its cell is marked {CORRUPT!r}")
+        return None
 
 
 def archive_runs(root: str | Path, path: str | Path, where: list[dict[str, Any]] | None = None) -> Path:
@@ -85,7 +111,7 @@ def archive_runs(root: str | Path, path: str | Path, where: list[dict[str, Any]]
     JSON-lines file, sorted, so that a report can be rerun from it without the run folders."""
     root = Path(root)
     records = ([json.loads(line) for line in root.read_text().splitlines() if line] if root.is_file()
-               else [json.loads(p.read_text()) for p in sorted(root.rglob("record.json"))])
+               else [r for p in sorted(root.rglob("record.json")) if (r := _read(p)) is not None])
     if where:
         records = [r for r in records if any(all(_row(r).get(k) in (v if isinstance(v, list) else [v])
                                                  for k, v in w.items()) for w in where)]
@@ -131,8 +157,8 @@ def _values(runs: pd.DataFrame, column: str | list[str] | dict[str, Any]) -> pd.
 
 def _cell(values: pd.Series, decimals: int) -> str:
     values = values.dropna().astype(float)
-    if values.empty:
-        return MISSING
+    if values.empty:  # finished runs without this value (e.g. a +GPTQ column of an integer method)
+        return NOT_APPLICABLE
     if len(values) == 1:
         return f"{values.iloc[0]:.{decimals}f}"
     return f"{values.mean():.{decimals}f} ± {values.std(ddof=1):.{decimals}f}"
@@ -143,9 +169,21 @@ def _ok(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def _not_ok(runs: pd.DataFrame) -> str:
-    """What a cell without a finished run says: failed beats incomplete beats missing."""
+    """What a cell without a finished run says (the first of :data:`NOT_OK` among its runs, else missing)."""
     statuses = set(runs["status"]) if "status" in runs else set()
-    return FAILED if FAILED in statuses else INCOMPLETE if INCOMPLETE in statuses else MISSING
+    return next((s for s in NOT_OK if s in statuses), MISSING)
+
+
+def _newest_per_seed(ok: pd.DataFrame, row: dict[str, Any]) -> pd.DataFrame:
+    """One run per seed: where a cell holds several records of one seed, the newest, with a warning."""
+    if "seed" not in ok or not ok["seed"].duplicated().any():
+        return ok
+    order = ok.sort_values("finished", na_position="first") if "finished" in ok else ok
+    for seed, runs in order.groupby("seed"):
+        if len(runs) > 1:
+            warn(f"{row}: {len(runs)} records of seed {seed} ({', '.join(map(str, runs.get('run_dir', [])))}); "
+                 "kept the newest")
+    return order.drop_duplicates("seed", keep="last")
 
 
 def _grid(frame: pd.DataFrame, spec: dict[str, Any]) -> list[tuple]:
@@ -178,7 +216,7 @@ def build_table(frame: pd.DataFrame, spec: dict[str, Any]) -> pd.DataFrame:
     for combo in _grid(frame, spec):
         row = dict(zip(keys, combo))
         runs = _select(frame, row)
-        ok = _ok(runs)
+        ok = _newest_per_seed(_ok(runs), row)
         for label, column in columns.items():
             row[label] = _not_ok(runs) if ok.empty else _cell(_values(ok, column), spec.get("decimals", 2))
         row |= _ratios(frame, spec, dict(zip(keys, combo)), ok)

@@ -3,6 +3,10 @@
 With no arguments this is the main job: L4Q at int4, groups of 64, on SmolLM2-135M fine-tuned on Austen,
 ending with a float / PTQ / L4Q perplexity table. ``qaft-train -m method.bits=4,3 method.init=minmax,l4q,mse``
 sweeps; ``hydra/launcher=slurm`` sends each sweep job to a cluster as a DDP run.
+
+Exit status: 0 ``ok``; 1 ``failed``; 2 invalid config (one line, nothing written); 3 ``diverged``; 4 the run
+folder is in use by another process; 128 + signal ``interrupted`` (resumable). In a sweep, a job that did not
+finish does not stop the others; the sweep exits non-zero at the end.
 """
 from __future__ import annotations
 
@@ -15,34 +19,76 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from qaft.config_schema import ConfigError, validate
+from qaft.sweep_cleanup import SweepCleanup
 
 # The repository's top-level conf/ (the package is installed editable); absolute, because Hydra resolves a
 # relative path against the calling module, which differs between `qaft-train` and `python -m qaft.train`.
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+EXIT_BUSY = 4
+
+
+def _fail(message: str, code: int) -> None:
+    print(f"qaft-train: {message}", file=sys.stderr)
+    sys.exit(code)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
-def main(cfg: DictConfig) -> float | None:
+def _main(cfg: DictConfig) -> float | None:
     """Hydra entry point; returns the deployed model's perplexity (for sweepers that optimise it)."""
+    from qaft.pipeline import discard_run_dir
+
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         spec = validate(cfg)
     except ConfigError as err:
-        from qaft.pipeline import discard_run_dir
-
         discard_run_dir(cfg.get("runs_root"))
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
+        if multirun:
             raise  # one bad sweep point is reported by Hydra; the others still run
-        print(f"qaft-train: invalid config: {err}", file=sys.stderr)
-        sys.exit(2)
+        _fail(f"invalid config: {err}", 2)
     # Imported only now: a config error should cost no more than the imports validation needs.
     from qaft.evaluate import deployed_key
     from qaft.pipeline import run
+    from qaft.records import DIVERGED, FAILED, Diverged, RunInterrupted, exit_code
+    from qaft.run_control import RunBusy
 
-    metrics = run(cfg, spec)
+    try:
+        metrics = run(cfg, spec)
+    except ConfigError as err:  # a checkpoint refused on resume: nothing was written
+        discard_run_dir(cfg.get("runs_root"))
+        if multirun:
+            raise
+        _fail(str(err), 2)
+    except RunBusy as err:
+        if multirun:
+            raise
+        _fail(str(err), EXIT_BUSY)
+    except RunInterrupted as err:  # a sweep stops as a whole when the job is interrupted
+        _fail(f"{err}; rerun the same command to resume", exit_code("interrupted", err))
+    except Exception as err:
+        if multirun:
+            raise
+        from qaft.pipeline import run_dir_of
+
+        status = DIVERGED if isinstance(err, Diverged) else FAILED
+        _fail(f"run {status}: {type(err).__name__}: {err} (record: {run_dir_of(cfg) / 'record.json'})",
+              exit_code(status, err))
     if not metrics:
         return None
     key = "ppl_" + deployed_key({k[4:]: v for k, v in metrics.items() if k.startswith("ppl_")})
     return metrics.get(key)
+
+
+def main() -> None:
+    """Console entry point (see the module doc for exit statuses)."""
+    try:
+        _main()
+    except SystemExit as done:
+        if done.code not in (0, None):
+            SweepCleanup.after_failure()
+        raise
+    except BaseException:
+        SweepCleanup.after_failure()
+        raise
 
 
 if __name__ == "__main__":

@@ -24,7 +24,9 @@ def tiny_run_overrides(runs_root: Path, steps: int = 4) -> list[str]:
 
 def run_qaft_train(args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
     """``python -m qaft.train ARGS`` in a fresh process (what a user's shell does)."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    # tests/ on the path: the run_probes callbacks are plugged in through the config
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))}
     return subprocess.run([sys.executable, "-m", "qaft.train", *args], capture_output=True, text=True,
                           timeout=timeout, env=env)
 
@@ -32,3 +34,37 @@ def run_qaft_train(args: list[str], timeout: float = 600) -> subprocess.Complete
 @pytest.fixture
 def tiny_overrides(tmp_path: Path) -> list[str]:
     return tiny_run_overrides(tmp_path / "runs")
+
+
+def start_qaft_train(args: list[str]) -> subprocess.Popen:
+    """``python -m qaft.train ARGS`` started in the background (stdout/stderr captured as text)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))}
+    return subprocess.Popen([sys.executable, "-m", "qaft.train", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
+    """Until ``path`` exists; fails if ``proc`` ends first."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"process ended ({proc.returncode}) before {path} appeared:\n{proc.stderr.read()[-3000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"{path} did not appear within {timeout} s")
+        time.sleep(0.02)
+
+
+def signal_at_step(args: list[str], step: int, signum: int, marker: Path, pause: float = 600.0,
+                   timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run qaft-train, send ``signum`` to it while it waits before optimizer step ``step + 1`` (``step`` steps
+    done, see ``run_probes.PauseAt``), and wait for it to end."""
+    probe = f"+callbacks.pause={{_target_: run_probes.PauseAt, step: {step}, marker: '{marker}', seconds: {pause}}}"
+    proc = start_qaft_train([*args, probe])
+    wait_for(marker, proc)
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)

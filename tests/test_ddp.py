@@ -4,21 +4,23 @@ from __future__ import annotations
 import json
 
 import torch
+from safetensors.torch import load_file
 
 from conftest import run_qaft_train, tiny_run_overrides
 
 
 def test_two_cpu_ranks_hold_identical_trainable_parameters(tmp_path):
-    root = tmp_path / "runs"
+    root, dumps = tmp_path / "runs", tmp_path / "dumps"
     # L4Q with a LoRA warm-up: the phase change (s, b start training at step 2) must be synchronised too.
     proc = run_qaft_train([*tiny_run_overrides(root, steps=3), "trainer=ddp", "trainer.accelerator=cpu",
-                           "trainer.devices=2", "method.warmup_steps=2", "debug.dump_trainable=true"])
+                           "trainer.devices=2", "method.warmup_steps=2",
+                           f"+callbacks.dump={{_target_: run_probes.DumpTrainable, run_dir: '{dumps}'}}"])
     assert proc.returncode == 0, proc.stderr[-4000:]
     (record_path,) = root.rglob("record.json")  # rank 0 alone writes the record
     record = json.loads(record_path.read_text())
     assert record["status"] == "ok" and record["metrics"]["global_step"] == 3
     run_dir = record_path.parent
-    rank0, rank1 = (torch.load(run_dir / f"trainable_rank{r}.pt") for r in (0, 1))
+    rank0, rank1 = (load_file(dumps / f"trainable_rank{r}.safetensors") for r in (0, 1))
     assert rank0.keys() == rank1.keys() and any(k.endswith("scale") for k in rank0)
     for key in rank0:
         assert torch.equal(rank0[key], rank1[key]), key

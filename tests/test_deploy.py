@@ -1,5 +1,6 @@
 """Inference layers (kernel dispatch) and the packed checkpoint, on the tiny random LLaMA."""
 import copy
+import json
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from qaft.deploy import (
     DequantLinear, Int4Linear, Int8Linear, backend_counts, inference_layer, load_quantized,
     prepare_for_inference, save_quantized,
 )
-from qaft.deploy.checkpoint import QUANT_FILE, read_quantization
+from qaft.deploy.checkpoint import QUANT_FILE, read_quantization, save_merged
 from qaft.methods.deploy import QuantizedLinear, rtn_quantize_linear
 from qaft.models import build_tiny_llama
 
@@ -136,14 +137,11 @@ def test_save_refuses_float_model(tmp_path):
 
 
 def _fake_run(run_dir, merged, float_model=None):
-    """A run folder as qaft.pipeline.save_merged leaves it."""
+    """A run folder as qaft-train leaves it (merged model, record naming it relative to the folder)."""
     run_dir.mkdir(parents=True)
     (run_dir / "config.yaml").write_text("model: {name_or_path: tiny-llama}\nmethod: {bits: 4, group_size: 32}\n")
-    if float_model is not None:
-        float_model.save_pretrained(str(run_dir / "merged_model"))
-        return
-    torch.save({"state_dict": merged.state_dict(), "config": merged.config.to_dict(),
-                "qaft": {"method": "ptq", "bits": 4, "group_size": 32}}, run_dir / "merged_model.pt")
+    save_merged(merged if float_model is None else float_model, run_dir / "merged_model")
+    (run_dir / "record.json").write_text(json.dumps({"status": "ok", "metrics": {"merged_model_path": "merged_model"}}))
 
 
 @pytest.mark.parametrize("kind", ["integer", "float"])
@@ -152,8 +150,8 @@ def test_qaft_export_cli_packed(tmp_path, kind):
     float_model = build_tiny_llama()
     merged = qaft.ptq_model(float_model, 4, 32)
     _fake_run(tmp_path / "run", merged, float_model if kind == "float" else None)
-    out = main([str(tmp_path / "run"), "format=qaft"])
-    loaded = load_quantized(out)
+    assert main([str(tmp_path / "run"), "format=qaft"]) == 0
+    loaded = load_quantized(tmp_path / "run" / "export_qaft")
     ids = torch.randint(0, 1000, (1, 8))
     assert torch.equal(loaded(ids).logits, merged(ids).logits)
-    assert (out / "tokenizer_config.json").is_file()
+    assert (tmp_path / "run" / "export_qaft" / "tokenizer_config.json").is_file()

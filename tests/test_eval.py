@@ -117,13 +117,13 @@ def test_run_folder_merged_model_is_evaluated_into_its_record(tmp_path):
 
     from qaft.eval.cli import CONF_DIR, evaluate
     from qaft.eval.runs import load_run_model
-    from qaft.pipeline import save_merged
+    from qaft.deploy.checkpoint import save_merged
 
     base, tokenizer = load_causal_lm("tiny-llama")
     model = qaft.apply_method(base, qaft.config_for("l4q", bits=4, group_size=32, rank=4))
     merged = qaft.merge_model(model)
-    path = save_merged(merged, tokenizer, tmp_path)
-    record = {"status": "ok", "model": "tiny-llama", "metrics": {"merged_model_path": str(path), "ppl_merged": 1.0}}
+    save_merged(merged, tmp_path / "merged_model", tokenizer)
+    record = {"status": "ok", "model": "tiny-llama", "metrics": {"merged_model_path": "merged_model", "ppl_merged": 1.0}}
     (tmp_path / "record.json").write_text(json.dumps(record))
     loaded, _, _ = load_run_model(tmp_path)
     ids = token_batch(seed=3) + 100

@@ -52,7 +52,7 @@ def test_every_point_composes_and_validates(name, scale):
     assert len(points) >= 6
     for point in points:
         cfg = _compose(base + point)
-        spec = validate(cfg)
+        spec = validate(cfg, resources=scale == "tiny")  # paper scale: LLaMA-2 and Alpaca from the hub
         assert cfg.experiment_name == name and cfg.scale.name == scale
         if scale == "tiny":
             assert cfg.model.name_or_path == "smollm2-135m" and cfg.data.name == "austen"
@@ -102,18 +102,30 @@ def test_every_experiment_runs_on_the_tiny_model(name, tmp_path, monkeypatch):
 def test_a_failed_run_leaves_the_others_and_the_report_intact(tmp_path, monkeypatch):
     from qaft.models import load_causal_lm
 
-    local = tmp_path / "tiny"
-    for part in load_causal_lm("tiny-llama"):  # a local copy of the built-in tiny model: model and tokenizer
-        part.save_pretrained(local)
+    local, broken = tmp_path / "tiny", tmp_path / "broken"
+    for folder in (local, broken):  # local copies of the built-in tiny model: model and tokenizer
+        for part in load_causal_lm("tiny-llama"):
+            part.save_pretrained(folder)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")  # passes validation, fails to load
     root = tmp_path / "runs"
     # the failing job runs first: the sweep goes on after it
-    _multirun(["model=hf", f"model.name_or_path=org/not-on-this-machine,{local}", "model.dtype=float32",
+    _multirun(["model=hf", f"model.name_or_path={broken},{local}", "model.dtype=float32",
                "experiment_name=robust", *FAST, f"runs_root={root}"], monkeypatch, fails=True)
     by_model = {Path(r["model"]).name: r for r in _records(root)}
     assert by_model["tiny"]["status"] == "ok"
-    assert by_model["not-on-this-machine"]["status"] == "failed" and by_model["not-on-this-machine"]["error"]
+    assert by_model["broken"]["status"] == "failed" and by_model["broken"]["error"]
     spec = {"name": "robust", "where": {"experiment": "robust"}, "rows": ["model"],
             "columns": {"ppl": "metrics.deployed"}}
     table = report.build_table(report.load_runs(root), spec).set_index("model")
     assert table.loc[str(local), "ppl"] not in (report.FAILED, report.MISSING)
-    assert table.loc["org/not-on-this-machine", "ppl"] == report.FAILED
+    assert table.loc[str(broken), "ppl"] == report.FAILED
+
+
+def test_a_sweep_with_an_unknown_option_names_it_and_leaves_nothing(tmp_path):
+    from conftest import run_qaft_train
+
+    root = tmp_path / "runs"
+    proc = run_qaft_train(["-m", "model=tiny-llama", f"runs_root={root}", "method=lora,no_such,l4q",
+                           "trainer.fast_dev_run=true"])
+    assert proc.returncode != 0 and "Could not find 'method/no_such'" in proc.stderr
+    assert not root.exists() or not list(root.rglob("*")), list(root.rglob("*"))

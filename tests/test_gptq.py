@@ -161,3 +161,32 @@ def test_padding_tokens_stay_out_of_the_hessians():
         # (masked attention may round differently in the last bit: allow a rare code at a rounding boundary)
         assert (c == unpadded[name]).float().mean() >= 0.999, name
         assert (c == unmasked[name]).float().mean() < 0.99, name
+
+
+def test_integer_zero_point_reaches_gptq_through_the_ptq_config():
+    """``ptq`` + ``gptq`` with ``zero_point="int"``: every group of every layer on the integer-zero grid."""
+    calib = [token_batch(seed=i, batch=2, length=32) for i in range(2)]
+    config = qaft.config_for("ptq", bits=2, group_size=32, algorithm="gptq", zero_point="int")
+    model = apply_method_calibrated(tiny_llama(), config, calib)
+    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    assert len(layers) == 14
+    for layer in layers:
+        ratio = layer.offset.double() / layer.scale.double()
+        assert bool(((ratio - ratio.round()).abs() < 1e-4).all())
+        z = 2 - ratio.round()
+        assert bool(((z >= 0) & (z <= 3)).all())
+    float_model = apply_method_calibrated(tiny_llama(), qaft.config_for("ptq", bits=2, group_size=32,
+                                                                        algorithm="gptq"), calib)
+    name = "model.layers.0.mlp.down_proj"
+    assert not torch.equal(model.get_submodule(name).offset, float_model.get_submodule(name).offset)
+
+
+@pytest.mark.parametrize("block_size", [48, 96, 1000])
+def test_any_block_size_runs_and_beats_rtn(block_size):
+    """Blocks need not be multiples of the group (groups then straddle blocks, read from W as the reference does)."""
+    x = _correlated_inputs()
+    w = torch.randn(64, 128, generator=torch.Generator().manual_seed(2))
+    codes, scale, offset = gptq_quantize_weight(w, _hessian(x), 3, 32, block_size=block_size)
+    assert layer_output_error(x, w, dequantize(codes, scale, offset)) < layer_output_error(x, w, _rtn(w, 3, 32))
+    with pytest.raises(ValueError, match="block_size"):
+        gptq_quantize_weight(w, _hessian(x), 3, 32, block_size=0)

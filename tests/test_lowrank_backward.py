@@ -5,6 +5,8 @@ import torch
 from qaft.methods import lowrank_qat
 from qaft.methods.lowrank_qat import lowrank_fake_quant_linear
 from qaft.quant import init_scale_offset
+from qaft.quant.affine import offset_of_zero
+from qaft.quant.init import init_scale_zero
 
 
 def _inputs(out=24, inp=64, rank=4, group=16, bits=3, seed=0):
@@ -37,6 +39,34 @@ def test_custom_backward_equals_autograd(bits, with_m, grad_scale, block_element
         results.append([y.detach()] + [t.grad for t in leaves if t is not None])
     for custom, reference in zip(*results):
         torch.testing.assert_close(custom, reference, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("with_m", [False, True])
+@pytest.mark.parametrize("grad_scale", [1.0, 0.1])
+@pytest.mark.parametrize("block_elements", [1 << 20, 64 * 5])
+def test_int_zero_point_backward_equals_autograd(bits, with_m, grad_scale, block_elements, monkeypatch):
+    """``zero_point="int"``: ``b = s (2^(n-1) - round(z))`` (straight-through round) feeds the custom function;
+    the reference is plain autograd of the whole naive formula, the round written as ``z + (z_int - z).detach()``."""
+    monkeypatch.setattr(lowrank_qat, "BLOCK_ELEMENTS", block_elements)
+    x, w0, a, b, s, _, m = _inputs(bits=bits)
+    _, z = init_scale_zero(w0, bits, 16)
+    z = z + 0.4 * torch.randn(z.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    m = m if with_m else None
+    grad_out = torch.randn(2, 5, w0.shape[0], dtype=torch.float64)
+    half = 2 ** (bits - 1)
+    results = []
+    for efficient in (True, False):
+        leaves = [t.clone().requires_grad_() if t is not None else None for t in (x, a, b, s, z, m)]
+        lx, la, lb, ls, lz, lm = leaves
+        z_int = lz.round().clamp(0, 2**bits - 1)
+        off = offset_of_zero(ls, lz, bits) if efficient else ls * (half - (lz + (z_int - lz).detach()))
+        y = lowrank_fake_quant_linear(lx, w0, la, lb, ls, off, lm, 0.5, bits, grad_scale, efficient)
+        (y * grad_out).sum().backward()
+        results.append([y.detach()] + [t.grad for t in leaves if t is not None])
+    for custom, reference in zip(*results):
+        torch.testing.assert_close(custom, reference, rtol=1e-10, atol=1e-10)
+    assert results[0][5].abs().sum() > 0  # z got a gradient (some values clip)
 
 
 @pytest.mark.parametrize("with_m", [False, True])

@@ -141,3 +141,15 @@ def test_quantizer_module_holds_parameters():
     sym = Q.AffineQuantizer(w, 4, 32, init="l4q", symmetric=True)
     assert {n for n, _ in sym.named_parameters()} == {"scale"}
     assert torch.equal(sym.codes(w), Q.quantize(w, sym.scale, sym.offset, 4))
+
+
+def test_quantizer_module_with_integer_zero_point_learns_z():
+    w = _weights(dtype=torch.float32)
+    module = Q.AffineQuantizer(w, 2, 32, zero_point="int")
+    assert {n for n, _ in module.named_parameters()} == {"scale", "zero"}
+    assert torch.equal(module.zero, module.zero.round())
+    module(w).sum().backward()
+    assert module.zero.grad is not None and module.scale.grad is not None
+    # symmetric is already an integer zero point (z = 2^(n-1)): the zero offset buffer stays
+    sym = Q.AffineQuantizer(w, 2, 32, init="l4q", symmetric=True, zero_point="int")
+    assert {n for n, _ in sym.named_parameters()} == {"scale"} and bool((sym.offset == 0).all())

@@ -99,3 +99,37 @@ def test_archive_reproduces_the_tables(store, tmp_path):
     assert from_store.loc[("dlqat", 3), "ppl (deployed)"] == "incomplete"
     assert from_archive.loc[("dlqat", 3), "ppl (deployed)"] == "missing"
     pd.testing.assert_frame_equal(from_store.drop(("dlqat", 3)), from_archive.drop(("dlqat", 3)))
+
+
+def test_diverged_and_interrupted_cells_say_so(store):
+    root, _ = store
+    _record(root, "g", method="dlqat", bits=4, status="diverged", error="Diverged: non-finite loss (nan) at step 2",
+            metrics={"ppl_merged": None})
+    _record(root, "h", method="qlora", bits=3, status="interrupted", error="RunInterrupted: interrupted by SIGTERM")
+    table = report.build_table(report.load_runs(root), SPEC).set_index(["method", "bits"])
+    assert table.loc[("dlqat", 4), "ppl (deployed)"] == "diverged"
+    assert table.loc[("qlora", 3), "ppl (deployed)"] == "interrupted"
+
+
+def test_a_corrupt_record_is_named_and_marked_and_the_report_goes_on(store, capsys):
+    root, _ = store
+    folder = root / "g"
+    folder.mkdir()
+    (folder / "config.yaml").write_text("seed: 0\nmethod: {name: qlora, bits: 3, group_size: 64}\ndata: {name: austen}\n")
+    (folder / "record.json").write_text('{"status": "ok", "metrics": {"ppl_merged": 4')  # cut short
+    table = report.build_table(report.load_runs(root), SPEC).set_index(["method", "bits"])
+    assert table.loc[("qlora", 3), "ppl (deployed)"] == "corrupt"
+    assert table.loc[("l4q", 4), "ppl (deployed)"] == "41.00 ± 1.41"  # the rest as before
+    err = capsys.readouterr().err
+    assert f"{folder / 'record.json'}: unreadable record (JSONDecodeError" in err
+
+
+def test_two_records_of_one_seed_keep_the_newest_and_say_so(store, capsys):
+    root, _ = store
+    _record(root, "a2", method="l4q", bits=4, seed=0, finished="2099-01-01T00:00:00",
+            metrics={"ppl_merged": 50.0, "ppl_trained": 50.0})
+    table = report.build_table(report.load_runs(root), SPEC).set_index(["method", "bits"])
+    assert table.loc[("l4q", 4), "ppl (deployed)"] == "46.00 ± 5.66"  # seeds 0 (newest: 50) and 1 (42)
+    assert table.loc[("l4q", 4), "seeds"] == 2
+    err = capsys.readouterr().err
+    assert "2 records of seed 0" in err and "kept the newest" in err and "a2" in err

@@ -14,10 +14,16 @@ A folder holding
 ``load_quantized`` rebuilds the Hugging Face skeleton from ``config.json`` without initialising weights,
 installs :class:`~qaft.methods.deploy.QuantizedLinear` modules and loads the tensors by assignment, so the
 loaded model computes exactly what the saved one did.
+
+A run's merged model (:func:`save_merged` / :func:`load_merged`, the one reader of what ``qaft-train`` saves)
+is this folder for an integer model and a ``save_pretrained`` safetensors folder for a float one. Nothing here
+reads a pickle: a downloaded run folder cannot run code.
 """
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -144,3 +150,36 @@ def load_tokenizer(path: str | Path) -> Any:
 def checkpoint_bytes(path: str | Path) -> int:
     """Bytes on disk of a checkpoint folder's weights file."""
     return (Path(path) / WEIGHTS_FILE).stat().st_size
+
+
+def save_merged(merged: PreTrainedModel, path: str | Path, tokenizer: Any = None) -> Path:
+    """A merged model as a folder: packed integer checkpoint (integer layers) or ``save_pretrained`` safetensors.
+
+    Written beside ``path`` and renamed into place, so a kill never leaves a half-written model.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        if _layer_entries(merged):
+            save_quantized(merged, tmp, tokenizer)
+        else:
+            merged.save_pretrained(str(tmp), safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(tmp))
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def load_merged(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """Read what :func:`save_merged` wrote (safetensors only), in eval mode."""
+    path = Path(path)
+    if (path / QUANT_FILE).is_file():
+        return load_quantized(path)
+    if not any(path.glob("*.safetensors")):
+        raise FileNotFoundError(f"{path}: no safetensors model (qaft never reads pickled weights: they can run code)")
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=True)
+    return model.eval()

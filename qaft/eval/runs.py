@@ -1,15 +1,12 @@
 """Models to evaluate: a qaft-train run's merged model, any HF model (optionally after PTQ), and where results go.
 
-``qaft.pipeline.save_merged`` saves a float merged model as a Hugging Face folder (``merged_model/``) and an
-integer one as ``merged_model.pt`` (state dict, HF config, qaft method config). The integer one is rebuilt here
-by putting a ``QuantizedLinear`` of the right shape wherever the state dict has packed codes, so loading needs
-neither the method's training layers nor calibration data.
+A run folder's merged model is read by :func:`qaft.deploy.checkpoint.load_merged` from the folder's own
+``merged_model/`` (safetensors only: a downloaded run folder cannot run code). The record names it by a path
+relative to the folder, so a copied or moved run folder is scored with its own model, never another run's.
 """
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +14,9 @@ import torch
 from torch import nn
 
 from qaft.data import lm_blocks, load_lm_texts, tokenize_texts
-from qaft.methods.deploy import QuantizedLinear
-from qaft.models import load_causal_lm, load_tokenizer
+from qaft.deploy.checkpoint import load_merged
+from qaft.models import load_tokenizer
+from qaft.records import write_json
 
 RECORD = "record.json"
 
@@ -30,36 +28,26 @@ def read_run(run_dir: Path | str) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def _integer_model(path: Path, dtype: torch.dtype) -> nn.Module:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    saved = torch.load(path, map_location="cpu", weights_only=False)
-    config = dict(saved["config"])
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(config.pop("model_type"), **config), dtype=dtype)
-    state, bits = saved["state_dict"], int(saved["qaft"]["bits"])
-    for name, module in list(model.named_modules()):
-        if f"{name}.qweight" in state and isinstance(module, nn.Linear):
-            codes = torch.zeros(module.out_features, module.in_features, dtype=torch.int8)
-            bias = state.get(f"{name}.bias")
-            layer = QuantizedLinear(codes, state[f"{name}.scale"], state[f"{name}.offset"], bits, bias)
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, layer)
-    model.load_state_dict(state, strict=True)
-    model.qaft_merged = True
-    return model.eval()
+def merged_model_dir(run_dir: Path | str, record: dict[str, Any]) -> Path:
+    """The run's merged model folder, inside ``run_dir`` whatever path the record holds."""
+    saved = record.get("metrics", {}).get("merged_model_path")
+    if record.get("status") != "ok" or not saved:
+        raise ValueError(f"run {run_dir} has no saved merged model (status={record.get('status')!r}; "
+                         "train with save_model=true)")
+    path = Path(run_dir) / Path(saved).name  # older records hold absolute paths: only the name counts
+    if path.suffix == ".pt":
+        raise ValueError(f"{path}: a pickled model from an older qaft; it is not loaded (a pickle can run code): "
+                         "rerun the training with save_model=true")
+    return path
 
 
 def load_run_model(run_dir: Path | str, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any, dict]:
     """``(merged model, tokenizer, record)`` of a finished qaft-train run."""
     record = read_run(run_dir)
-    saved = record.get("metrics", {}).get("merged_model_path")
-    if record.get("status") != "ok" or not saved:
-        raise ValueError(f"run {run_dir} has no saved merged model (status={record.get('status')!r}; "
-                         "train with save_model=true)")
-    path = Path(saved) if Path(saved).is_absolute() else Path(run_dir) / Path(saved).name
-    if path.suffix == ".pt":
-        return _integer_model(path, dtype), load_tokenizer(record["model"]), record
-    model, tokenizer = load_causal_lm(str(path), dtype)
+    path = merged_model_dir(run_dir, record)
+    model = load_merged(path, dtype)
+    tokenizer = load_tokenizer(str(path)) if (path / "tokenizer_config.json").is_file() else load_tokenizer(
+        record["model"])
     return model, tokenizer, record
 
 
@@ -86,16 +74,6 @@ def apply_ptq(model: nn.Module, tokenizer: Any, ptq: dict[str, Any], source: str
     return gptq_quantize_model(model, calib, bits, group_size, act_order=bool(ptq.get("act_order", False)),
                                percdamp=float(ptq.get("percdamp", 0.01)), init=ptq.get("init", "minmax"),
                                inplace=True)
-
-
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Atomic write: a record must never be left half-written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 def add_eval_to_record(run_dir: Path | str, key: str, results: dict[str, Any]) -> Path:

@@ -2,7 +2,7 @@
 
 Field sets are composed from small mixins so that ``config_for(name, **fields)`` accepts exactly the fields
 that apply to a method (``bits``, ``group_size``, ``rank``, ``alpha``, ``init``, ``target_modules``,
-``warmup_steps``, ``quant_steps``, ``loftq_iters``, ...) and rejects the rest with a ``ValueError``.
+``zero_point``, ``warmup_steps``, ``quant_steps``, ``loftq_iters``, ...) and rejects the rest with a ``ValueError``.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from torch import nn
 
 from qaft.quant.affine import VALID_BITS
 from qaft.quant.granularity import granularity
-from qaft.quant.init import parse_init
+from qaft.quant.init import parse_init, parse_zero_point
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 TRAIN = "train"  # the phase name of single-phase methods
@@ -71,6 +71,8 @@ class LoRAFields:
             raise ValueError(f"rank must be a positive integer, got {self.rank!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0 < self.alpha < float("inf"):
+            raise ValueError(f"alpha must be a finite number > 0 (the adapter's scale is alpha / rank), got {self.alpha!r}")
 
     @property
     def scaling(self) -> float:
@@ -79,12 +81,20 @@ class LoRAFields:
 
 @dataclass(kw_only=True)
 class QuantFields:
-    """The integer quantizer's settings."""
+    """The integer quantizer's settings.
+
+    ``zero_point``: ``"float"`` (the offset ``b`` is any float) or ``"int"`` (``b = s (2^(n-1) - z)`` with an
+    integer ``z``, the GPTQ / AutoGPTQ grid where 0 is always a level; see :mod:`qaft.quant.init`). Methods that
+    train the quantizer learn ``z`` through a straight-through round. Where a method cannot keep an integer zero
+    its docstring says so (QA-LoRA's merge moves offsets by design; float-merged methods deploy by a PTQ, whose
+    own ``zero_point`` applies).
+    """
 
     bits: int = 4
     group_size: int = 64
     init: str = "minmax"
     symmetric: bool = False
+    zero_point: str = "float"
     lsq_grad_scale: bool = False
 
     def _validate_quant(self) -> None:
@@ -92,6 +102,7 @@ class QuantFields:
             raise ValueError(f"bits must be one of {VALID_BITS}, got {self.bits!r}")
         granularity(self.group_size)
         self.init = parse_init(self.init).value
+        self.zero_point = parse_zero_point(self.zero_point).value
 
     def _validate_groups(self, module_name: str, linear: nn.Linear) -> None:
         try:

@@ -2,6 +2,7 @@
 
 ``W = s * (u - 2^(n-1)) + b`` per group: for 4 bits exactly the layout of PyTorch's int4 kernels
 (scale and float zero per group). This reference forward dequantizes; kernels come with deployment.
+An integer-zero layer (``zero_point="int"``) is the special case ``b = s (2^(n-1) - z)``: the same storage.
 """
 from __future__ import annotations
 
@@ -52,10 +53,10 @@ class QuantizedLinear(nn.Module):
 
 
 def rtn_quantize_linear(linear: nn.Module, bits: int, group_size: int, init: str = "minmax",
-                        symmetric: bool = False) -> QuantizedLinear:
-    """Round-to-nearest PTQ of a float linear layer."""
+                        symmetric: bool = False, zero_point: str = "float") -> QuantizedLinear:
+    """Round-to-nearest PTQ of a float linear layer (``zero_point="int"``: on the integer-zero grid)."""
     w = linear.weight.detach().float()
-    scale, offset = init_scale_offset(w, bits, group_size, init, symmetric)
+    scale, offset = init_scale_offset(w, bits, group_size, init, symmetric, zero_point=zero_point)
     return QuantizedLinear(quantize(w, scale, offset, bits), scale, offset, bits, linear.bias)
 
 

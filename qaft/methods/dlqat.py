@@ -7,6 +7,13 @@ The paper's Table 3 varies ``magnitude`` (with or without ``m``) and ``clipping`
 ``learned_fixed`` (the method: learn ``s, b``, then fix them), ``learned`` (``s, b, A, B`` (and ``m``) train
 throughout, no phase 1), ``dynamic`` (``s, b`` are the min-max of ``W0 + alpha B A`` at every step, detached;
 no phase 1). Merge: codes as L4Q, scale ``m s0``, offset ``m b0``: pure integer codes again.
+
+``zero_point="int"``: ``s`` and an integer zero ``z`` (parameter ``zero``) take the place of ``s, b``; phase 1
+learns ``z`` through a straight-through round, ``b = s (2^(n-1) - round(z))`` at every step, and ``dynamic``
+clipping takes the integer-grid min-max of ``W0 + alpha B A`` each step. The deployed offset
+``m b = m s (2^(n-1) - z) = (m s)(2^(n-1) - z)`` stays an integer multiple of the deployed scale ``m s`` (to one
+float rounding: ``round(2^(n-1) - offset / scale)`` recovers ``z`` exactly, and the code ``z - 2^(n-1)``
+dequantizes to 0 within an ulp of ``b`` rather than exactly; without ``m`` it is exactly 0).
 """
 from __future__ import annotations
 
@@ -17,9 +24,10 @@ from torch import nn
 
 from qaft.methods.config import TRAIN, QuantLoRAMethodConfig, choice, non_negative, register
 from qaft.methods.deploy import QuantizedLinear
-from qaft.methods.l4q import grad_scale_of, quantizer_state
+from qaft.methods.l4q import QUANTIZER, grad_scale_of, layer_offset, quantizer_state
 from qaft.methods.layer import QaftLinear, add_lora
 from qaft.methods.lowrank_qat import lowrank_codes, lowrank_fake_quant_linear, lowrank_minmax
+from qaft.quant.affine import offset_of_zero
 
 QUANT = "quant"
 CLIPPING = ("learned_fixed", "learned", "dynamic")
@@ -34,18 +42,20 @@ class DLQATLinear(QaftLinear):
         add_lora(self, config.rank, self.in_features, self.out_features, gaussian=True)
         train = {"lora_A", "lora_B"} | ({"magnitude"} if config.magnitude else set())
         if config.clipping == "learned":
-            train |= {"scale", "offset"}
-        self.PHASES = {QUANT: frozenset({"scale", "offset"}), TRAIN: frozenset(train)}
+            train |= QUANTIZER
+        self.PHASES = {QUANT: QUANTIZER, TRAIN: frozenset(train)}
 
     def _scale_offset(self) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.config
         if c.clipping != "dynamic":
-            return self.scale, self.offset
-        s, b = lowrank_minmax(self.weight, self.lora_A, self.lora_B, c.scaling, c.bits, c.group_size)
+            return self.scale, layer_offset(self)
+        s, state = lowrank_minmax(self.weight, self.lora_A, self.lora_B, c.scaling, c.bits, c.group_size,
+                                  c.zero_point)
+        zero = getattr(self, "zero", None)
         with torch.no_grad():  # kept for inspection and checkpoints; merge recomputes them
             self.scale.copy_(s)
-            self.offset.copy_(b)
-        return s, b
+            (self.offset if zero is None else zero).copy_(state)
+        return s, state if zero is None else offset_of_zero(s, state, c.bits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = self.config

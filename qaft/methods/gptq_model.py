@@ -157,11 +157,13 @@ def gptq_quantize_model(
     block_size: int = 128,
     target_modules: tuple[str, ...] = DEFAULT_TARGETS,
     inplace: bool = False,
+    zero_point: str = "float",
 ) -> nn.Module:
     """Sequential GPTQ of a float causal LM; its target linears become :class:`QuantizedLinear`.
 
     ``calib_batches``: token tensors ``[B, T]`` or dicts with ``input_ids`` (and ``attention_mask``), e.g. a
-    data module's training loader cut to a few batches. Copies the model unless ``inplace``.
+    data module's training loader cut to a few batches. Copies the model unless ``inplace``. ``zero_point``:
+    the grid of the group parameters (``"int"``: GPTQ's reference quantizer, 0 always a level).
     """
     model = model if inplace else copy.deepcopy(model)
     was_training = model.training
@@ -170,7 +172,7 @@ def gptq_quantize_model(
     blocks = _decoder_blocks(model, targets)
     inputs = _block_inputs(model, blocks[0], list(calib_batches))
     options = {"bits": bits, "group_size": group_size, "act_order": act_order, "percdamp": percdamp,
-               "init": init, "symmetric": symmetric, "block_size": block_size}
+               "init": init, "symmetric": symmetric, "block_size": block_size, "zero_point": zero_point}
     for block in blocks:
         _quantize_block(block, inputs, targets, options)
         inputs = [_next_inputs(block, *entry) for entry in inputs]
@@ -202,7 +204,7 @@ def apply_method_calibrated(model: nn.Module, config: MethodConfig, calib_batche
     options = options or GPTQOptions.of(config)
     gptq_quantize_model(model, calib_batches, config.bits, config.group_size, act_order=options.act_order,
                         percdamp=options.percdamp, init=config.init, symmetric=config.symmetric,
-                        target_modules=config.target_modules, inplace=True)
+                        target_modules=config.target_modules, inplace=True, zero_point=config.zero_point)
     model.requires_grad_(False)
     if config.name == "qalora":
         for name, module in list(model.named_modules()):

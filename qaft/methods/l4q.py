@@ -7,6 +7,11 @@ memory-optimised one of :mod:`qaft.methods.lowrank_qat`.
 LoRA warm-up: for the first ``warmup_steps`` only ``A, B`` train, outside the quantizer
 (``y = x Q(W0)^T + alpha x A^T B^T``, ``s, b`` frozen); then ``Q(W0 + alpha B A)`` with all four trainable.
 Merge: codes ``clamp(round((W' - b) / s))`` with the final ``s, b``: the deployed model is the trained one.
+
+``zero_point="int"``: ``s`` and an integer zero ``z`` (parameter ``zero``) start from the integer-grid init and
+train in place of ``b``; each step ``b = s (2^(n-1) - round(z))`` with a straight-through round (clamped to
+``[0, 2^n - 1]``, :func:`qaft.quant.affine.offset_of_zero`), so the deployed offset is an integer multiple of the
+scale and the merge computes ``b`` with the same function: still bit for bit the trained model.
 """
 from __future__ import annotations
 
@@ -20,14 +25,22 @@ from qaft.methods.deploy import QuantizedLinear
 from qaft.methods.layer import QaftLinear, add_lora, lora_output, recomputed_linear
 from qaft.methods.lowrank_qat import lowrank_codes, lowrank_fake_quant_linear
 from qaft.quant.affine import dequantize, lsq_grad_scale, quantize
-from qaft.quant.module import register_scale_offset
+from qaft.quant.module import current_offset, register_scale_offset
 
 WARMUP = "warmup"
+# The quantizer's trainable state: scale and offset, or scale and zero on the integer-zero grid.
+QUANTIZER = frozenset({"scale", "offset", "zero"})
 
 
 def quantizer_state(layer: nn.Module, weight: torch.Tensor, config) -> None:
-    """``scale`` and ``offset`` on ``layer`` from ``weight``, with the config's quantizer settings."""
-    register_scale_offset(layer, weight, config.bits, config.group_size, config.init, config.symmetric)
+    """``scale`` and ``offset`` (or ``zero``) on ``layer`` from ``weight``, with the config's quantizer settings."""
+    register_scale_offset(layer, weight, config.bits, config.group_size, config.init, config.symmetric,
+                          config.zero_point)
+
+
+def layer_offset(layer: QaftLinear) -> torch.Tensor:
+    """The layer's offset ``b``: its ``offset``, or ``s (2^(n-1) - round(z))`` from its ``zero``."""
+    return current_offset(layer, layer.config.bits)
 
 
 def grad_scale_of(layer: QaftLinear) -> float:
@@ -40,7 +53,7 @@ def rtn_weight(w: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits:
 
 
 class L4QLinear(QaftLinear):
-    PHASES = {WARMUP: frozenset({"lora_A", "lora_B"}), TRAIN: frozenset({"lora_A", "lora_B", "scale", "offset"})}
+    PHASES = {WARMUP: frozenset({"lora_A", "lora_B"}), TRAIN: frozenset({"lora_A", "lora_B"}) | QUANTIZER}
 
     def __init__(self, linear: nn.Linear, config: "L4QConfig") -> None:
         super().__init__(linear, config)
@@ -53,10 +66,10 @@ class L4QLinear(QaftLinear):
         if self.phase == WARMUP:
             bits = c.bits
             y = recomputed_linear(x, lambda w, s, b: rtn_weight(w, s, b, bits),
-                                  self.weight, self.scale.detach(), self.offset.detach())
+                                  self.weight, self.scale.detach(), layer_offset(self).detach())
             y = y + lora_output(x, self.lora_A, self.lora_B, c.scaling, c.dropout, self.training)
         else:
-            y = lowrank_fake_quant_linear(x, self.weight, self.lora_A, self.lora_B, self.scale, self.offset,
+            y = lowrank_fake_quant_linear(x, self.weight, self.lora_A, self.lora_B, self.scale, layer_offset(self),
                                           None, c.scaling, c.bits, grad_scale_of(self), c.memory_efficient,
                                           c.compile_backward)
         return self._add_bias(y)
@@ -64,8 +77,9 @@ class L4QLinear(QaftLinear):
     @torch.no_grad()
     def merge(self) -> QuantizedLinear:
         c = self.config
-        codes = lowrank_codes(self.weight, self.lora_A, self.lora_B, self.scale, self.offset, c.scaling, c.bits)
-        return QuantizedLinear(codes, self.scale, self.offset, c.bits, self.bias)
+        offset = layer_offset(self)
+        codes = lowrank_codes(self.weight, self.lora_A, self.lora_B, self.scale, offset, c.scaling, c.bits)
+        return QuantizedLinear(codes, self.scale, offset, c.bits, self.bias)
 
 
 @register

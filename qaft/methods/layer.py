@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 
 # Role of each parameter name, for optimizer parameter groups (lr / weight decay per role).
-ROLES = {"lora_A": "lora", "lora_B": "lora", "scale": "quant", "offset": "quant", "magnitude": "quant",
-         "weight": "weight"}
+# ``zero``: the integer zero point z of the integer-zero grid (zero_point="int"), trained in place of ``offset``.
+ROLES = {"lora_A": "lora", "lora_B": "lora", "scale": "quant", "offset": "quant", "zero": "quant",
+         "magnitude": "quant", "weight": "weight"}
 
 
 class QaftLinear(nn.Module):

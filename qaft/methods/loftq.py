@@ -50,13 +50,15 @@ class LoftQConfig(QuantLoRAMethodConfig):
     name = "loftq"
     base: str = "nf4"
     loftq_iters: int = 1
-    double_quant: bool = False
+    double_quant: bool = False  # as peft's loftq_init (compress_statistics=False) and LoftQ's released models
 
     def validate(self) -> None:
         super().validate()
         choice("base", self.base, BASES)
         if self.base == "nf4" and self.bits != 4:
             raise ValueError(f"bits must be 4 with base='nf4' (NF4 is a 4-bit format), got {self.bits}")
+        if self.base == "nf4" and self.zero_point != "float":
+            raise ValueError("zero_point applies to the integer base only (base='int'); NF4 has no zero point")
         if not isinstance(self.loftq_iters, int) or self.loftq_iters < 1:
             raise ValueError(f"loftq_iters must be a positive integer, got {self.loftq_iters!r}")
 
@@ -64,7 +66,8 @@ class LoftQConfig(QuantLoRAMethodConfig):
         if self.base == "nf4":
             t = nf4_quantize(w, double_quant=self.double_quant)
             return nf4_dequantize(t), tuple(t.tensors().values())
-        s, b = init_scale_offset(w, self.bits, self.group_size, self.init, self.symmetric)
+        s, b = init_scale_offset(w, self.bits, self.group_size, self.init, self.symmetric,
+                                 zero_point=self.zero_point)
         codes = quantize(w, s, b, self.bits)
         return dequantize(codes, s, b), (codes, s, b)
 

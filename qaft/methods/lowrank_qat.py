@@ -17,7 +17,10 @@ backward's elementwise terms run as in-place passes; with ``compiled=True`` the 
 :func:`grad_terms` goes through ``torch.compile`` instead (one fused loop per block; the forward stays
 eager, so the merge stays bit-exact), falling back to eager where compiling fails. The magnitude
 is folded into the group parameters, ``Wq = (m s) q + m b``, which is exactly what the merged integer
-layer dequantizes, so training forward and deployed model agree bit for bit. Cost per layer and step:
+layer dequantizes, so training forward and deployed model agree bit for bit. On the integer-zero grid the
+caller passes ``b = s (2^(n-1) - round(z))`` (:func:`qaft.quant.affine.offset_of_zero`, a straight-through
+round on a tiny (out, n_groups) tensor): autograd takes ``dL/db`` from this function to ``s`` and ``z`` by the
+chain rule, and nothing weight-sized is added. Cost per layer and step:
 one weight-sized GEMM more than LoRA (``G``) plus a handful of in-place elementwise passes over ``W'``.
 """
 from __future__ import annotations
@@ -28,7 +31,7 @@ import torch
 
 from qaft.quant.affine import fake_quantize_reference, qrange
 from qaft.quant.granularity import grouped
-from qaft.quant.init import init_scale_offset
+from qaft.quant.init import ZeroPoint, init_scale_offset, init_scale_zero, parse_zero_point
 
 # Elements per row block: bounds the weight-sized temporaries of forward and backward (4 MB in fp32).
 BLOCK_ELEMENTS = 1 << 20
@@ -252,8 +255,10 @@ def lowrank_codes(w0, a, b, s, off, scaling: float, bits: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def lowrank_minmax(w0, a, b, scaling: float, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Min-max ``(s, b)`` of ``W0 + scaling B A`` per group (DL-QAT's dynamic clipping), block by block."""
-    parts = [init_scale_offset(effective_weight(w0, a, b, scaling, rows), bits, group_size)
-             for rows in row_blocks(*w0.shape)]
+def lowrank_minmax(w0, a, b, scaling: float, bits: int, group_size: int,
+                   zero_point: str = "float") -> tuple[torch.Tensor, torch.Tensor]:
+    """Min-max ``(s, b)`` of ``W0 + scaling B A`` per group (DL-QAT's dynamic clipping), block by block;
+    with ``zero_point="int"`` the integer-grid ``(s, z)`` (:func:`qaft.quant.init.init_scale_zero`)."""
+    fit = init_scale_zero if parse_zero_point(zero_point) is ZeroPoint.INT else init_scale_offset
+    parts = [fit(effective_weight(w0, a, b, scaling, rows), bits, group_size) for rows in row_blocks(*w0.shape)]
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])

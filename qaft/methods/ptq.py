@@ -2,6 +2,8 @@
 or GPTQ (``algorithm="gptq"``, from calibration data; see :mod:`qaft.methods.gptq_model`).
 
 Nothing trains; the layer is already the deployable :class:`~qaft.methods.deploy.QuantizedLinear`.
+``zero_point="int"`` quantizes on the integer-zero grid of GPTQ / AutoGPTQ (``b = s (2^(n-1) - z)``), RTN and
+GPTQ alike.
 """
 from __future__ import annotations
 
@@ -32,4 +34,4 @@ class PTQConfig(QuantMethodConfig):
         if self.algorithm == "gptq":
             raise ValueError("ptq with algorithm='gptq' needs calibration data: use "
                              "qaft.methods.gptq_model.apply_method_calibrated(model, config, batches)")
-        return rtn_quantize_linear(linear, self.bits, self.group_size, self.init, self.symmetric)
+        return rtn_quantize_linear(linear, self.bits, self.group_size, self.init, self.symmetric, self.zero_point)

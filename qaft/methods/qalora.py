@@ -10,6 +10,11 @@ The adapter is constant inside each group, so it folds into the offsets:
 reproduces the training forward up to float rounding. (Mean pooling; with the official code's sum
 variant the ``1/g`` leaves the merge.)
 
+``zero_point="int"``: the base is quantized on the integer-zero grid (``b = s (2^(n-1) - z)``, 0 a level), and
+training runs on it. The merge cannot keep that: adding ``(alpha / g) (B A)[o, k]`` to the offsets makes them
+fractional multiples of the scale by design (it is how the adapter folds into an integer layer at all), so the
+merged layer has float offsets whatever ``zero_point`` is. It stays exact: same codes, same scales.
+
 ``base_quant="gptq"``: GPTQ needs calibration data, so the float model is GPTQ-quantized first and each
 QA-LoRA layer is built on the resulting codes with :meth:`QALoRALinear.from_quantized`
 (:func:`qaft.methods.gptq_model.apply_method_calibrated` does both).
@@ -37,7 +42,8 @@ class QALoRALinear(QaftLinear):
         super().__init__(linear, config)
         if base is None:
             w = linear.weight.detach().float()
-            scale, offset = init_scale_offset(w, config.bits, config.group_size, config.init, config.symmetric)
+            scale, offset = init_scale_offset(w, config.bits, config.group_size, config.init, config.symmetric,
+                                              zero_point=config.zero_point)
             base = (quantize(w, scale, offset, config.bits), scale, offset)
         codes, scale, offset = base
         self.register_buffer("codes", codes)
@@ -77,6 +83,7 @@ class QALoRALinear(QaftLinear):
 class QALoRAConfig(QuantLoRAMethodConfig):
     name = "qalora"
     base_quant: str = "rtn"  # rtn | gptq (GPTQ: see qaft.methods.gptq_model.apply_method_calibrated)
+    # zero_point (QuantFields) sets the base's grid; the merge moves the offsets off it (see the module doc).
 
     def validate(self) -> None:
         super().validate()

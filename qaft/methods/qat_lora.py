@@ -2,6 +2,8 @@
 
 ``y = x Q(W0)^T + (alpha / r) x A^T B^T``. ``W0``, ``s`` and ``b`` are frozen, so the fake-quantized base is
 a constant integer base; only ``A, B`` train. Merge: ``Q(W0) + (alpha / r) B A``, float, needs PTQ to deploy.
+``zero_point="int"`` puts the frozen base on the integer-zero grid; the float merge cannot keep it, and the PTQ
+that deploys it has its own ``zero_point``.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """QLoRA (Dettmers et al. 2023, https://arxiv.org/abs/2305.14314), and LoRA over any frozen quantized base.
 
-``y = x deq(Q)^T + (alpha / r) x A^T B^T`` with the base ``Q`` frozen: NF4 (blocks of 64, optional double
-quantization) for QLoRA, or integer codes with per-group scale/offset (the base of QAT-LoRA and of LoftQ
+``y = x deq(Q)^T + (alpha / r) x A^T B^T`` with the base ``Q`` frozen: NF4 (blocks of 64, double quantized
+by default as in the paper) for QLoRA, or integer codes with per-group scale/offset (the base of QAT-LoRA and of LoftQ
 over an integer quantizer). The base is dequantized on the fly in forward and again in backward, never
 kept. Merge: ``deq(Q) + (alpha / r) B A`` is a float model; deploying it at n bits needs a PTQ afterwards
 (the papers' "QLoRA + PTQ" rows, :func:`qaft.ptq_model`).
@@ -69,7 +69,9 @@ class IntBaseLoRALinear(FrozenBaseLoRALinear):
 
     def store_base(self, weight: torch.Tensor) -> None:
         c = self.config
-        scale, offset = init_scale_offset(weight, c.bits, c.group_size, c.init, c.symmetric)
+        # zero_point="int": the base sits on the integer-zero grid; the float merge + PTQ has its own setting.
+        scale, offset = init_scale_offset(weight, c.bits, c.group_size, c.init, c.symmetric,
+                                          zero_point=c.zero_point)
         self.register_buffer("codes", quantize(weight, scale, offset, c.bits))
         self.register_buffer("scale", scale)
         self.register_buffer("offset", offset)
@@ -87,7 +89,7 @@ class QLoRAConfig(LoRAMethodConfig):
     """QLoRA: NF4 base (4 bits, blocks of 64)."""
 
     name = "qlora"
-    double_quant: bool = False
+    double_quant: bool = True  # the paper's setting: absmax constants in bitsandbytes' dynamic 8-bit map
 
     def make_layer(self, linear: nn.Linear) -> FrozenBaseLoRALinear:
         return FrozenBaseLoRALinear(linear, self)

@@ -10,6 +10,9 @@ Straight-through gradients (LSQ+, Bhalgat et al. 2020, https://arxiv.org/abs/200
 ``inside = [Qn <= v <= Qp]``: dWq/dW = inside; dWq/ds = round(v) - v inside, Qn below, Qp above;
 dWq/db = 0 inside, 1 outside. LSQ's gradient scale ``1/sqrt(g * Qp)`` on s and b is optional.
 
+Integer zero point (the GPTQ / AutoGPTQ grid, where 0 is always a level): ``b = s (2^(n-1) - z)`` with an integer
+``z`` (:func:`offset_of_zero`); everything below takes the resulting ``b`` like any offset.
+
 Scales and offsets have shape (out, n_groups); the group size is implied by ``in / n_groups``.
 Everything is computed in float32 (or the weight's wider dtype) so that a merged integer model
 reproduces the training forward bit for bit.
@@ -57,6 +60,29 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> to
     """``s * q + b`` per group, in the scale's dtype."""
     qg = grouped(q.to(scale.dtype), scale.shape[-1])
     return (scale.unsqueeze(-1) * qg + offset.unsqueeze(-1)).reshape(q.shape)
+
+
+class _ZeroSTE(torch.autograd.Function):
+    """``clamp(round(z), 0, levels)`` forward (exactly), identity backward: the straight-through estimator."""
+
+    @staticmethod
+    def forward(ctx, z, levels):
+        return z.round().clamp_(0, levels)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def offset_of_zero(scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """The offset of the integer-zero grid, ``b = s (2^(n-1) - z_int)``, ``z_int = clamp(round(z), 0, 2^n - 1)``.
+
+    ``z`` may be a trained float: it is rounded (and kept a storable unsigned n-bit zero, so that the code
+    ``z_int - 2^(n-1)`` exists and 0 stays a level) with a straight-through gradient. So ``b`` is an integer
+    multiple of ``s`` at every step and, by the chain rule, ``dL/dz = -s dL/db`` and ``dL/ds`` gains
+    ``(2^(n-1) - z_int) dL/db``. Training and merging call this same function, so they agree bit for bit.
+    """
+    return scale * (2 ** (check_bits(bits) - 1) - _ZeroSTE.apply(zero, 2**bits - 1))
 
 
 def lsq_grad_scale(group_numel: int, bits: int) -> float:
