@@ -155,3 +155,22 @@ def test_qaft_export_cli_packed(tmp_path, kind):
     ids = torch.randint(0, 1000, (1, 8))
     assert torch.equal(loaded(ids).logits, merged(ids).logits)
     assert (tmp_path / "run" / "export_qaft" / "tokenizer_config.json").is_file()
+
+
+def test_qaft_export_console_script_exit_status_and_names_with_equals(tmp_path):
+    """Success exits 0, a bad argument exits 2 with one line; run folders named with '=' (older qaft put the
+    command-line overrides into the name) are taken as the run folder, not as options."""
+    import os
+    import subprocess
+
+    float_model = build_tiny_llama()
+    run_dir = tmp_path / "l4q-w4g32__trainer.max_steps=4"
+    _fake_run(run_dir, qaft.ptq_model(float_model, 4, 32))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    ok = subprocess.run(["qaft-export", str(run_dir), "format=qaft", f"out={tmp_path / 'out'}"], capture_output=True,
+                        text=True, env=env, timeout=300)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert (tmp_path / "out" / "quantization.json").is_file() and f"wrote {tmp_path / 'out'}" in ok.stdout
+    bad = subprocess.run(["qaft-export", str(run_dir), "format=onnx"], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert bad.returncode == 2 and "qaft-export: format='onnx' must be one of" in bad.stderr
