@@ -4,11 +4,14 @@ QLoRA, LoftQ, QA-LoRA, L4Q and DL-QAT (and the LoRA, PTQ, QAT-LoRA and full-QAT 
 replacements for ``nn.Linear`` with one shared integer quantizer, exact merges to deployable integer
 models, and one training pipeline.
 """
+from importlib.metadata import version
+
 from qaft import methods, quant
-from qaft.methods import available, config_for
 from qaft.deploy import load_quantized, prepare_for_inference, save_quantized
-from qaft.model import (
+from qaft.methods import (
     apply_method,
+    available,
+    config_for,
     count_parameters,
     merge_model,
     parameter_groups,
@@ -16,7 +19,7 @@ from qaft.model import (
     set_training_step,
 )
 
-__version__ = "0.1.0"
+__version__ = version("qaft")
 __all__ = [
     "apply_method", "available", "config_for", "count_parameters", "load_quantized", "merge_model", "methods",
     "parameter_groups", "prepare_for_inference", "ptq_model", "quant", "save_quantized", "set_training_step",

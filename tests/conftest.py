@@ -23,11 +23,11 @@ def tiny_run_overrides(runs_root: Path, steps: int = 4) -> list[str]:
 
 
 def run_qaft_train(args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
-    """``python -m qaft.train ARGS`` in a fresh process (what a user's shell does)."""
+    """``python -m qaft.training.cli ARGS`` in a fresh process (what a user's shell does)."""
     # tests/ on the path: the run_probes callbacks are plugged in through the config
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))}
-    return subprocess.run([sys.executable, "-m", "qaft.train", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "qaft.training.cli", *args], capture_output=True, text=True,
                           timeout=timeout, env=env)
 
 
@@ -37,10 +37,10 @@ def tiny_overrides(tmp_path: Path) -> list[str]:
 
 
 def start_qaft_train(args: list[str]) -> subprocess.Popen:
-    """``python -m qaft.train ARGS`` started in the background (stdout/stderr captured as text)."""
+    """``python -m qaft.training.cli ARGS`` started in the background (stdout/stderr captured as text)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))}
-    return subprocess.Popen([sys.executable, "-m", "qaft.train", *args], stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-m", "qaft.training.cli", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
 
 

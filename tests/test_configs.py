@@ -9,9 +9,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf, open_dict
 
-from qaft.config_schema import ConfigError, run_name, validate
 from qaft.methods import available
-from qaft.train import CONF_DIR
+from qaft.training.cli import CONF_DIR
+from qaft.training.config import ConfigError, run_name, validate
 
 CONF = Path(CONF_DIR)
 OPTIONS = sorted((str(p.parent.relative_to(CONF)), p.stem) for p in CONF.rglob("*.yaml") if p.parent != CONF)

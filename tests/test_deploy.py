@@ -7,12 +7,18 @@ import torch
 
 import qaft
 from qaft.deploy import (
-    DequantLinear, Int4Linear, Int8Linear, backend_counts, inference_layer, load_quantized,
-    prepare_for_inference, save_quantized,
+    DequantLinear,
+    Int4Linear,
+    Int8Linear,
+    backend_counts,
+    inference_layer,
+    load_quantized,
+    prepare_for_inference,
+    save_quantized,
 )
 from qaft.deploy.checkpoint import QUANT_FILE, read_quantization, save_merged
-from qaft.methods.deploy import QuantizedLinear, rtn_quantize_linear
 from qaft.models import build_tiny_llama
+from qaft.quant.linear import QuantizedLinear, rtn_quantize_linear
 
 
 def _layer(bits, group_size, out_f=48, in_f=256, bias=True, symmetric=False):
@@ -146,7 +152,7 @@ def _fake_run(run_dir, merged, float_model=None):
 
 @pytest.mark.parametrize("kind", ["integer", "float"])
 def test_qaft_export_cli_packed(tmp_path, kind):
-    from qaft.export import main
+    from qaft.deploy.cli import main
     float_model = build_tiny_llama()
     merged = qaft.ptq_model(float_model, 4, 32)
     _fake_run(tmp_path / "run", merged, float_model if kind == "float" else None)

@@ -14,14 +14,13 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from _tiny import tiny_llama, token_batch  # noqa: E402
 
 import qaft  # noqa: E402
 from qaft.data import lm_eval_windows, quiz_items  # noqa: E402
-from qaft.eval import LOCAL_TASKS, quiz_mc_docs, run_tasks, write_local_tasks  # noqa: E402
-from qaft.evaluate import perplexity  # noqa: E402
+from qaft.evaluation import LOCAL_TASKS, quiz_mc_docs, run_tasks, write_local_tasks  # noqa: E402
+from qaft.evaluation.perplexity import perplexity  # noqa: E402
 from qaft.models import load_causal_lm  # noqa: E402
-
-from _tiny import tiny_llama, token_batch  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -115,9 +114,9 @@ def test_merged_integer_model_has_training_time_perplexity():
 def test_run_folder_merged_model_is_evaluated_into_its_record(tmp_path):
     from hydra import compose, initialize_config_dir
 
-    from qaft.eval.cli import CONF_DIR, evaluate
-    from qaft.eval.runs import load_run_model
     from qaft.deploy.checkpoint import save_merged
+    from qaft.evaluation.cli import CONF_DIR, evaluate
+    from qaft.evaluation.runs import load_run_model
 
     base, tokenizer = load_causal_lm("tiny-llama")
     model = qaft.apply_method(base, qaft.config_for("l4q", bits=4, group_size=32, rank=4))
@@ -142,7 +141,7 @@ def test_run_folder_merged_model_is_evaluated_into_its_record(tmp_path):
 def test_hub_task_offline_fails_with_one_clear_message(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(
-        [sys.executable, "-m", "qaft.eval.cli", "model=tiny-llama", "perplexity.source=null", "tasks=[arc_easy]",
+        [sys.executable, "-m", "qaft.evaluation.cli", "model=tiny-llama", "perplexity.source=null", "tasks=[arc_easy]",
          f"output={tmp_path / 'out.json'}"], capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
@@ -151,7 +150,7 @@ def test_hub_task_offline_fails_with_one_clear_message(tmp_path):
 
 
 def test_dequantized_once_changes_nothing_but_speed():
-    from qaft.eval import dequantized_once
+    from qaft.evaluation import dequantized_once
 
     merged = qaft.merge_model(_trained_l4q(steps=1))
     ids = token_batch(seed=4)

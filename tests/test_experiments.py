@@ -12,9 +12,9 @@ from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
-from qaft import report
-from qaft.config_schema import experiments_dir, validate
-from qaft.train import CONF_DIR
+from qaft.reporting import tables as report
+from qaft.training.cli import CONF_DIR
+from qaft.training.config import experiments_dir, validate
 
 EXPERIMENTS = sorted(p.stem for p in (Path(experiments_dir()) / "experiment").glob("*.yaml"))
 SCALES = ("tiny", "paper")
@@ -77,7 +77,7 @@ def _records(root: Path) -> list[dict]:
 
 def _multirun(overrides: list[str], monkeypatch: pytest.MonkeyPatch, fails: bool = False) -> None:
     """``qaft-train -m OVERRIDES`` in this process; Hydra runs every job, then exits non-zero if one failed."""
-    from qaft.train import main
+    from qaft.training.cli import main
 
     monkeypatch.setattr(sys, "argv", ["qaft-train", "-m", *overrides])
     try:

@@ -9,8 +9,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import qaft
 from qaft.deploy.gguf_export import export_gguf, q4_1_bytes, q4_1_exact, rope_permutation
-from qaft.methods.deploy import rtn_quantize_linear
 from qaft.models import build_tiny_llama, load_causal_lm, load_tokenizer
+from qaft.quant.linear import rtn_quantize_linear
 
 
 @pytest.mark.parametrize("group_size", [32, 64, 128])

@@ -9,8 +9,8 @@ import qaft
 from qaft.deploy import Int4Linear, Int8Linear, greedy_generate, prepare_for_inference
 from qaft.deploy import decode as decode_mod
 from qaft.deploy.fuse import fuse_projections
-from qaft.methods.deploy import QuantizedLinear
 from qaft.models import build_tiny_llama
+from qaft.quant.linear import QuantizedLinear
 
 VOCAB = 512
 
@@ -57,7 +57,8 @@ def test_fused_model_equals_unfused(bits, group_size, dtype):
 
 
 def _requantized(layer: QuantizedLinear, group_size: int) -> QuantizedLinear:
-    from qaft.methods.deploy import float_linear, rtn_quantize_linear
+    from qaft.methods.layer import float_linear
+    from qaft.quant.linear import rtn_quantize_linear
     return rtn_quantize_linear(float_linear(layer.dequantize_weight(), None, torch.float32), layer.bits, group_size)
 
 

@@ -3,11 +3,11 @@ import copy
 
 import pytest
 import torch
+from _tiny import tiny_llama, token_batch
 from torch import nn
 
 import qaft
 from qaft.methods import QuantizedLinear
-from _tiny import token_batch, tiny_llama
 
 INTEGER = ("l4q", "dlqat", "qalora", "ptq", "qat")
 FLOAT = ("lora", "qlora", "loftq", "qat_lora")
@@ -46,7 +46,7 @@ def _applied(name, seed=0, **extra):
 @pytest.mark.parametrize("name", sorted(FIELDS))
 def test_merged_model_equals_training_forward(name):
     model, _ = _train(_applied(name))
-    layers = qaft.model.qaft_layers(model)
+    layers = qaft.methods.api.qaft_layers(model)
     if name != "ptq":
         assert any(layer.lora_B.abs().sum() > 0 for layer in layers if hasattr(layer, "lora_B")) or name == "qat"
     merged = qaft.merge_model(model)
@@ -57,7 +57,7 @@ def test_merged_model_equals_training_forward(name):
         torch.testing.assert_close(merged(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
     if name in INTEGER:
         assert sum(isinstance(m, QuantizedLinear) for m in merged.modules()) == 14
-        assert not qaft.model.qaft_layers(merged)
+        assert not qaft.methods.api.qaft_layers(merged)
     else:
         assert QuantizedLinear not in kinds
 
@@ -67,7 +67,7 @@ def test_deployed_weights_are_the_trained_quantized_weights(name):
     """Layer by layer: the integer layer dequantizes to exactly (or to float rounding) the training Wq."""
     model, _ = _train(_applied(name, quant_steps=1) if name == "dlqat" else _applied(name))
     x = torch.randn(3, 64)
-    for layer in qaft.model.qaft_layers(model):
+    for layer in qaft.methods.api.qaft_layers(model):
         if layer.in_features != 64:
             continue
         deployed = layer.merge()
@@ -123,7 +123,7 @@ def test_trainable_parameters_per_phase(name, fields, phases):
 def test_l4q_warmup_trains_lora_outside_the_quantizer_then_inside():
     model = _applied("l4q", warmup_steps=3)
     _train(model, steps=3)
-    layer = qaft.model.qaft_layers(model)[0]
+    layer = qaft.methods.api.qaft_layers(model)[0]
     assert layer.phase == "warmup" and layer.lora_B.abs().sum() > 0
     x = torch.randn(2, 64)
     with torch.no_grad():
@@ -149,7 +149,7 @@ def test_dlqat_table3_variants_train_and_merge(clipping, magnitude):
 def test_lowrank_qat_layer_merges_bit_exactly(name):
     """With m folded into the group parameters, the merged layer dequantizes to exactly the trained Wq."""
     model, _ = _train(_applied(name))
-    for layer in qaft.model.qaft_layers(model):
+    for layer in qaft.methods.api.qaft_layers(model):
         x = torch.randn(3, layer.in_features)
         if getattr(layer, "magnitude", None) is not None:
             assert not torch.all(layer.magnitude == 1)  # m trained, so the fold is exercised
@@ -194,7 +194,7 @@ def test_bad_input_raises_at_construction(fields, message):
     with pytest.raises(ValueError, match=message):
         qaft.apply_method(model, qaft.config_for("l4q", **fields))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    assert not qaft.model.qaft_layers(model)
+    assert not qaft.methods.api.qaft_layers(model)
 
 
 def test_unknown_method_names_the_available_ones():

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from qaft.peak_memory import PeakMemory, live_heap_bytes, tensor_bytes
+from qaft.training.peak_memory import PeakMemory, live_heap_bytes, tensor_bytes
 
 
 class Blowup(nn.Module):
@@ -31,7 +31,7 @@ def test_peak_sees_the_saved_activation_and_hooks_are_removed():
 def test_sampled_modules_are_the_decoder_layers_and_the_leaves_around_them():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from qaft.peak_memory import sampled_modules
+    from qaft.training.peak_memory import sampled_modules
     model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                                          num_attention_heads=4, num_key_value_heads=2))
     sampled = sampled_modules(model)

@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import run_qaft_train, signal_at_step, start_qaft_train, tiny_run_overrides, wait_for
+from safetensors.torch import load_file
 
 STEPS = 12
 # L4Q with a LoRA warm-up (a phase change at step 6) and LoRA dropout during it (the RNG must resume too).
@@ -232,8 +231,8 @@ class _Payload:
 
 
 def test_planted_pickles_in_a_run_folder_never_run(tmp_path):
-    from qaft.eval.runs import load_run_model
-    from qaft.export import main as export
+    from qaft.deploy.cli import main as export
+    from qaft.evaluation.runs import load_run_model
 
     root = tmp_path / "runs"
     proc = run_qaft_train([*tiny_run_overrides(root, steps=2), "checkpoint.every_n_steps=1", "save_model=true"])
@@ -262,7 +261,7 @@ def test_no_unsafe_loads_in_the_package():
 
 
 def test_a_moved_run_folder_is_scored_with_its_own_model(tmp_path):
-    from qaft.eval.runs import load_run_model
+    from qaft.evaluation.runs import load_run_model
 
     root = tmp_path / "runs"
     proc = run_qaft_train([*tiny_run_overrides(root, steps=2), "save_model=true"])

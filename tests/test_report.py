@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from qaft import report
+from qaft.reporting import tables as report
 
 SPEC = {
     "name": "groupwise", "caption": "Held-out perplexity, groups of 64.", "rows": ["method", "bits"],

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from qaft import report
+from qaft.reporting import tables as report
 
 ROOT = Path(__file__).resolve().parent.parent
 ARCHIVE = ROOT / "results" / "tiny" / "records.jsonl"

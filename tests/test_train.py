@@ -10,18 +10,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_qaft_train, signal_at_step, tiny_run_overrides
 from transformers import AutoModelForCausalLM
 
 import qaft
-from qaft.models import load_causal_lm
-
-from conftest import run_qaft_train, signal_at_step, tiny_run_overrides
 from qaft.methods import available
+from qaft.models import load_causal_lm
 
 
 def run_main(overrides: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
     """``qaft-train OVERRIDES`` in this process (saves the seconds a fresh interpreter spends importing)."""
-    from qaft.train import main
+    from qaft.training.cli import main
 
     monkeypatch.setattr(sys, "argv", ["qaft-train", *overrides])
     main()
@@ -154,7 +153,7 @@ def test_float_method_is_scored_as_deployed_and_costs_are_recorded(tmp_path, mon
     """A float-merged method's lm-eval and second-corpus perplexity use its deployed (RTN PTQ) model; the
     record carries what training cost."""
     from qaft.data import lm_eval_windows, load_lm_texts
-    from qaft.evaluate import perplexity
+    from qaft.evaluation.perplexity import perplexity
     from qaft.models import load_tokenizer
 
     root = tmp_path / "runs"
@@ -177,7 +176,7 @@ def test_float_method_is_scored_as_deployed_and_costs_are_recorded(tmp_path, mon
 
 # --- GPTQ inside qaft-train: ptq and the QA-LoRA base calibrated on training batches, and "+GPTQ" deployment ---
 
-def _tiny_data() -> "RunData":
+def _tiny_data():
     """The run data of ``tiny_run_overrides`` (same source, block length, batch size, token cap and seed)."""
     from qaft.data import LMDataModule
     from qaft.data.stream import RunData
@@ -204,7 +203,7 @@ def test_calibration_batches_are_the_first_training_batches():
 
 
 def test_ptq_gptq_run_records_and_saves_the_gptq_model(tmp_path, monkeypatch):
-    from qaft.eval.runs import load_run_model
+    from qaft.evaluation.runs import load_run_model
 
     root = tmp_path / "runs"
     run_main([*tiny_run_overrides(root), "method=ptq", "method.algorithm=gptq", "method.calib_batches=3",
@@ -233,7 +232,7 @@ def _assert_gptq_codes(model: torch.nn.Module, calib_batches: int, names: tuple[
 
 
 def test_qalora_on_a_gptq_base_trains_and_merges_exactly(tmp_path, monkeypatch):
-    from qaft.eval.runs import load_run_model
+    from qaft.evaluation.runs import load_run_model
 
     root = tmp_path / "runs"
     run_main([*tiny_run_overrides(root, steps=2), "method=qalora", "method.base_quant=gptq", "method.rank=4",
@@ -266,8 +265,8 @@ def _linear_inputs(model: torch.nn.Module, batches: list[dict]) -> dict[str, tor
 def test_eval_gptq_deploys_a_float_merge_by_gptq(tmp_path, monkeypatch):
     import qaft
     from qaft.data import lm_eval_windows, load_lm_texts
-    from qaft.eval.runs import load_run_model
-    from qaft.evaluate import perplexity
+    from qaft.evaluation.perplexity import perplexity
+    from qaft.evaluation.runs import load_run_model
     from qaft.methods.gptq_model import gptq_quantize_model
     from qaft.quant.gptq import layer_output_error
 

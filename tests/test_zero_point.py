@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _tiny import tiny_llama, token_batch
 from torch import nn
 
 import qaft
@@ -12,7 +13,6 @@ from qaft.quant import dequantize, fake_quantize, init_scale_offset, qrange, qua
 from qaft.quant.affine import _v, offset_of_zero
 from qaft.quant.gptq import HessianAccumulator, gptq_quantize_weight
 from qaft.quant.init import init_scale_zero
-from _tiny import tiny_llama, token_batch
 
 QUANT_METHODS = ("ptq", "qalora", "l4q", "dlqat", "qat", "qat_lora", "loftq")
 FIELDS = {"loftq": {"base": "int"}, "dlqat": {"quant_steps": 2}}
@@ -111,7 +111,7 @@ def _applied(name, **extra):
 @pytest.mark.parametrize("name", QUANT_METHODS)
 def test_the_integer_base_starts_on_the_integer_grid(name):
     model = _applied(name)
-    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)] + qaft.model.qaft_layers(model)
+    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)] + qaft.methods.api.qaft_layers(model)
     assert len(layers) == 14
     for layer in layers:
         bits = layer.bits if isinstance(layer, QuantizedLinear) else layer.config.bits
@@ -126,7 +126,7 @@ def test_the_integer_base_starts_on_the_integer_grid(name):
 ])
 def test_merged_equals_trained_bit_for_bit(name, extra):
     model = _train(_applied(name, **extra))
-    layers = qaft.model.qaft_layers(model)
+    layers = qaft.methods.api.qaft_layers(model)
     trains_zero = extra.get("clipping") != "dynamic"
     assert all(hasattr(layer, "zero") and not hasattr(layer, "offset") for layer in layers)
     with torch.no_grad():
@@ -148,7 +148,7 @@ def test_merged_equals_trained_bit_for_bit(name, extra):
 
 def test_z_learns_through_the_straight_through_round():
     model = _applied("l4q", init="minmax")  # the integer zero clips some extremes: db, so dz, is non-zero
-    layer = qaft.model.qaft_layers(model)[0]
+    layer = qaft.methods.api.qaft_layers(model)[0]
     before = layer.zero.detach().clone()
     qaft.set_training_step(model, 0)
     model(token_batch(), labels=token_batch()).loss.backward()
@@ -160,7 +160,7 @@ def test_z_learns_through_the_straight_through_round():
 
 def test_qalora_int_base_merges_to_float_offsets_exactly():
     model = _train(_applied("qalora"))
-    layer = qaft.model.qaft_layers(model)[0]
+    layer = qaft.methods.api.qaft_layers(model)[0]
     x = torch.randn(3, layer.in_features)
     with torch.no_grad():
         deployed = layer.merge()

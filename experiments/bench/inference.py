@@ -140,7 +140,7 @@ def gemv_micro(shapes: tuple[tuple[int, int], ...] = ((576, 576), (576, 1536), (
     """Microseconds per single-token product (M=1), per path: dense GEMM vs the int4/int8 kernels, with fp32
     and bf16 activations (the measurement behind ``backend="auto"``'s choice on CPU)."""
     from qaft.deploy import inference_layer
-    from qaft.methods.deploy import rtn_quantize_linear
+    from qaft.quant.linear import rtn_quantize_linear
     out = {}
     for in_f, out_f in shapes:
         lin = torch.nn.Linear(in_f, out_f, bias=False)

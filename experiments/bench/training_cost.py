@@ -66,7 +66,7 @@ def add_weight_gradient_gemm(model: torch.nn.Module) -> None:
     def hook(module: torch.nn.Module, args: tuple, out: torch.Tensor) -> None:
         out.register_hook(lambda grad, x=args[0]: _weight_gradient_gemm(grad, x))
 
-    for layer in qaft.model.qaft_layers(model):
+    for layer in qaft.methods.api.qaft_layers(model):
         layer.register_forward_hook(hook)
 
 

@@ -14,8 +14,8 @@ import torch
 from torch.utils.data import Dataset
 
 from qaft.data.austen import austen_splits
-from qaft.data.loaders import SplitDataModule
 from qaft.data.instruct import PadCollator
+from qaft.data.loaders import SplitDataModule
 
 BUILTIN_LM = ("austen",)
 LM_SPLITS = ("train", "validation", "test")

@@ -12,7 +12,7 @@ A folder holding
 * ``config.json`` (``model.config.save_pretrained``) and, when given, the tokenizer files.
 
 ``load_quantized`` rebuilds the Hugging Face skeleton from ``config.json`` without initialising weights,
-installs :class:`~qaft.methods.deploy.QuantizedLinear` modules and loads the tensors by assignment, so the
+installs :class:`~qaft.quant.linear.QuantizedLinear` modules and loads the tensors by assignment, so the
 loaded model computes exactly what the saved one did.
 
 A run's merged model (:func:`save_merged` / :func:`load_merged`, the one reader of what ``qaft-train`` saves)
@@ -32,12 +32,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from qaft.methods.deploy import QuantizedLinear
+from qaft.quant.linear import QuantizedLinear
 
 FORMAT = "qaft-packed"
 VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 QUANT_FILE = "quantization.json"
+RUN_RECORD = "record.json"  # what qaft-train leaves in a run folder
 LAYOUT = (
     "W[o, i] = scale[o, i // group_size] * (u[o, i] - 2^(bits-1)) + offset[o, i // group_size]; "
     "u unsigned, packed big-endian along the input dimension, 8 codes per `bits` bytes "
@@ -183,3 +184,23 @@ def load_merged(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrai
         raise FileNotFoundError(f"{path}: no safetensors model (qaft never reads pickled weights: they can run code)")
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=True)
     return model.eval()
+
+
+def read_run(run_dir: Path | str) -> dict[str, Any]:
+    path = Path(run_dir) / RUN_RECORD
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run_dir must be a qaft-train run folder")
+    return json.loads(path.read_text())
+
+
+def merged_model_dir(run_dir: Path | str, record: dict[str, Any]) -> Path:
+    """The run's merged model folder, inside ``run_dir`` whatever path the record holds."""
+    saved = record.get("metrics", {}).get("merged_model_path")
+    if record.get("status") != "ok" or not saved:
+        raise ValueError(f"run {run_dir} has no saved merged model (status={record.get('status')!r}; "
+                         "train with save_model=true)")
+    path = Path(run_dir) / Path(saved).name  # older records hold absolute paths: only the name counts
+    if path.suffix == ".pt":
+        raise ValueError(f"{path}: a pickled model from an older qaft; it is not loaded (a pickle can run code): "
+                         "rerun the training with save_model=true")
+    return path

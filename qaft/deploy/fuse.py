@@ -9,7 +9,7 @@ token; end to end, int4 decode 77 -> 85 tok/s under HF generate, 99 -> 114 tok/s
 
 Fusion is exact: weights are concatenated along the output dimension, so each output row keeps its own
 codes, scale, offset (or float row) and bias, and the product is split back in the original order.
-Integer layers are fused as :class:`~qaft.methods.deploy.QuantizedLinear` (same bits, group size and
+Integer layers are fused as :class:`~qaft.quant.linear.QuantizedLinear` (same bits, group size and
 input width), before the kernel layers are built; float layers as ``nn.Linear`` of one dtype.
 
 Only modules whose ``forward`` is exactly transformers' ``LlamaAttention.forward`` / ``LlamaMLP.forward``
@@ -25,7 +25,8 @@ import torch
 from torch import nn
 from transformers.models.llama import modeling_llama as llama
 
-from qaft.methods.deploy import QuantizedLinear, float_linear
+from qaft.methods.layer import float_linear
+from qaft.quant.linear import QuantizedLinear
 
 
 def _fused_linear(layers: list[nn.Module]) -> nn.Module | None:

@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from qaft.methods.deploy import QuantizedLinear
 from qaft.models import smollm2_gguf_path
+from qaft.quant.linear import QuantizedLinear
 
 Q4_1_BLOCK = 32
 

@@ -1,6 +1,6 @@
 """Inference layers for merged integer models, with dispatch to PyTorch's packed-weight kernels.
 
-A :class:`~qaft.methods.deploy.QuantizedLinear` stores ``W = s * (u - 2^(n-1)) + b`` per group, with
+A :class:`~qaft.quant.linear.QuantizedLinear` stores ``W = s * (u - 2^(n-1)) + b`` per group, with
 unsigned codes ``u`` packed ``n`` bits each. That is exactly the layout of PyTorch's int4 "tinygemm"
 kernels (``W = (u - 8) * scale + zero``), so the 4-bit path needs no arithmetic change at all; 2- and 3-bit
 codes shift into the same range (``u4 = q + 8``, scale and offset unchanged), which is also exact.
@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qaft.methods.deploy import QuantizedLinear
+from qaft.quant.linear import QuantizedLinear
 
 Backend = Literal["auto", "kernel", "dequant"]
 INT4_GROUP_SIZES = (32, 64, 128, 256)

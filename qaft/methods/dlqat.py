@@ -23,11 +23,11 @@ import torch
 from torch import nn
 
 from qaft.methods.config import TRAIN, QuantLoRAMethodConfig, choice, non_negative, register
-from qaft.methods.deploy import QuantizedLinear
 from qaft.methods.l4q import QUANTIZER, grad_scale_of, layer_offset, quantizer_state
 from qaft.methods.layer import QaftLinear, add_lora
 from qaft.methods.lowrank_qat import lowrank_codes, lowrank_fake_quant_linear, lowrank_minmax
 from qaft.quant.affine import offset_of_zero
+from qaft.quant.linear import QuantizedLinear
 
 QUANT = "quant"
 CLIPPING = ("learned_fixed", "learned", "dynamic")

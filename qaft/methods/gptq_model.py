@@ -2,7 +2,7 @@
 
 Sequential GPTQ (the paper's setting): the calibration batches are run once up to the first decoder block;
 then for each block, forward hooks on its target linears accumulate every linear's Hessian in one pass of
-the block, the linears are GPTQ-quantized into :class:`~qaft.methods.deploy.QuantizedLinear`, and the block
+the block, the linears are GPTQ-quantized into :class:`~qaft.quant.linear.QuantizedLinear`, and the block
 is run again, now quantized, to produce the next block's inputs. So each block is calibrated on the
 activations of the already quantized blocks before it. (Within a block all linears see the float block's
 activations; the reference's "true sequential" sub-ordering of q/k/v, o, up/gate, down is not done.)
@@ -16,7 +16,7 @@ Two consumers:
 GPTQ needs data, so neither fits ``apply_method``'s one-layer-at-a-time ``make_layer``; callers use
 :func:`apply_method_calibrated`, which falls back to ``apply_method`` for every method that needs no data.
 How GPTQ is calibrated (batch count, act-order, dampening) is a :class:`GPTQOptions`; ``qaft-train`` takes the
-batches from the start of the run's training stream (:meth:`qaft.lightning.RunData.calibration_batches`).
+batches from the start of the run's training stream (:meth:`qaft.training.module.RunData.calibration_batches`).
 
 Padding tokens (instruction batches) are left out of the Hessians: they are no input the model will serve.
 """
@@ -31,8 +31,8 @@ import torch
 from torch import nn
 
 from qaft.methods.config import DEFAULT_TARGETS, MethodConfig
-from qaft.methods.deploy import QuantizedLinear
 from qaft.quant.gptq import HessianAccumulator, gptq_quantize_weight
+from qaft.quant.linear import QuantizedLinear
 
 
 @dataclass(frozen=True)
@@ -194,8 +194,8 @@ def apply_method_calibrated(model: nn.Module, config: MethodConfig, calib_batche
     (act-order, dampening) default to the config's own (:meth:`GPTQOptions.of`); the batch count is the
     caller's, who chose ``calib_batches``.
     """
+    from qaft.methods.api import apply_method, set_training_step
     from qaft.methods.qalora import QALoRALinear
-    from qaft.model import apply_method, set_training_step
 
     if not needs_calibration(config):
         return apply_method(model, config)

@@ -21,10 +21,10 @@ import torch
 from torch import nn
 
 from qaft.methods.config import TRAIN, QuantLoRAMethodConfig, non_negative, register
-from qaft.methods.deploy import QuantizedLinear
 from qaft.methods.layer import QaftLinear, add_lora, lora_output, recomputed_linear
 from qaft.methods.lowrank_qat import lowrank_codes, lowrank_fake_quant_linear
 from qaft.quant.affine import dequantize, lsq_grad_scale, quantize
+from qaft.quant.linear import QuantizedLinear
 from qaft.quant.module import current_offset, register_scale_offset
 
 WARMUP = "warmup"

@@ -105,3 +105,15 @@ class _RecomputedLinear(torch.autograd.Function):
 
 def recomputed_linear(x: torch.Tensor, weight_fn: Callable[..., torch.Tensor], *state: torch.Tensor) -> torch.Tensor:
     return _RecomputedLinear.apply(x, weight_fn, *state)
+
+
+def float_linear(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> nn.Linear:
+    """A plain ``nn.Linear`` holding ``weight`` (the deployable form of float-merged methods)."""
+    out_features, in_features = weight.shape
+    layer = nn.Linear(in_features, out_features, bias=bias is not None, device=weight.device, dtype=dtype)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        if bias is not None:
+            layer.bias.copy_(bias)
+    layer.requires_grad_(False)
+    return layer

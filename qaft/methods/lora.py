@@ -12,8 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qaft.methods.config import TRAIN, LoRAMethodConfig, register
-from qaft.methods.deploy import float_linear
-from qaft.methods.layer import QaftLinear, add_lora, lora_delta, lora_output
+from qaft.methods.layer import QaftLinear, add_lora, float_linear, lora_delta, lora_output
 
 
 class LoRALinear(QaftLinear):

@@ -1,7 +1,7 @@
 """Post-training quantization baseline: round-to-nearest per group (``minmax``, ``mse`` or ``l4q`` ranges),
 or GPTQ (``algorithm="gptq"``, from calibration data; see :mod:`qaft.methods.gptq_model`).
 
-Nothing trains; the layer is already the deployable :class:`~qaft.methods.deploy.QuantizedLinear`.
+Nothing trains; the layer is already the deployable :class:`~qaft.quant.linear.QuantizedLinear`.
 ``zero_point="int"`` quantizes on the integer-zero grid of GPTQ / AutoGPTQ (``b = s (2^(n-1) - z)``), RTN and
 GPTQ alike.
 """
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from qaft.methods.config import QuantMethodConfig, choice, register
-from qaft.methods.deploy import QuantizedLinear, rtn_quantize_linear
+from qaft.quant.linear import QuantizedLinear, rtn_quantize_linear
 
 
 @register

@@ -28,10 +28,10 @@ import torch
 from torch import nn
 
 from qaft.methods.config import TRAIN, QuantLoRAMethodConfig, choice, register
-from qaft.methods.deploy import QuantizedLinear
 from qaft.methods.layer import QaftLinear, add_lora, lora_delta, lora_output, recomputed_linear
 from qaft.quant.affine import dequantize, quantize
 from qaft.quant.init import init_scale_offset
+from qaft.quant.linear import QuantizedLinear
 
 
 class QALoRALinear(QaftLinear):

@@ -14,10 +14,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from qaft.methods.config import TRAIN, QuantMethodConfig, register
-from qaft.methods.deploy import QuantizedLinear
 from qaft.methods.l4q import QUANTIZER, grad_scale_of, layer_offset, quantizer_state
 from qaft.methods.layer import QaftLinear
 from qaft.quant.affine import fake_quantize, quantize
+from qaft.quant.linear import QuantizedLinear
 
 
 class QATLinear(QaftLinear):

@@ -14,8 +14,7 @@ import torch
 from torch import nn
 
 from qaft.methods.config import TRAIN, LoRAMethodConfig, register
-from qaft.methods.deploy import float_linear
-from qaft.methods.layer import QaftLinear, add_lora, lora_delta, lora_output, recomputed_linear
+from qaft.methods.layer import QaftLinear, add_lora, float_linear, lora_delta, lora_output, recomputed_linear
 from qaft.quant.affine import dequantize, quantize
 from qaft.quant.init import init_scale_offset
 from qaft.quant.nf4 import NF4Tensor, nf4_dequantize, nf4_quantize

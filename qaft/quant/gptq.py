@@ -19,7 +19,7 @@ columns, beyond the block, from ``W`` too; those columns then receive this block
 in the next block, with the parameters already fixed. Per channel the parameters are fitted once, up front.
 With ``act_order`` columns are visited by descending ``diag(H)``; group parameters are then computed up front
 for every group of the original layout (the reference's ``static_groups``), so the output keeps the plain
-``(out, in / g)`` layout of :class:`~qaft.methods.deploy.QuantizedLinear`.
+``(out, in / g)`` layout of :class:`~qaft.quant.linear.QuantizedLinear`.
 
 Fitting on the block-start weights rather than on the in-block-updated ones matters: fitted on the updated
 columns, at 2 bits and ``g = 32`` most codes differed from the reference and the output error was worse than
@@ -131,7 +131,7 @@ def gptq_quantize_weight(
 
     Returns signed ``codes`` (int8, out x in) and per-group ``scale``, ``offset`` (out, in / group_size;
     ``group_size=-1`` is per channel): ``W ~= scale * codes + offset`` per group, the layout of
-    :class:`~qaft.methods.deploy.QuantizedLinear`. ``zero_point="int"`` fits the groups on the integer-zero
+    :class:`~qaft.quant.linear.QuantizedLinear`. ``zero_point="int"`` fits the groups on the integer-zero
     grid (``offset = scale * (2^(n-1) - z)``, the reference's own quantizer).
 
     On CPU this runs on one intra-op thread: its column steps are ~10^5-element operations, too small to gain

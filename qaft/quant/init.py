@@ -36,7 +36,7 @@ from enum import Enum
 
 import torch
 
-from qaft.quant.affine import check_bits, dequantize, offset_of_zero, quantize, qrange
+from qaft.quant.affine import check_bits, dequantize, offset_of_zero, qrange, quantize
 from qaft.quant.granularity import grouped
 
 # Below this a scale is treated as degenerate: keeps 1/s finite in float32 training.

@@ -20,29 +20,26 @@ and listed under ``"non_finite"`` with what they were.
 from __future__ import annotations
 
 import json
-import math
-import os
 import platform
 import signal
 import statistics
 import time
 import traceback
-from collections.abc import Callable
+from importlib.metadata import version
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
 
-import qaft
-from qaft.config_schema import RunSpec
+from qaft.files import atomic_write, dumps, finite_json, write_json
+from qaft.training.config import RunSpec
 
 CONFIG_FILE, METRICS_FILE, RECORD_FILE = "config.yaml", "metrics.jsonl", "record.json"
 OK, FAILED, DIVERGED, INTERRUPTED = "ok", "failed", "diverged", "interrupted"
 EXIT_CODES = {OK: 0, FAILED: 1, DIVERGED: 3}
-TMP_MARK = ".tmp-"
 
 
 class Diverged(RuntimeError):
@@ -63,55 +60,6 @@ def exit_code(status: str, error: BaseException | None = None) -> int:
     if isinstance(error, RunInterrupted):
         return 128 + error.signum
     return EXIT_CODES.get(status, 1)
-
-
-def atomic_write(path: Path | str, write: Callable[[IO[bytes]], None]) -> Path:
-    """Call ``write`` on a temporary file beside ``path``, then rename it into place (removed on any error)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
-def remove_stale_temporaries(folder: Path) -> list[Path]:
-    """Delete what :func:`atomic_write` left in ``folder`` when a process was killed mid-write."""
-    stale = [p for p in Path(folder).glob(f".*{TMP_MARK}*") if p.is_file()] if Path(folder).is_dir() else []
-    for p in stale:
-        p.unlink(missing_ok=True)
-    return stale
-
-
-def finite_json(value: Any, path: str = "", non_finite: dict[str, str] | None = None) -> Any:
-    """``value`` with every non-finite float replaced by ``None``; ``non_finite`` collects ``path -> repr``."""
-    if isinstance(value, dict):
-        return {k: finite_json(v, f"{path}.{k}" if path else str(k), non_finite) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [finite_json(v, f"{path}[{i}]", non_finite) for i, v in enumerate(value)]
-    if isinstance(value, float) and not math.isfinite(value):
-        if non_finite is not None:
-            non_finite[path] = str(value)
-        return None
-    return value
-
-
-def dumps(value: Any, **kwargs: Any) -> str:
-    """Strict JSON (``NaN``/``Infinity`` would make the file unreadable by other JSON parsers)."""
-    return json.dumps(finite_json(value), allow_nan=False, **kwargs)
-
-
-def write_json(path: Path | str, data: dict[str, Any]) -> Path:
-    """Atomic strict-JSON write: a record is never half-written and never holds bare ``NaN``."""
-    text = dumps(data, indent=2) + "\n"
-    return atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def _number(value: Any) -> float | None:
@@ -226,7 +174,7 @@ class RunRecord:
         }
 
     def _environment(self) -> dict[str, Any]:
-        return {"qaft": qaft.__version__, "torch": torch.__version__, "lightning": pl.__version__,
+        return {"qaft": version("qaft"), "torch": torch.__version__, "lightning": pl.__version__,
                 "python": platform.python_version(), "cuda": torch.cuda.is_available()}
 
     @rank_zero_only

@@ -6,7 +6,7 @@
 * :class:`SignalGuard`: schedulers stop jobs with SIGTERM (SLURM, Kubernetes), people with Ctrl-C. During
   training the signal is noted and the run stops at the end of the current optimizer step, after a checkpoint
   (:class:`StopOnSignal`), so a rerun resumes from exactly there; anywhere else (loading, evaluation) the run
-  stops at once. Either way it ends as :class:`~qaft.records.RunInterrupted`: status ``interrupted``, exit
+  stops at once. Either way it ends as :class:`~qaft.training.records.RunInterrupted`: status ``interrupted``, exit
   ``128 + signal``. A second signal during a step stops at once too.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 
-from qaft.records import RunInterrupted
+from qaft.training.records import RunInterrupted
 
 LOCK_FILE = ".qaft.lock"
 SIGNALS = (signal.SIGTERM, signal.SIGINT)

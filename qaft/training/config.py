@@ -15,10 +15,11 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from qaft import paths
 from qaft.data import validate_data_source
+from qaft.evaluation.harness import EvalError, parse_task
 from qaft.methods.config import MethodConfig, config_for, registered
 from qaft.methods.gptq_model import GPTQOptions, needs_calibration
-from qaft.eval.harness import EvalError, parse_task
 from qaft.models import SMOLLM2, TINY_LLAMA, cache_dir, tiny_llama_config, validate_model_source
 from qaft.quant.affine import VALID_BITS
 from qaft.quant.granularity import granularity
@@ -301,8 +302,8 @@ def precision(choice: str = "auto") -> str:
 
 
 def experiments_dir() -> str:
-    """The repository's ``experiments/`` folder, which Hydra searches for the tables' experiment configs."""
-    return str(Path(__file__).resolve().parent.parent / "experiments")
+    """The ``experiments/`` folder, which Hydra searches for the tables' experiment configs."""
+    return str(paths.experiments_dir())
 
 
 def fraction_of_steps(fraction: float, steps: int) -> int:
@@ -311,9 +312,9 @@ def fraction_of_steps(fraction: float, steps: int) -> int:
 
 
 def register_resolvers() -> None:
-    """Make ``${qaft.run_name:...}``, ``${qaft.digest:}`` (:mod:`qaft.identity`), ``${qaft.precision:...}``,
+    """Make ``${qaft.run_name:...}``, ``${qaft.digest:}`` (:mod:`qaft.training.identity`), ``${qaft.precision:...}``,
     ``${qaft.steps_fraction:...}`` and ``${qaft.experiments_dir:}`` available."""
-    from qaft.identity import digest_resolver
+    from qaft.training.identity import digest_resolver
 
     for name, fn in (("qaft.run_name", run_name), ("qaft.digest", digest_resolver), ("qaft.precision", precision),
                      ("qaft.steps_fraction", fraction_of_steps), ("qaft.experiments_dir", experiments_dir)):

@@ -6,7 +6,6 @@ relative to the folder, so a copied or moved run folder is scored with its own m
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -14,31 +13,10 @@ import torch
 from torch import nn
 
 from qaft.data import lm_blocks, load_lm_texts, tokenize_texts
-from qaft.deploy.checkpoint import load_merged
+from qaft.deploy.checkpoint import RUN_RECORD, load_merged, merged_model_dir, read_run
+from qaft.files import write_json
+from qaft.methods import ptq_model
 from qaft.models import load_tokenizer
-from qaft.records import write_json
-
-RECORD = "record.json"
-
-
-def read_run(run_dir: Path | str) -> dict[str, Any]:
-    path = Path(run_dir) / RECORD
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run_dir must be a qaft-train run folder")
-    return json.loads(path.read_text())
-
-
-def merged_model_dir(run_dir: Path | str, record: dict[str, Any]) -> Path:
-    """The run's merged model folder, inside ``run_dir`` whatever path the record holds."""
-    saved = record.get("metrics", {}).get("merged_model_path")
-    if record.get("status") != "ok" or not saved:
-        raise ValueError(f"run {run_dir} has no saved merged model (status={record.get('status')!r}; "
-                         "train with save_model=true)")
-    path = Path(run_dir) / Path(saved).name  # older records hold absolute paths: only the name counts
-    if path.suffix == ".pt":
-        raise ValueError(f"{path}: a pickled model from an older qaft; it is not loaded (a pickle can run code): "
-                         "rerun the training with save_model=true")
-    return path
 
 
 def load_run_model(run_dir: Path | str, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any, dict]:
@@ -63,12 +41,11 @@ def calibration_batches(tokenizer: Any, source: str, config: str | None, n_batch
 
 def apply_ptq(model: nn.Module, tokenizer: Any, ptq: dict[str, Any], source: str, config: str | None) -> nn.Module:
     """RTN or GPTQ (``ptq.algorithm``) of a float model at ``ptq.bits`` / ``ptq.group_size``."""
-    import qaft
     from qaft.methods.gptq_model import gptq_quantize_model
 
     bits, group_size = int(ptq["bits"]), int(ptq["group_size"])
     if ptq.get("algorithm", "rtn") == "rtn":
-        return qaft.ptq_model(model, bits, group_size, ptq.get("init", "minmax"), inplace=True)
+        return ptq_model(model, bits, group_size, ptq.get("init", "minmax"), inplace=True)
     calib = calibration_batches(tokenizer, ptq.get("calib_source") or source, config,
                                 int(ptq.get("calib_batches", 16)), int(ptq.get("calib_seq_len", 512)))
     return gptq_quantize_model(model, calib, bits, group_size, act_order=bool(ptq.get("act_order", False)),
@@ -80,7 +57,7 @@ def add_eval_to_record(run_dir: Path | str, key: str, results: dict[str, Any]) -
     """Put ``results`` under ``record["eval"][key]``, keeping everything else in the record."""
     record = read_run(run_dir)
     record.setdefault("eval", {})[key] = results
-    path = Path(run_dir) / RECORD
+    path = Path(run_dir) / RUN_RECORD
     write_json(path, record)
     return path
 

@@ -20,14 +20,15 @@ import torch
 from lightning_fabric.plugins import TorchCheckpointIO
 from omegaconf import DictConfig
 
-import qaft
-from qaft.config_schema import SCHEDULES
+from qaft.files import atomic_write
+from qaft.methods import count_parameters, parameter_groups, set_training_step
+from qaft.methods.api import qaft_layers
 from qaft.methods.config import MethodConfig
 from qaft.methods.gptq_model import GPTQOptions, apply_method_calibrated, needs_calibration
-from qaft.model import qaft_layers
 from qaft.models import load_causal_lm
-from qaft.peak_memory import PeakMemory
-from qaft.records import Diverged, atomic_write
+from qaft.training.config import SCHEDULES
+from qaft.training.peak_memory import PeakMemory
+from qaft.training.records import Diverged
 
 # Quantizer state worth keeping in a checkpoint even where it is a buffer (symmetric offsets, QA-LoRA's s, b).
 QUANT_STATE = ("scale", "offset", "zero", "magnitude")
@@ -48,7 +49,7 @@ class QaftModule(pl.LightningModule):
                  calib_batches: list[dict[str, torch.Tensor]] | None = None, gptq: GPTQOptions | None = None,
                  identity: dict[str, Any] | None = None) -> None:
         """``calib_batches`` / ``gptq``: the calibration data and GPTQ options of a method that needs them;
-        ``identity``: the run's identity config (:mod:`qaft.identity`), stored in every checkpoint."""
+        ``identity``: the run's identity config (:mod:`qaft.training.identity`), stored in every checkpoint."""
         super().__init__()
         self.cfg, self.method, self.identity = cfg, method, identity or {}
         # Checkpoints hold only trained tensors; everything else is rebuilt from config + seed.
@@ -68,7 +69,7 @@ class QaftModule(pl.LightningModule):
     @property
     def trains(self) -> bool:
         """False for methods with nothing to train (PTQ): the run only evaluates."""
-        return any(qaft.parameter_groups(self.model).values())
+        return any(parameter_groups(self.model).values())
 
     def forward(self, **batch: torch.Tensor) -> Any:
         return self.model(**batch)
@@ -76,7 +77,7 @@ class QaftModule(pl.LightningModule):
     def setup(self, stage: str) -> None:
         # DDP registers only tensors that require grad when it wraps the model, so every tensor that trains in
         # *some* phase must require grad now; on_train_start puts the current phase back.
-        for params in qaft.parameter_groups(self.model).values():
+        for params in parameter_groups(self.model).values():
             for p in params:
                 p.requires_grad_(True)
 
@@ -86,7 +87,7 @@ class QaftModule(pl.LightningModule):
             layer.set_phase(phase)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        qaft.set_training_step(self.model, self.global_step)
+        set_training_step(self.model, self.global_step)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.model(**batch).loss
@@ -104,7 +105,7 @@ class QaftModule(pl.LightningModule):
         groups = [
             {"params": params, "name": role, "lr": float(optim.lr[role]),
              "weight_decay": float(optim.weight_decay.get(role, 0.0))}
-            for role, params in qaft.parameter_groups(self.model).items() if params
+            for role, params in parameter_groups(self.model).items() if params
         ]
         optimizer = torch.optim.AdamW(groups, betas=tuple(optim.betas), eps=float(optim.eps))
         total, warmup, schedule = int(self.trainer.max_steps), int(optim.warmup_steps), str(optim.schedule)
@@ -114,7 +115,7 @@ class QaftModule(pl.LightningModule):
 
     def checkpoint_keys(self) -> set[str]:
         """State-dict keys of what trains in any phase plus quantizer state: the whole checkpoint."""
-        trained = {id(p) for params in qaft.parameter_groups(self.model).values() for p in params}
+        trained = {id(p) for params in parameter_groups(self.model).values() for p in params}
         keys = {name for name, p in self.named_parameters() if id(p) in trained}
         layers = set(qaft_layers(self.model))
         for layer_name, layer in self.named_modules():
@@ -158,7 +159,7 @@ class TrainingStats(pl.Callback):
     """Logs what the step cost: tokens/s (all ranks), peak memory, trainable parameters, lr per role.
 
     A callback so that the step time covers forward, backward and the optimizer; lr is read before the
-    scheduler advances, i.e. the lr the step used. Peak memory is this run's own (:mod:`qaft.peak_memory`),
+    scheduler advances, i.e. the lr the step used. Peak memory is this run's own (:mod:`qaft.training.peak_memory`),
     also when a sweep runs many runs in one process.
     """
 
@@ -187,7 +188,7 @@ class TrainingStats(pl.Callback):
             "train/step_s": seconds,
             "train/tokens_per_s": tokens / seconds,
             "train/peak_memory_mb": self.memory.peak_bytes() / 2**20,
-            "train/trainable_params": float(qaft.count_parameters(pl_module.model)),
+            "train/trainable_params": float(count_parameters(pl_module.model)),
             **self._lrs,
         }, on_step=True, on_epoch=False, rank_zero_only=True)
 
@@ -228,7 +229,7 @@ class DivergenceGuard(pl.Callback):
         self._check(trainer, bad and f"{bad} at step {trainer.global_step + 1}")
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: QaftModule, *args: Any) -> None:
-        params = [p for group in qaft.parameter_groups(pl_module.model).values() for p in group]
+        params = [p for group in parameter_groups(pl_module.model).values() for p in group]
         ok = _all_finite([p.detach() for p in params])
         self._check(trainer, None if ok else f"non-finite trained tensor after step {trainer.global_step}")
 
@@ -243,7 +244,7 @@ class SafeCheckpointIO(TorchCheckpointIO):
     """Checkpoints that neither run code nor leave debris.
 
     Written to a temporary file beside the target and renamed into place (a kill mid-write keeps the previous
-    checkpoint and leaves nothing in the system's temporary folder; :func:`qaft.records.remove_stale_temporaries`
+    checkpoint and leaves nothing in the system's temporary folder; :func:`qaft.files.remove_stale_temporaries`
     clears a killed writer's file on the next start), and read back with ``weights_only=True``.
     """
 

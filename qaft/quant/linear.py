@@ -58,15 +58,3 @@ def rtn_quantize_linear(linear: nn.Module, bits: int, group_size: int, init: str
     w = linear.weight.detach().float()
     scale, offset = init_scale_offset(w, bits, group_size, init, symmetric, zero_point=zero_point)
     return QuantizedLinear(quantize(w, scale, offset, bits), scale, offset, bits, linear.bias)
-
-
-def float_linear(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> nn.Linear:
-    """A plain ``nn.Linear`` holding ``weight`` (the deployable form of float-merged methods)."""
-    out_features, in_features = weight.shape
-    layer = nn.Linear(in_features, out_features, bias=bias is not None, device=weight.device, dtype=dtype)
-    with torch.no_grad():
-        layer.weight.copy_(weight)
-        if bias is not None:
-            layer.bias.copy_(bias)
-    layer.requires_grad_(False)
-    return layer

@@ -1,9 +1,9 @@
 """A whole run from a validated config: train, evaluate, save the deployable model, write the record.
 
-``qaft.train`` validates and calls :func:`run`; everything here assumes :func:`qaft.config_schema.validate`
+``qaft.training.cli`` validates and calls :func:`run`; everything here assumes :func:`qaft.training.config.validate`
 has passed, so an exception from here on is a run that did not finish, recorded with its status
-(:mod:`qaft.records`): ``failed``, ``diverged`` or ``interrupted``. A run folder belongs to one process at a
-time (:class:`qaft.run_control.RunLock`); a finished ``ok`` run is not run again (``resume=never`` forces it).
+(:mod:`qaft.training.records`): ``failed``, ``diverged`` or ``interrupted``. A run folder belongs to one process at a
+time (:class:`qaft.training.run_control.RunLock`); a finished ``ok`` run is not run again (``resume=never`` forces it).
 """
 from __future__ import annotations
 
@@ -23,18 +23,31 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from qaft.config_schema import ConfigError, RunSpec, run_name, validate
 from qaft.data import lm_eval_windows, load_lm_texts
 from qaft.data.stream import RunData
 from qaft.deploy.checkpoint import save_merged
-from qaft.evaluate import Batch, batches_perplexity, end_of_run, format_table, window_batches
-from qaft.identity import config_digest, differences, identity_config
-from qaft.lightning import DivergenceGuard, QaftModule, SafeCheckpointIO, TrainingStats
+from qaft.evaluation.perplexity import Batch, batches_perplexity, end_of_run, format_table, window_batches
+from qaft.files import remove_stale_temporaries
 from qaft.methods.gptq_model import gptq_quantize_model
 from qaft.models import load_causal_lm, load_tokenizer
-from qaft.records import (DIVERGED, FAILED, INTERRUPTED, OK, RECORD_FILE, Diverged, MetricsRecorder, RunInterrupted,
-                          RunRecord, read_record, remove_stale_temporaries, training_cost, trim_metrics)
-from qaft.run_control import LOCK_FILE, RunLock, SignalGuard, StopOnSignal
+from qaft.training.config import ConfigError, RunSpec, run_name, validate
+from qaft.training.identity import config_digest, differences, identity_config
+from qaft.training.module import DivergenceGuard, QaftModule, SafeCheckpointIO, TrainingStats
+from qaft.training.records import (
+    DIVERGED,
+    FAILED,
+    INTERRUPTED,
+    OK,
+    RECORD_FILE,
+    Diverged,
+    MetricsRecorder,
+    RunInterrupted,
+    RunRecord,
+    read_record,
+    training_cost,
+    trim_metrics,
+)
+from qaft.training.run_control import LOCK_FILE, RunLock, SignalGuard, StopOnSignal
 
 CHECKPOINTS, LAST, MERGED = "checkpoints", "last.ckpt", "merged_model"
 
@@ -182,7 +195,7 @@ def _corpus_perplexity(corpus: DictConfig, deployed: torch.nn.Module, tokenizer:
 
 def _lm_eval(cfg: DictConfig, deployed: torch.nn.Module, tokenizer: Any, form: str) -> dict[str, Any]:
     """The config's lm-eval tasks on the deployed model, with the harness settings recorded beside them."""
-    from qaft.eval.harness import run_tasks
+    from qaft.evaluation.harness import run_tasks
 
     opts = cfg.eval.lm_eval
     return run_tasks(deployed, tokenizer, list(cfg.eval.tasks), batch_size=int(opts.batch_size),

@@ -1,4 +1,4 @@
-"""``qaft-train`` (and ``python -m qaft.train``): validate the composed config, then run it.
+"""``qaft-train`` (and ``python -m qaft.training.cli``): validate the composed config, then run it.
 
 With no arguments this is the main job: L4Q at int4, groups of 64, on SmolLM2-135M fine-tuned on Austen,
 ending with a float / PTQ / L4Q perplexity table. ``qaft-train -m method.bits=4,3 method.init=minmax,l4q,mse``
@@ -11,19 +11,18 @@ finish does not stop the others; the sweep exits non-zero at the end.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from qaft.config_schema import ConfigError, validate
-from qaft.sweep_cleanup import SweepCleanup
+from qaft.paths import conf_dir
+from qaft.training.config import ConfigError, validate
+from qaft.training.sweep_cleanup import SweepCleanup
 
-# The repository's top-level conf/ (the package is installed editable); absolute, because Hydra resolves a
-# relative path against the calling module, which differs between `qaft-train` and `python -m qaft.train`.
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+# Absolute, because Hydra resolves a relative path against the calling module.
+CONF_DIR = str(conf_dir())
 EXIT_BUSY = 4
 
 
@@ -35,7 +34,7 @@ def _fail(message: str, code: int) -> None:
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def _main(cfg: DictConfig) -> float | None:
     """Hydra entry point; returns the deployed model's perplexity (for sweepers that optimise it)."""
-    from qaft.pipeline import discard_run_dir
+    from qaft.training.pipeline import discard_run_dir
 
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
@@ -46,10 +45,10 @@ def _main(cfg: DictConfig) -> float | None:
             raise  # one bad sweep point is reported by Hydra; the others still run
         _fail(f"invalid config: {err}", 2)
     # Imported only now: a config error should cost no more than the imports validation needs.
-    from qaft.evaluate import deployed_key
-    from qaft.pipeline import run
-    from qaft.records import DIVERGED, FAILED, Diverged, RunInterrupted, exit_code
-    from qaft.run_control import RunBusy
+    from qaft.evaluation.perplexity import deployed_key
+    from qaft.training.pipeline import run
+    from qaft.training.records import DIVERGED, FAILED, Diverged, RunInterrupted, exit_code
+    from qaft.training.run_control import RunBusy
 
     try:
         metrics = run(cfg, spec)
@@ -67,7 +66,7 @@ def _main(cfg: DictConfig) -> float | None:
     except Exception as err:
         if multirun:
             raise
-        from qaft.pipeline import run_dir_of
+        from qaft.training.pipeline import run_dir_of
 
         status = DIVERGED if isinstance(err, Diverged) else FAILED
         _fail(f"run {status}: {type(err).__name__}: {err} (record: {run_dir_of(cfg) / 'record.json'})",

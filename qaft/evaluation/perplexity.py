@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import qaft
-from qaft.methods.deploy import QuantizedLinear
+from qaft.methods import merge_model, ptq_model
+from qaft.quant.linear import QuantizedLinear
 
 Batch = dict[str, torch.Tensor]
 
@@ -75,7 +75,7 @@ def is_integer_model(model: nn.Module) -> bool:
 
 def deploy(merged: nn.Module, bits: int, group_size: int) -> nn.Module:
     """The model a run ships: the merged integer model itself, or RTN PTQ of a float merge (the papers' "+PTQ")."""
-    return merged if is_integer_model(merged) else qaft.ptq_model(merged, bits, group_size)
+    return merged if is_integer_model(merged) else ptq_model(merged, bits, group_size)
 
 
 def end_of_run(model: nn.Module, batches: list[Batch], bits: int, group_size: int,
@@ -90,7 +90,7 @@ def end_of_run(model: nn.Module, batches: list[Batch], bits: int, group_size: in
     deployments by GPTQ: ``merged_gptq`` and ``ptq_gptq``.
     """
     results = {"trained": batches_perplexity(model, batches)}
-    merged = qaft.merge_model(model)
+    merged = merge_model(model)
     results["merged"] = batches_perplexity(merged, batches)
     deployed = deploy(merged, bits, group_size)
     if deployed is not merged:
@@ -102,7 +102,7 @@ def end_of_run(model: nn.Module, batches: list[Batch], bits: int, group_size: in
         results["float"] = batches_perplexity(base, batches)
         if gptq is not None:
             results["ptq_gptq"] = batches_perplexity(gptq(base), batches)
-        results["ptq"] = batches_perplexity(qaft.ptq_model(base, bits, group_size, inplace=True), batches)
+        results["ptq"] = batches_perplexity(ptq_model(base, bits, group_size, inplace=True), batches)
         del base
     return results, merged, deployed
 

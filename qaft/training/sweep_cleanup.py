@@ -2,7 +2,7 @@
 
 Hydra writes ``multirun.yaml`` into the sweep folder before it composes the sweep's jobs; when composing fails
 (an unknown option in a sweep list), no job ran and that file is all the sweep left. ``qaft-train`` calls
-:meth:`SweepCleanup.after_failure` when it exits non-zero. (Its own module: ``python -m qaft.train`` runs that
+:meth:`SweepCleanup.after_failure` when it exits non-zero. (Its own module: ``python -m qaft.training.cli`` runs that
 file as ``__main__``, and Hydra would instantiate a second copy of a class defined there.)
 """
 from __future__ import annotations

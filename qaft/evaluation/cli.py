@@ -9,13 +9,14 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from qaft.eval.harness import EvalError, dequantized_once, headline, run_tasks
+from qaft.evaluation.harness import EvalError, dequantized_once, headline, run_tasks
+from qaft.paths import conf_dir
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent.parent / "conf")
+CONF_DIR = str(conf_dir())
 
 
 def _model(cfg: DictConfig) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
-    from qaft.eval.runs import apply_ptq, load_run_model
+    from qaft.evaluation.runs import apply_ptq, load_run_model
     from qaft.models import load_causal_lm
 
     dtype = getattr(torch, cfg.model.dtype)
@@ -33,7 +34,7 @@ def _model(cfg: DictConfig) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
 
 def _perplexity(model: torch.nn.Module, tokenizer: Any, p: DictConfig) -> dict[str, Any]:
     from qaft.data import lm_eval_windows, load_lm_texts
-    from qaft.evaluate import perplexity
+    from qaft.evaluation.perplexity import perplexity
 
     windows = lm_eval_windows(tokenizer, load_lm_texts(p.source, p.config)[p.split], int(p.seq_len), p.max_tokens)
     return {"source": p.source, "config": p.config, "split": p.split, "seq_len": int(p.seq_len),
@@ -42,7 +43,7 @@ def _perplexity(model: torch.nn.Module, tokenizer: Any, p: DictConfig) -> dict[s
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Everything ``cfg`` asks for, as one JSON-ready dict (also written to ``output`` / the run's record)."""
-    from qaft.eval.runs import add_eval_to_record, write_json
+    from qaft.evaluation.runs import add_eval_to_record, write_json
 
     model, tokenizer, about = _model(cfg)
     results: dict[str, Any] = {**about}

@@ -4,7 +4,7 @@ The model object goes to lm-eval's HF wrapper (``HFLM(pretrained=model, ...)``),
 (method layers) and a merged one (``QuantizedLinear`` or float layers) are scored by the same code. Tasks are
 lm-eval's own, by their names (``mmlu``, ``arc_challenge``, ``arc_easy``, ``boolq``, ``hellaswag``,
 ``openbookqa``, ``piqa``, ``winogrande``), plus qaft's offline ``quiz_mc`` and ``austen_ppl``
-(:mod:`qaft.eval.tasks`). A task is ``"name"`` (0 shots) or ``"name:shots"`` (``"mmlu:5"``).
+(:mod:`qaft.evaluation.tasks`). A task is ``"name"`` (0 shots) or ``"name:shots"`` (``"mmlu:5"``).
 
 Every result carries what the papers' numbers depend on: harness version, task versions, shots, batch size,
 max length, limit and the model's form (``training`` or ``merged``). MMLU moves by points with the harness's
@@ -22,9 +22,8 @@ from typing import Any
 import torch.nn.functional as F
 from torch import nn
 
-from qaft.methods.deploy import QuantizedLinear
-
-from qaft.eval.tasks import LOCAL_TASKS, write_local_tasks
+from qaft.evaluation.tasks import LOCAL_TASKS, write_local_tasks
+from qaft.quant.linear import QuantizedLinear
 
 PAPER_TASKS = ("mmlu:0", "mmlu:5", "arc_challenge", "arc_easy", "boolq", "hellaswag", "openbookqa", "piqa",
                "winogrande")

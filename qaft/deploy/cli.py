@@ -18,9 +18,10 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from qaft.deploy.checkpoint import QUANT_FILE, load_merged, load_quantized, save_quantized
-from qaft.methods.deploy import QuantizedLinear
+from qaft.deploy.checkpoint import QUANT_FILE, load_merged, load_quantized, merged_model_dir, read_run, save_quantized
+from qaft.methods import ptq_model
 from qaft.models import load_tokenizer
+from qaft.quant.linear import QuantizedLinear
 
 FORMATS = ("qaft", "gguf")
 USAGE = "usage: qaft-export RUN_DIR [format=qaft|gguf] [out=PATH]"
@@ -28,8 +29,6 @@ USAGE = "usage: qaft-export RUN_DIR [format=qaft|gguf] [out=PATH]"
 
 def load_run(run_dir: Path) -> tuple[torch.nn.Module, object | None]:
     """The merged integer model of a run folder and its tokenizer (if it can be found)."""
-    from qaft.eval.runs import merged_model_dir, read_run
-
     if (run_dir / QUANT_FILE).is_file():
         return load_quantized(run_dir), load_tokenizer(str(run_dir))
     cfg = OmegaConf.load(run_dir / "config.yaml")
@@ -37,9 +36,7 @@ def load_run(run_dir: Path) -> tuple[torch.nn.Module, object | None]:
     tokenizer = load_tokenizer(cfg.model.name_or_path)
     if any(isinstance(m, QuantizedLinear) for m in model.modules()):
         return model, tokenizer
-    import qaft
-
-    return qaft.ptq_model(model, int(cfg.method.bits), int(cfg.method.group_size), inplace=True), tokenizer
+    return ptq_model(model, int(cfg.method.bits), int(cfg.method.group_size), inplace=True), tokenizer
 
 
 def parse_args(argv: list[str]) -> tuple[Path, dict[str, str | None]]:

@@ -1,0 +1,20 @@
+"""qaft.models: loading causal LMs, the offline built-ins (SmolLM2-135M from its GGUF, the tiny random LLaMA)
+and any Hugging Face hub id or local folder."""
+from qaft.models.loading import (
+    BUILTIN_MODELS,
+    SMOLLM2,
+    TINY_LLAMA,
+    build_tiny_llama,
+    cache_dir,
+    ensure_smollm2_cache,
+    load_causal_lm,
+    load_tokenizer,
+    resolve_model_source,
+    smollm2_gguf_path,
+    tiny_llama_config,
+    validate_model_source,
+)
+
+__all__ = ["BUILTIN_MODELS", "SMOLLM2", "TINY_LLAMA", "build_tiny_llama", "cache_dir", "ensure_smollm2_cache",
+           "load_causal_lm", "load_tokenizer", "resolve_model_source", "smollm2_gguf_path", "tiny_llama_config",
+           "validate_model_source"]
