@@ -11,7 +11,7 @@ from omegaconf import OmegaConf, open_dict
 
 from qaft.methods import available
 from qaft.training.cli import CONF_DIR
-from qaft.training.config import ConfigError, run_name, validate
+from qaft.training.config import ConfigError, register_conf, run_name, validate
 
 CONF = Path(CONF_DIR)
 OPTIONS = sorted((str(p.parent.relative_to(CONF)), p.stem) for p in CONF.rglob("*.yaml") if p.parent != CONF)
@@ -22,6 +22,7 @@ REQUIRED = {("model", "hf"): ["model.name_or_path=org/some-model"], ("data", "js
 
 
 def _compose(overrides: list[str], hydra: bool = False):
+    register_conf()  # conf/train.yaml's ${qaft.*} (importing qaft registers none)
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         return compose(config_name="train", overrides=overrides, return_hydra_config=hydra)
 

@@ -11,7 +11,8 @@ from _tiny import tiny_llama, token_batch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import qaft  # noqa: E402
-from qaft.methods.gptq_model import apply_method_calibrated, gptq_quantize_model, needs_calibration  # noqa: E402
+from qaft.methods import GPTQOptions  # noqa: E402
+from qaft.methods.gptq_model import gptq_quantize_model  # noqa: E402
 from qaft.methods.qalora import QALoRALinear  # noqa: E402
 from qaft.quant import dequantize, init_scale_offset, quantize  # noqa: E402
 from qaft.quant.gptq import HessianAccumulator, gptq_quantize_weight, layer_output_error  # noqa: E402
@@ -117,17 +118,17 @@ def test_tiny_model_layer_errors_below_rtn(bits, act_order):
 def test_ptq_config_gptq_and_qalora_gptq_base():
     calib = [token_batch(seed=i, batch=2, length=32) for i in range(2)]
     ptq = qaft.config_for("ptq", bits=4, group_size=32, algorithm="gptq", act_order=True)
-    assert needs_calibration(ptq)
+    assert ptq.calibration() == GPTQOptions(act_order=True)
     with pytest.raises(ValueError, match="calibration"):
         qaft.apply_method(tiny_llama(), ptq)
-    model = apply_method_calibrated(tiny_llama(), ptq, calib)
+    model = qaft.apply_method(tiny_llama(), ptq, calib_batches=calib)
     assert isinstance(model.model.layers[1].mlp.down_proj, QuantizedLinear)
     with pytest.raises(ValueError, match="algorithm"):
         qaft.config_for("ptq", algorithm="awq")
 
     config = qaft.config_for("qalora", bits=3, group_size=32, rank=4, base_quant="gptq")
     gptq = gptq_quantize_model(tiny_llama(), calib, 3, 32)
-    model = apply_method_calibrated(tiny_llama(), config, calib)
+    model = qaft.apply_method(tiny_llama(), config, calib_batches=calib)
     layer = model.model.layers[1].self_attn.v_proj
     assert isinstance(layer, QALoRALinear)
     assert torch.equal(layer.codes, gptq.model.layers[1].self_attn.v_proj.codes())
@@ -139,6 +140,38 @@ def test_ptq_config_gptq_and_qalora_gptq_base():
                 m.lora_B.normal_(std=0.05)
         test = token_batch(seed=5)
         torch.testing.assert_close(qaft.merge_model(model)(test).logits, model(test).logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name, switch", [("ptq", {"algorithm": "gptq"}), ("qalora", {"base_quant": "gptq"})])
+def test_a_config_that_needs_calibration_says_so_and_carries_the_gptq_options(name, switch):
+    fields = {"calib_batches": 3, "act_order": True, "percdamp": 0.05}
+    assert qaft.config_for(name, **fields).calibration() is None  # RTN: no data needed
+    config = qaft.config_for(name, **fields, **switch)
+    assert config.calibration() == GPTQOptions(**fields)
+    assert {"calib_batches", "act_order", "percdamp"} <= set(config.to_dict())
+    for other in set(qaft.available()) - {"ptq", "qalora"}:
+        assert qaft.config_for(other).calibration() is None, other
+    with pytest.raises(ValueError, match="calib_batches must be an integer >= 1, got 0"):
+        qaft.config_for(name, calib_batches=0, **switch)
+    with pytest.raises(ValueError, match="percdamp must be a number >= 0"):
+        qaft.config_for(name, percdamp=-1.0)
+    model = tiny_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=f"method '{name}' needs calibration data"):
+        qaft.apply_method(model, config)
+    with pytest.raises(ValueError, match="needs calibration data"):
+        config.make_layer(nn.Linear(64, 64))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_calibration_batches_are_ignored_by_methods_that_need_none():
+    calib = [token_batch(seed=0, batch=2, length=32)]
+    config = qaft.config_for("l4q", group_size=32)
+    with_data = qaft.apply_method(tiny_llama(), config, calib_batches=calib)
+    plain = qaft.apply_method(tiny_llama(), config)
+    test = token_batch(seed=5)
+    with torch.no_grad():
+        torch.testing.assert_close(with_data(test).logits, plain(test).logits, rtol=0, atol=0)
 
 
 def test_padding_tokens_stay_out_of_the_hessians():
@@ -166,7 +199,7 @@ def test_integer_zero_point_reaches_gptq_through_the_ptq_config():
     """``ptq`` + ``gptq`` with ``zero_point="int"``: every group of every layer on the integer-zero grid."""
     calib = [token_batch(seed=i, batch=2, length=32) for i in range(2)]
     config = qaft.config_for("ptq", bits=2, group_size=32, algorithm="gptq", zero_point="int")
-    model = apply_method_calibrated(tiny_llama(), config, calib)
+    model = qaft.apply_method(tiny_llama(), config, calib_batches=calib)
     layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
     assert len(layers) == 14
     for layer in layers:
@@ -174,8 +207,8 @@ def test_integer_zero_point_reaches_gptq_through_the_ptq_config():
         assert bool(((ratio - ratio.round()).abs() < 1e-4).all())
         z = 2 - ratio.round()
         assert bool(((z >= 0) & (z <= 3)).all())
-    float_model = apply_method_calibrated(tiny_llama(), qaft.config_for("ptq", bits=2, group_size=32,
-                                                                        algorithm="gptq"), calib)
+    float_model = qaft.apply_method(tiny_llama(), qaft.config_for("ptq", bits=2, group_size=32, algorithm="gptq"),
+                                    calib_batches=calib)
     name = "model.layers.0.mlp.down_proj"
     assert not torch.equal(model.get_submodule(name).offset, float_model.get_submodule(name).offset)
 

@@ -112,7 +112,7 @@ def test_dlqat_phase_one_first_step_equals_exact_arithmetic(dtype, bits, group_s
         g = _upstream(w, bits, n_groups, seed)
         y = layer(torch.eye(in_features))
         (y * g.T).sum().backward()
-        _assert_first_step(layer.scale.grad, layer.offset.grad, w, g, bits, n_groups)
+        _assert_first_step(layer.quantizer.scale.grad, layer.quantizer.offset.grad, w, g, bits, n_groups)
 
 
 @pytest.mark.parametrize("bits", BITS)

@@ -3,8 +3,8 @@ import time
 import pytest
 import torch
 
-from qaft import models
 from qaft.models import load_causal_lm, load_tokenizer, resolve_model_source, validate_model_source
+from qaft.models import smollm2 as models
 
 
 def test_validate_model_source(tmp_path):

@@ -114,6 +114,22 @@ def test_packing_round_trip(bits, shape):
     assert torch.equal(Q.unpack_codes(packed, bits, shape[-1]), codes)
 
 
+def _big_endian_octets(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """The layout by its definition: 8 codes as one big-endian ``8 * bits``-bit word, code ``j`` at ``bits (7 - j)``."""
+    k = codes.shape[-1]
+    octets = torch.nn.functional.pad(codes.to(torch.int64), (0, (-k) % 8)).view(*codes.shape[:-1], -1, 8)
+    word = (octets << bits * torch.arange(7, -1, -1)).sum(-1, keepdim=True)
+    return ((word >> 8 * torch.arange(bits - 1, -1, -1)) & 0xFF).to(torch.uint8).reshape(*codes.shape[:-1], -1)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("shape", [(1, 8), (7, 37), (3, 5, 64), (13,)])
+def test_packing_is_the_big_endian_octet_layout(bits, shape):
+    codes = torch.randint(0, 2**bits, shape, generator=torch.Generator().manual_seed(bits))
+    for dtype in (torch.uint8, torch.int64):
+        assert torch.equal(Q.pack_codes(codes.to(dtype), bits), _big_endian_octets(codes, bits))
+
+
 def test_four_bit_layout_is_high_nibble_first():
     codes = torch.tensor([[1, 2, 15, 0]], dtype=torch.uint8)
     assert Q.pack_codes(codes, 4).tolist() == [[0x12, 0xF0, 0, 0]]

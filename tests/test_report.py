@@ -133,3 +133,66 @@ def test_two_records_of_one_seed_keep_the_newest_and_say_so(store, capsys):
     assert table.loc[("l4q", 4), "seeds"] == 2
     err = capsys.readouterr().err
     assert "2 records of seed 0" in err and "kept the newest" in err and "a2" in err
+
+
+# --- the command line: qaft-report key=value, like qaft-train / qaft-eval / qaft-export -----------------------------
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_cli_key_value_writes_what_report_writes(store, tmp_path, monkeypatch, capsys):
+    from qaft.reporting import cli
+
+    root, spec = store
+    other = tmp_path / "other.yaml"  # a second spec, for the glob and the comma-separated list
+    other.write_text(yaml.safe_dump({**SPEC, "name": "other", "plot": None}))
+    expected = tmp_path / "expected"
+    for s in (spec, other):
+        report.report(s, root, expected)
+    report.archive_runs(root, expected / "records.jsonl", [SPEC["where"], SPEC["where"]])
+
+    monkeypatch.chdir(tmp_path)  # a relative glob, as the shell would pass it quoted
+    cli.main(["spec=*.yaml", f"runs={root}", "out=glob", "archive=glob/records.jsonl"])
+    assert _files(tmp_path / "glob") == _files(expected)
+    assert len(capsys.readouterr().out.splitlines()) == len(_files(expected))
+    cli.main([f"spec={other},{spec}", f"runs={root}", "out=listed", "archive=listed/records.jsonl", "wandb=null"])
+    assert _files(tmp_path / "listed") == _files(expected)
+    cli.main(["--spec", str(spec), str(other), "--runs", str(root), "--out", "flags", "--archive",
+              "flags/records.jsonl"])  # the old flags still work
+    assert _files(tmp_path / "flags") == _files(expected)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["runs=runs"], "missing spec="),
+    (["spec=nowhere/*.yaml"], "spec 'nowhere/*.yaml' matches no file"),
+    (["spec=SPEC", "colour=red"], "unknown key 'colour' (keys: spec, runs, out, archive, wandb)"),
+    (["SPEC"], "expected key=value, got"),
+])
+def test_cli_bad_arguments_exit_2_in_one_line(store, tmp_path, capsys, argv, message):
+    from qaft.reporting import cli
+
+    _, spec = store
+    with pytest.raises(SystemExit) as done:
+        cli.main([a.replace("SPEC", str(spec)) for a in argv])
+    assert done.value.code == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("qaft-report:")]
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "results").exists()
+
+
+def test_cli_help(capsys):
+    from qaft.reporting import cli
+
+    cli.main(["--help"])
+    out = capsys.readouterr().out
+    assert out.startswith("usage: qaft-report spec=") and "archive" in out and "wandb" in out
+
+
+def test_cli_finds_the_shipped_specs_from_anywhere(tmp_path, monkeypatch):
+    """``spec='experiments/reports/*.yaml'`` outside a checkout: the specs installed with qaft."""
+    from qaft.paths import experiments_dir
+    from qaft.reporting import cli
+
+    monkeypatch.chdir(tmp_path)
+    found = cli.expand_specs(["experiments/reports/*.yaml"])
+    assert found == sorted((experiments_dir() / "reports").glob("*.yaml")) and found

@@ -115,9 +115,10 @@ def test_the_integer_base_starts_on_the_integer_grid(name):
     assert len(layers) == 14
     for layer in layers:
         bits = layer.bits if isinstance(layer, QuantizedLinear) else layer.config.bits
-        zero = getattr(layer, "zero", None)
-        offset = layer.offset if zero is None else offset_of_zero(layer.scale, zero, bits)
-        _assert_on_integer_grid(layer.scale.detach(), offset.detach(), bits)
+        state = getattr(layer, "quantizer", layer)  # a trained quantizer, or a frozen base's buffers
+        zero = getattr(state, "zero", None)
+        offset = state.offset if zero is None else offset_of_zero(state.scale, zero, bits)
+        _assert_on_integer_grid(state.scale.detach(), offset.detach(), bits)
 
 
 @pytest.mark.parametrize("name, extra", [
@@ -128,11 +129,12 @@ def test_merged_equals_trained_bit_for_bit(name, extra):
     model = _train(_applied(name, **extra))
     layers = qaft.methods.api.qaft_layers(model)
     trains_zero = extra.get("clipping") != "dynamic"
-    assert all(hasattr(layer, "zero") and not hasattr(layer, "offset") for layer in layers)
+    assert all(hasattr(layer.quantizer, "zero") and not hasattr(layer.quantizer, "offset") for layer in layers)
     with torch.no_grad():
         if trains_zero:  # non-integer z: the merge must round exactly as the forward did
             for layer in layers:
-                layer.zero.add_(torch.rand(layer.zero.shape, generator=torch.Generator().manual_seed(0)) - 0.5)
+                zero = layer.quantizer.zero
+                zero.add_(torch.rand(zero.shape, generator=torch.Generator().manual_seed(0)) - 0.5)
         for layer in layers:
             x = torch.randn(3, layer.in_features)
             deployed = layer.merge()
@@ -149,12 +151,13 @@ def test_merged_equals_trained_bit_for_bit(name, extra):
 def test_z_learns_through_the_straight_through_round():
     model = _applied("l4q", init="minmax")  # the integer zero clips some extremes: db, so dz, is non-zero
     layer = qaft.methods.api.qaft_layers(model)[0]
-    before = layer.zero.detach().clone()
+    zero = layer.quantizer.zero
+    before = zero.detach().clone()
     qaft.set_training_step(model, 0)
     model(token_batch(), labels=token_batch()).loss.backward()
-    assert layer.zero.grad is not None and layer.zero.grad.abs().sum() > 0
+    assert zero.grad is not None and zero.grad.abs().sum() > 0
     # dL/dz = -s dL/db: the chain rule through b = s (2^(n-1) - round(z))
-    assert torch.equal(layer.zero.detach(), before) and {"scale", "zero", "lora_A", "lora_B"} == {
+    assert torch.equal(zero.detach(), before) and {"quantizer.scale", "quantizer.zero", "lora_A", "lora_B"} == {
         n for n, p in layer.named_parameters() if p.requires_grad}
 
 

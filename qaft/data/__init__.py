@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-import os
-import re
 from pathlib import Path
+
+from qaft.sources import is_hub_id, looks_local
 
 DATA_KINDS = ("instruct", "lm")
 BUILTIN_SOURCES = {"instruct": ("quiz",), "lm": ("austen",)}
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # Legacy hub datasets without an owner; any other bare name is taken for a mistyped built-in.
 LEGACY_HUB_IDS = ("wikitext", "c4", "ptb_text_only", "lambada")
-
-
-def _looks_local(source: str) -> bool:
-    if source.startswith(("/", ".", "~")) or source.endswith((".json", ".jsonl", ".txt")):
-        return True
-    return os.sep in source and not _HUB_ID.match(source)
 
 
 def validate_data_source(kind: str, source: str) -> None:
@@ -35,9 +28,9 @@ def validate_data_source(kind: str, source: str) -> None:
         return
     if source in sum(BUILTIN_SOURCES.values(), ()):
         raise ValueError(f"source={source!r} is not a {kind} source; {hint}")
-    if _looks_local(source) and not Path(source).expanduser().exists():
+    if looks_local(source) and not Path(source).expanduser().exists():
         raise ValueError(f"source={source!r}: local path does not exist; {hint}")
-    if not _looks_local(source) and not _HUB_ID.match(source) and source not in LEGACY_HUB_IDS:
+    if not looks_local(source) and not is_hub_id(source) and source not in LEGACY_HUB_IDS:
         raise ValueError(f"source={source!r} is not a known {kind} source; {hint}")
 
 

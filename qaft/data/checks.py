@@ -12,7 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from qaft.data import BUILTIN_SOURCES, _looks_local, format_prompt
+from qaft.data import BUILTIN_SOURCES, format_prompt
+from qaft.sources import looks_local
 
 
 def _read_text(path: Path) -> str:
@@ -92,7 +93,7 @@ def check_data(kind: str, source: str, config: str | None, tokenizer: Any, lengt
     path = Path(source).expanduser()
     if path.exists():
         (check_instruct_file if kind == "instruct" else check_text_source)(path, tokenizer, length)
-    elif not _looks_local(source):
+    elif not looks_local(source):
         check_hub_dataset(source, config)
 
 

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from qaft.quant.linear import QuantizedLinear
 
@@ -118,7 +118,7 @@ def build_skeleton(config: Any, layers: dict[str, dict[str, Any]]) -> PreTrained
 def load_quantized(path: str | Path, device: str | torch.device = "cpu") -> PreTrainedModel:
     """Load a checkpoint written by :func:`save_quantized` (eval mode, on ``device``).
 
-    The tokenizer, when saved, loads with ``AutoTokenizer.from_pretrained(path)``.
+    The tokenizer, when saved, loads with :func:`qaft.models.load_tokenizer` (``path``).
     """
     path = Path(path)
     meta = read_quantization(path)
@@ -131,7 +131,6 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu") -> PreT
                            f"unexpected={unexpected}")
     if tied & set(missing):
         model.tie_weights()  # re-point tied tensors (lm_head) at their loaded twin
-    model.qaft_merged = True
     return model.to(device).eval()
 
 
@@ -141,11 +140,6 @@ def _tied_names(model: PreTrainedModel) -> list[str]:
     out = model.get_output_embeddings()
     names = [n for n, m in model.named_modules() if m is out]
     return [f"{n}.weight" for n in names]
-
-
-def load_tokenizer(path: str | Path) -> Any:
-    """The tokenizer saved alongside a checkpoint."""
-    return AutoTokenizer.from_pretrained(str(path))
 
 
 def checkpoint_bytes(path: str | Path) -> int:

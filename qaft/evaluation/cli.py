@@ -9,10 +9,16 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from qaft.confstore import store_schema
 from qaft.evaluation.harness import EvalError, dequantized_once, headline, run_tasks
 from qaft.paths import conf_dir
+from qaft.quant.gptq import GPTQOptions
 
 CONF_DIR = str(conf_dir())
+PTQ_ALGORITHMS = ("rtn", "gptq")
+# conf/eval.yaml's ptq.gptq node: GPTQ's options and defaults from their one definition. At import, not in main:
+# a launcher that rebuilds the config in another process imports this module without calling main.
+store_schema("schema", "gptq", GPTQOptions)
 
 
 def _model(cfg: DictConfig) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
@@ -26,6 +32,8 @@ def _model(cfg: DictConfig) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
     model, tokenizer = load_causal_lm(cfg.model.name_or_path, dtype)
     about = {"model": cfg.model.name_or_path, "form": "float"}
     if cfg.ptq.algorithm:
+        if cfg.ptq.algorithm not in PTQ_ALGORITHMS:
+            raise ValueError(f"ptq.algorithm={cfg.ptq.algorithm!r} must be null or one of {PTQ_ALGORITHMS}")
         ptq = OmegaConf.to_container(cfg.ptq, resolve=True)
         model = apply_ptq(model, tokenizer, ptq, cfg.perplexity.source or "austen", cfg.perplexity.config)
         about |= {"form": "ptq", "ptq": ptq}

@@ -15,7 +15,7 @@ from torch import nn
 from qaft.data import lm_blocks, load_lm_texts, tokenize_texts
 from qaft.deploy.checkpoint import RUN_RECORD, load_merged, merged_model_dir, read_run
 from qaft.files import write_json
-from qaft.methods import ptq_model
+from qaft.methods import GPTQOptions, gptq_quantize_model, ptq_model
 from qaft.models import load_tokenizer
 
 
@@ -40,17 +40,15 @@ def calibration_batches(tokenizer: Any, source: str, config: str | None, n_batch
 
 
 def apply_ptq(model: nn.Module, tokenizer: Any, ptq: dict[str, Any], source: str, config: str | None) -> nn.Module:
-    """RTN or GPTQ (``ptq.algorithm``) of a float model at ``ptq.bits`` / ``ptq.group_size``."""
-    from qaft.methods.gptq_model import gptq_quantize_model
-
-    bits, group_size = int(ptq["bits"]), int(ptq["group_size"])
-    if ptq.get("algorithm", "rtn") == "rtn":
-        return ptq_model(model, bits, group_size, ptq.get("init", "minmax"), inplace=True)
-    calib = calibration_batches(tokenizer, ptq.get("calib_source") or source, config,
-                                int(ptq.get("calib_batches", 16)), int(ptq.get("calib_seq_len", 512)))
-    return gptq_quantize_model(model, calib, bits, group_size, act_order=bool(ptq.get("act_order", False)),
-                               percdamp=float(ptq.get("percdamp", 0.01)), init=ptq.get("init", "minmax"),
-                               inplace=True)
+    """RTN or GPTQ (``ptq.algorithm``) of a float model at ``ptq.bits`` / ``ptq.group_size`` (``conf/eval.yaml``)."""
+    bits, group_size, init, zero = int(ptq["bits"]), int(ptq["group_size"]), ptq["init"], ptq["zero_point"]
+    if ptq["algorithm"] == "rtn":
+        return ptq_model(model, bits, group_size, init, inplace=True, zero_point=zero)
+    options = GPTQOptions(**ptq["gptq"])
+    calib = calibration_batches(tokenizer, ptq.get("calib_source") or source, config, options.calib_batches,
+                                int(ptq["calib_seq_len"]))
+    return gptq_quantize_model(model, calib, bits, group_size, act_order=options.act_order,
+                               percdamp=options.percdamp, init=init, inplace=True, zero_point=zero)
 
 
 def add_eval_to_record(run_dir: Path | str, key: str, results: dict[str, Any]) -> Path:

@@ -1,4 +1,9 @@
-"""qaft.methods: one small file per method, each a config dataclass plus its layer, registered by name."""
+"""qaft.methods: one small file per method, each a config dataclass plus its layer, registered by name.
+
+Shared pieces: :mod:`~qaft.methods.layer` (the base :class:`QaftLinear`, phases, roles, the trainable quantizer,
+LoRA), :mod:`~qaft.methods.frozen_base` (LoRA over a frozen NF4 or integer base), :mod:`~qaft.methods.lowrank_qat`
+(LoRA inside the quantizer) and :mod:`~qaft.methods.gptq_model` (GPTQ for the configs that need calibration data).
+"""
 from qaft.methods import dlqat, l4q, loftq, lora, ptq, qalora, qat, qat_lora, qlora  # noqa: F401  (registration)
 from qaft.methods.api import (
     apply_method,
@@ -10,9 +15,11 @@ from qaft.methods.api import (
     set_training_step,
 )
 from qaft.methods.config import DEFAULT_TARGETS, MethodConfig, available, config_for
+from qaft.methods.gptq_model import gptq_quantize_model
 from qaft.methods.layer import QaftLinear
+from qaft.quant.gptq import GPTQOptions
 from qaft.quant.linear import QuantizedLinear
 
-__all__ = ["DEFAULT_TARGETS", "MethodConfig", "QaftLinear", "QuantizedLinear", "apply_method", "available",
-           "config_for", "count_parameters", "merge_model", "parameter_groups", "ptq_model", "qaft_layers",
-           "set_training_step"]
+__all__ = ["DEFAULT_TARGETS", "GPTQOptions", "MethodConfig", "QaftLinear", "QuantizedLinear", "apply_method",
+           "available", "config_for", "count_parameters", "gptq_quantize_model", "merge_model", "parameter_groups",
+           "ptq_model", "qaft_layers", "set_training_step"]

@@ -1,13 +1,16 @@
-"""Applying a method to a causal LM, driving its phases, and merging it for deployment."""
+"""Applying a method to a causal LM (with calibration data where it needs some), driving its phases, and
+merging it for deployment."""
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
 
 from qaft.methods.config import MethodConfig, config_for
-from qaft.methods.layer import QaftLinear
+from qaft.methods.layer import QaftLinear, replace_module
 
 
 def _targets(model: nn.Module, target_modules: tuple[str, ...]) -> list[tuple[str, nn.Linear]]:
@@ -18,27 +21,37 @@ def _targets(model: nn.Module, target_modules: tuple[str, ...]) -> list[tuple[st
     return found
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-
-
-def _swap_targets(model: nn.Module, config: MethodConfig) -> None:
-    """Validate every target layer first (a bad config leaves the model untouched), then replace each."""
+def _validated_targets(model: nn.Module, config: MethodConfig) -> list[tuple[str, nn.Linear]]:
+    """Every target layer, each validated (so a bad config raises before anything is replaced)."""
     targets = _targets(model, config.target_modules)
     for name, linear in targets:
         config.validate_layer(name, linear)
-    for name, linear in targets:
-        _replace(model, name, config.make_layer(linear))
+    return targets
 
 
-def apply_method(model: nn.Module, config: MethodConfig) -> nn.Module:
+def _swap_targets(model: nn.Module, config: MethodConfig) -> None:
+    for name, linear in _validated_targets(model, config):
+        replace_module(model, name, config.make_layer(linear))
+
+
+def apply_method(model: nn.Module, config: MethodConfig, calib_batches: Iterable[Any] | None = None) -> nn.Module:
     """Replace the target linear layers of ``model`` by ``config``'s layers; freeze everything else.
 
     Every target layer is validated (e.g. the group size divides its width) before any is replaced, so a
-    bad config leaves the model untouched. Returns the same model, set to the phase of step 0.
+    bad config leaves the model untouched. A config that needs calibration data (``config.calibration()``
+    is not ``None``: GPTQ PTQ, QA-LoRA on a GPTQ base) converts the model from ``calib_batches`` (token tensors
+    ``[B, T]`` or dicts with ``input_ids`` and ``attention_mask``); other methods ignore them. Returns the same
+    model, set to the phase of step 0.
     """
-    _swap_targets(model, config)
+    options = config.calibration()
+    if options is not None and calib_batches is None:
+        raise ValueError(f"method {config.name!r} needs calibration data for GPTQ ({options.calib_batches} "
+                         "batches by its calib_batches): call apply_method(model, config, calib_batches=batches)")
+    if options is None:
+        _swap_targets(model, config)
+    else:
+        _validated_targets(model, config)
+        config.apply_calibrated(model, calib_batches)
     model.requires_grad_(False)  # set_training_step below re-enables what the first phase trains
     model.qaft_config = config
     set_training_step(model, 0)
@@ -62,7 +75,8 @@ def set_training_step(model: nn.Module, step: int) -> str:
 
 
 def parameter_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
-    """Every parameter that trains in some phase, by role: ``lora`` (A, B), ``quant`` (s, b, m), ``weight``.
+    """Every parameter that trains in some phase, by role: ``lora`` (A, B), ``quant`` (the quantizer's s and b
+    or z, DL-QAT's m), ``weight``.
 
     Build the optimizer once from these; parameters frozen in the current phase get no gradient and
     AdamW leaves them alone.
@@ -82,22 +96,26 @@ def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:
 def merge_model(model: nn.Module, inplace: bool = False) -> nn.Module:
     """The deployable model: every method layer replaced by its ``merge()`` (integer or float layers).
 
-    Same call signature as the training model (logits out). Copies the model unless ``inplace``.
+    Same call signature as the training model (logits out). Copies the model unless ``inplace``; in place,
+    each method layer is dropped as soon as its merged layer replaces it, so the merge needs about one layer
+    of memory on top of the model (provided nothing else, e.g. an optimizer, still holds the layers' tensors).
     """
     merged = model if inplace else copy.deepcopy(model)
-    for name, module in list(merged.named_modules()):
-        if isinstance(module, QaftLinear):
-            _replace(merged, name, module.merge())
-    merged.qaft_merged = True
+    # Names only: holding the layers themselves would keep every one alive until the loop ends.
+    names = [name for name, module in merged.named_modules() if isinstance(module, QaftLinear)]
+    for name in names:
+        replace_module(merged, name, merged.get_submodule(name).merge())
     merged.eval()
     return merged
 
 
 @torch.no_grad()
 def ptq_model(model: nn.Module, bits: int, group_size: int, init: str = "minmax",
-              target_modules: tuple[str, ...] | None = None, inplace: bool = False) -> nn.Module:
-    """Round-to-nearest PTQ of a float (e.g. float-merged) model: the papers' "+PTQ" baselines."""
-    fields = {"bits": bits, "group_size": group_size, "init": init}
+              target_modules: tuple[str, ...] | None = None, inplace: bool = False,
+              zero_point: str = "float") -> nn.Module:
+    """Round-to-nearest PTQ of a float (e.g. float-merged) model: the papers' "+PTQ" baselines (for GPTQ see
+    :func:`qaft.methods.gptq_model.gptq_quantize_model`)."""
+    fields = {"bits": bits, "group_size": group_size, "init": init, "zero_point": zero_point}
     if target_modules is not None:
         fields["target_modules"] = tuple(target_modules)
     config = config_for("ptq", **fields)

@@ -2,17 +2,24 @@
 
 Field sets are composed from small mixins so that ``config_for(name, **fields)`` accepts exactly the fields
 that apply to a method (``bits``, ``group_size``, ``rank``, ``alpha``, ``init``, ``target_modules``,
-``zero_point``, ``warmup_steps``, ``quant_steps``, ``loftq_iters``, ...) and rejects the rest with a ``ValueError``.
+``zero_point``, ``warmup_steps``, ``quant_steps``, ``loftq_iters``, GPTQ's ``calib_batches`` / ``act_order`` /
+``percdamp``, ...) and rejects the rest with a ``ValueError``.
+
+A config builds its layers one at a time (:meth:`MethodConfig.make_layer`), unless it needs calibration data:
+then :meth:`MethodConfig.calibration` returns its GPTQ options and :meth:`MethodConfig.apply_calibrated`
+converts the whole model from the batches (``qaft.apply_method(model, config, calib_batches=...)`` calls it).
 """
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from torch import nn
 
 from qaft.quant.affine import VALID_BITS
+from qaft.quant.gptq import GPTQOptions
 from qaft.quant.granularity import granularity
 from qaft.quant.init import parse_init, parse_zero_point
 
@@ -50,6 +57,16 @@ class MethodConfig:
     def make_layer(self, linear: nn.Linear) -> nn.Module:
         raise NotImplementedError
 
+    def calibration(self) -> GPTQOptions | None:
+        """The GPTQ options of a config that needs calibration data to be applied; ``None`` (the default) when
+        :meth:`make_layer` builds every layer from its weights alone."""
+        return None
+
+    def apply_calibrated(self, model: nn.Module, calib_batches: Iterable[Any]) -> None:
+        """Convert ``model``'s target layers in place from calibration batches; only where :meth:`calibration`
+        is not ``None``. Called by :func:`qaft.methods.api.apply_method`, which validates the layers first."""
+        raise NotImplementedError(f"method {self.name!r} needs no calibration data")
+
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.name, **dataclasses.asdict(self)}
 
@@ -71,8 +88,9 @@ class LoRAFields:
             raise ValueError(f"rank must be a positive integer, got {self.rank!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0 < self.alpha < float("inf"):
-            raise ValueError(f"alpha must be a finite number > 0 (the adapter's scale is alpha / rank), got {self.alpha!r}")
+        alpha = self.alpha
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < float("inf"):
+            raise ValueError(f"alpha must be a finite number > 0 (the adapter's scale is alpha / rank), got {alpha!r}")
 
     @property
     def scaling(self) -> float:
@@ -109,6 +127,20 @@ class QuantFields:
             granularity(self.group_size).group_size(linear.in_features)
         except ValueError as err:
             raise ValueError(f"{module_name}: {err}") from None
+
+
+@dataclass(kw_only=True)
+class GPTQFields:
+    """GPTQ's settings, flat on a method config that may use GPTQ (``method.calib_batches`` ...); their defaults
+    and checks are :class:`~qaft.quant.gptq.GPTQOptions`'."""
+
+    calib_batches: int = GPTQOptions.calib_batches
+    act_order: bool = GPTQOptions.act_order
+    percdamp: float = GPTQOptions.percdamp
+
+    def gptq_options(self) -> GPTQOptions:
+        """The options as one value (raises ``ValueError`` on a bad field)."""
+        return GPTQOptions(calib_batches=self.calib_batches, act_order=self.act_order, percdamp=self.percdamp)
 
 
 @dataclass(kw_only=True)
@@ -176,4 +208,4 @@ def config_for(name: str, **fields: Any) -> MethodConfig:
     return cls(**fields)
 
 
-__all__ = ["DEFAULT_TARGETS", "MethodConfig", "available", "config_for", "register", "field"]
+__all__ = ["DEFAULT_TARGETS", "GPTQFields", "MethodConfig", "available", "config_for", "register", "field"]

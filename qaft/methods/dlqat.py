@@ -8,7 +8,10 @@ The paper's Table 3 varies ``magnitude`` (with or without ``m``) and ``clipping`
 throughout, no phase 1), ``dynamic`` (``s, b`` are the min-max of ``W0 + alpha B A`` at every step, detached;
 no phase 1). Merge: codes as L4Q, scale ``m s0``, offset ``m b0``: pure integer codes again.
 
-``zero_point="int"``: ``s`` and an integer zero ``z`` (parameter ``zero``) take the place of ``s, b``; phase 1
+``s, b`` (or ``s, z``) are the layer's ``quantizer`` (:class:`~qaft.quant.module.AffineQuantizer`); which members
+train in which phase follows from the config (:meth:`DLQATLinear.phases`).
+
+``zero_point="int"``: ``s`` and an integer zero ``z`` (``quantizer.zero``) take the place of ``s, b``; phase 1
 learns ``z`` through a straight-through round, ``b = s (2^(n-1) - round(z))`` at every step, and ``dynamic``
 clipping takes the integer-grid min-max of ``W0 + alpha B A`` each step. The deployed offset
 ``m b = m s (2^(n-1) - z) = (m s)(2^(n-1) - z)`` stays an integer multiple of the deployed scale ``m s`` (to one
@@ -17,16 +20,15 @@ dequantizes to 0 within an ulp of ``b`` rather than exactly; without ``m`` it is
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from qaft.methods.config import TRAIN, QuantLoRAMethodConfig, choice, non_negative, register
-from qaft.methods.l4q import QUANTIZER, grad_scale_of, layer_offset, quantizer_state
-from qaft.methods.layer import QaftLinear, add_lora
+from qaft.methods.layer import QUANTIZER, QaftLinear, add_lora, make_quantizer
 from qaft.methods.lowrank_qat import lowrank_codes, lowrank_fake_quant_linear, lowrank_minmax
-from qaft.quant.affine import offset_of_zero
 from qaft.quant.linear import QuantizedLinear
 
 QUANT = "quant"
@@ -35,33 +37,34 @@ CLIPPING = ("learned_fixed", "learned", "dynamic")
 
 class DLQATLinear(QaftLinear):
     def __init__(self, linear: nn.Linear, config: "DLQATConfig") -> None:
-        super().__init__(linear, config)
+        super().__init__(linear.in_features, linear.out_features, linear.bias, config)
         self.weight = nn.Parameter(linear.weight.detach(), requires_grad=False)
-        quantizer_state(self, self.weight.float(), config)
-        self.magnitude = nn.Parameter(torch.ones_like(self.scale)) if config.magnitude else None
+        self.quantizer = make_quantizer(self.weight.float(), config)
+        self.magnitude = nn.Parameter(torch.ones_like(self.quantizer.scale)) if config.magnitude else None
         add_lora(self, config.rank, self.in_features, self.out_features, gaussian=True)
-        train = {"lora_A", "lora_B"} | ({"magnitude"} if config.magnitude else set())
-        if config.clipping == "learned":
-            train |= QUANTIZER
-        self.PHASES = {QUANT: QUANTIZER, TRAIN: frozenset(train)}
+
+    def phases(self) -> Mapping[str, frozenset[str]]:
+        """Phase 1 learns the quantizer; phase 2 ``m, A, B`` (and the quantizer too with ``clipping='learned'``)."""
+        c = self.config
+        train = {"lora_A", "lora_B"} | ({"magnitude"} if c.magnitude else set())
+        if c.clipping == "learned":
+            train.add(QUANTIZER)
+        return {QUANT: frozenset({QUANTIZER}), TRAIN: frozenset(train)}
 
     def _scale_offset(self) -> tuple[torch.Tensor, torch.Tensor]:
-        c = self.config
+        c, q = self.config, self.quantizer
         if c.clipping != "dynamic":
-            return self.scale, layer_offset(self)
+            return q.scale, q.current_offset()
         s, state = lowrank_minmax(self.weight, self.lora_A, self.lora_B, c.scaling, c.bits, c.group_size,
                                   c.zero_point)
-        zero = getattr(self, "zero", None)
-        with torch.no_grad():  # kept for inspection and checkpoints; merge recomputes them
-            self.scale.copy_(s)
-            (self.offset if zero is None else zero).copy_(state)
-        return s, state if zero is None else offset_of_zero(s, state, c.bits)
+        q.assign(s, state)  # kept for inspection and checkpoints; merge recomputes them
+        return s, q.offset_of(s, state)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = self.config
         s, b = self._scale_offset()
         y = lowrank_fake_quant_linear(x, self.weight, self.lora_A, self.lora_B, s, b, self.magnitude,
-                                      c.scaling, c.bits, grad_scale_of(self), c.memory_efficient,
+                                      c.scaling, c.bits, self.quantizer.grad_scale, c.memory_efficient,
                                       c.compile_backward)
         return self._add_bias(y)
 

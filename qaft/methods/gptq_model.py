@@ -1,4 +1,4 @@
-"""GPTQ over a whole causal LM, sequentially block by block, and the methods that need it.
+"""GPTQ over a whole causal LM, sequentially block by block, for the methods that need calibration data.
 
 Sequential GPTQ (the paper's setting): the calibration batches are run once up to the first decoder block;
 then for each block, forward hooks on its target linears accumulate every linear's Hessian in one pass of
@@ -7,54 +7,32 @@ is run again, now quantized, to produce the next block's inputs. So each block i
 activations of the already quantized blocks before it. (Within a block all linears see the float block's
 activations; the reference's "true sequential" sub-ordering of q/k/v, o, up/gate, down is not done.)
 
-Two consumers:
+GPTQ needs data, so it does not fit a method's one-layer-at-a-time ``make_layer``. A method config that uses it
+says so through :meth:`~qaft.methods.config.MethodConfig.calibration` (its :class:`~qaft.quant.gptq.GPTQOptions`)
+and converts the model in :meth:`~qaft.methods.config.MethodConfig.apply_calibrated` with
+:func:`gptq_quantize_with`; ``qaft.apply_method(model, config, calib_batches=...)`` drives both. Today:
 
-* ``ptq`` with ``algorithm="gptq"`` (the papers' "QLoRA + GPTQ" row: float-merge, then :func:`gptq_quantize_model`);
+* ``ptq`` with ``algorithm="gptq"`` (the papers' "QLoRA + GPTQ" row: float-merge, then GPTQ);
 * ``qalora`` with ``base_quant="gptq"``: GPTQ the float model first, then build each QA-LoRA layer on the
   resulting codes with :meth:`QALoRALinear.from_quantized <qaft.methods.qalora.QALoRALinear.from_quantized>`.
 
-GPTQ needs data, so neither fits ``apply_method``'s one-layer-at-a-time ``make_layer``; callers use
-:func:`apply_method_calibrated`, which falls back to ``apply_method`` for every method that needs no data.
-How GPTQ is calibrated (batch count, act-order, dampening) is a :class:`GPTQOptions`; ``qaft-train`` takes the
-batches from the start of the run's training stream (:meth:`qaft.training.module.RunData.calibration_batches`).
-
-Padding tokens (instruction batches) are left out of the Hessians: they are no input the model will serve.
+``qaft-train`` takes the batches from the start of the run's training stream
+(:meth:`qaft.data.stream.RunData.calibration_batches`). Padding tokens (instruction batches) are left out of the
+Hessians: they are no input the model will serve.
 """
 from __future__ import annotations
 
 import copy
 from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-from qaft.methods.config import DEFAULT_TARGETS, MethodConfig
-from qaft.quant.gptq import HessianAccumulator, gptq_quantize_weight
+from qaft.methods.config import DEFAULT_TARGETS
+from qaft.methods.layer import replace_module
+from qaft.quant.gptq import GPTQOptions, HessianAccumulator, gptq_quantize_weight
 from qaft.quant.linear import QuantizedLinear
-
-
-@dataclass(frozen=True)
-class GPTQOptions:
-    """How GPTQ is calibrated and run; bits, group size and init come from the method (or the deployment)."""
-
-    calib_batches: int = 16   # batches of the training stream the Hessians are accumulated on
-    act_order: bool = False   # visit columns by descending Hessian diagonal
-    percdamp: float = 0.01    # dampening, a fraction of the Hessian's mean diagonal
-
-    def __post_init__(self) -> None:
-        if isinstance(self.calib_batches, bool) or not isinstance(self.calib_batches, int) or self.calib_batches < 1:
-            raise ValueError(f"calib_batches must be an integer >= 1, got {self.calib_batches!r}")
-        if not isinstance(self.act_order, bool):
-            raise ValueError(f"act_order must be true or false, got {self.act_order!r}")
-        if isinstance(self.percdamp, bool) or not isinstance(self.percdamp, (int, float)) or self.percdamp < 0:
-            raise ValueError(f"percdamp must be a number >= 0, got {self.percdamp!r}")
-
-    @classmethod
-    def of(cls, config: MethodConfig) -> "GPTQOptions":
-        """The options a method config carries (``ptq`` has the fields; others get the defaults)."""
-        return cls(**{k: getattr(config, k) for k in ("calib_batches", "act_order", "percdamp") if hasattr(config, k)})
 
 
 class _Captured(Exception):
@@ -114,11 +92,6 @@ def _next_inputs(block: nn.Module, args: tuple, kwargs: dict, keep: torch.Tensor
     return args, {**kwargs, "hidden_states": hidden}, keep
 
 
-def _replace_child(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, new)
-
-
 def _quantize_block(block: nn.Module, inputs: list[_BlockInput], targets: tuple[str, ...],
                     gptq_kwargs: dict[str, Any]) -> None:
     linears = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in targets}
@@ -140,7 +113,7 @@ def _quantize_block(block: nn.Module, inputs: list[_BlockInput], targets: tuple[
             h.remove()
     for name, linear in linears.items():
         codes, scale, offset = gptq_quantize_weight(linear.weight, stats[name].hessian, **gptq_kwargs)
-        _replace_child(block, name, QuantizedLinear(codes, scale, offset, gptq_kwargs["bits"], linear.bias))
+        replace_module(block, name, QuantizedLinear(codes, scale, offset, gptq_kwargs["bits"], linear.bias))
         del stats[name]  # an (in x in) float64 matrix per linear: free it before the next one
 
 
@@ -180,41 +153,25 @@ def gptq_quantize_model(
     return model
 
 
-def needs_calibration(config: MethodConfig) -> bool:
-    """Whether applying ``config`` needs calibration data (GPTQ PTQ, or QA-LoRA on a GPTQ base)."""
-    return getattr(config, "algorithm", "rtn") == "gptq" or getattr(config, "base_quant", "rtn") == "gptq"
+class _GPTQMethod(Protocol):
+    """What :func:`gptq_quantize_with` reads from a method config (its QuantFields, GPTQFields and targets)."""
+
+    bits: int
+    group_size: int
+    init: str
+    symmetric: bool
+    zero_point: str
+    target_modules: tuple[str, ...]
+
+    def gptq_options(self) -> GPTQOptions: ...
 
 
-def apply_method_calibrated(model: nn.Module, config: MethodConfig, calib_batches: Iterable[Any] | None,
-                            options: GPTQOptions | None = None) -> nn.Module:
-    """``apply_method`` for every method, including those that need calibration data (in place).
-
-    ``ptq`` + ``gptq``: the model is GPTQ-quantized. ``qalora`` + ``gptq`` base: GPTQ first, then each
-    ``QuantizedLinear`` becomes a ``QALoRALinear`` on the same codes, scales and offsets. ``options``
-    (act-order, dampening) default to the config's own (:meth:`GPTQOptions.of`); the batch count is the
-    caller's, who chose ``calib_batches``.
-    """
-    from qaft.methods.api import apply_method, set_training_step
-    from qaft.methods.qalora import QALoRALinear
-
-    if not needs_calibration(config):
-        return apply_method(model, config)
-    if calib_batches is None:
-        raise ValueError(f"method {config.name!r} with GPTQ needs calibration batches")
-    options = options or GPTQOptions.of(config)
-    gptq_quantize_model(model, calib_batches, config.bits, config.group_size, act_order=options.act_order,
-                        percdamp=options.percdamp, init=config.init, symmetric=config.symmetric,
-                        target_modules=config.target_modules, inplace=True, zero_point=config.zero_point)
-    model.requires_grad_(False)
-    if config.name == "qalora":
-        for name, module in list(model.named_modules()):
-            if isinstance(module, QuantizedLinear):
-                _replace_child(model, name, QALoRALinear.from_quantized(module, config))
-        model.qaft_config = config
-        set_training_step(model, 0)
-    else:
-        model.qaft_config = config
-    return model
+def gptq_quantize_with(model: nn.Module, calib_batches: Iterable[Any], config: _GPTQMethod) -> nn.Module:
+    """GPTQ of ``model`` in place with a method config's quantizer settings, targets and GPTQ options."""
+    options = config.gptq_options()
+    return gptq_quantize_model(model, calib_batches, config.bits, config.group_size, act_order=options.act_order,
+                               percdamp=options.percdamp, init=config.init, symmetric=config.symmetric,
+                               target_modules=config.target_modules, inplace=True, zero_point=config.zero_point)
 
 
-__all__ = ["GPTQOptions", "apply_method_calibrated", "gptq_quantize_model", "needs_calibration"]
+__all__ = ["GPTQOptions", "gptq_quantize_model", "gptq_quantize_with"]

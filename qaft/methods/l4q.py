@@ -1,85 +1,63 @@
 """L4Q (Jeon et al. 2024, https://arxiv.org/abs/2402.04902): LoRA inside the quantizer.
 
 ``W' = W0 + alpha B A``, ``Wq = Q_{s,b}(W')``, ``y = x Wq^T``; ``A, B, s, b`` train. ``s, b`` start from an
-initialisation on ``W0`` and ``B = 0``, so training starts at the PTQ point. The backward is the
-memory-optimised one of :mod:`qaft.methods.lowrank_qat`.
+initialisation on ``W0`` and ``B = 0``, so training starts at the PTQ point; they are the layer's ``quantizer``
+(:class:`~qaft.quant.module.AffineQuantizer`). The backward is the memory-optimised one of
+:mod:`qaft.methods.lowrank_qat`.
 
 LoRA warm-up: for the first ``warmup_steps`` only ``A, B`` train, outside the quantizer
 (``y = x Q(W0)^T + alpha x A^T B^T``, ``s, b`` frozen); then ``Q(W0 + alpha B A)`` with all four trainable.
 Merge: codes ``clamp(round((W' - b) / s))`` with the final ``s, b``: the deployed model is the trained one.
 
-``zero_point="int"``: ``s`` and an integer zero ``z`` (parameter ``zero``) start from the integer-grid init and
+``zero_point="int"``: ``s`` and an integer zero ``z`` (``quantizer.zero``) start from the integer-grid init and
 train in place of ``b``; each step ``b = s (2^(n-1) - round(z))`` with a straight-through round (clamped to
 ``[0, 2^n - 1]``, :func:`qaft.quant.affine.offset_of_zero`), so the deployed offset is an integer multiple of the
 scale and the merge computes ``b`` with the same function: still bit for bit the trained model.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from qaft.methods.config import TRAIN, QuantLoRAMethodConfig, non_negative, register
-from qaft.methods.layer import QaftLinear, add_lora, lora_output, recomputed_linear
+from qaft.methods.layer import QUANTIZER, QaftLinear, add_lora, lora_output, make_quantizer, recomputed_linear
 from qaft.methods.lowrank_qat import lowrank_codes, lowrank_fake_quant_linear
-from qaft.quant.affine import dequantize, lsq_grad_scale, quantize
+from qaft.quant.affine import rtn_weight
 from qaft.quant.linear import QuantizedLinear
-from qaft.quant.module import current_offset, register_scale_offset
 
 WARMUP = "warmup"
-# The quantizer's trainable state: scale and offset, or scale and zero on the integer-zero grid.
-QUANTIZER = frozenset({"scale", "offset", "zero"})
-
-
-def quantizer_state(layer: nn.Module, weight: torch.Tensor, config) -> None:
-    """``scale`` and ``offset`` (or ``zero``) on ``layer`` from ``weight``, with the config's quantizer settings."""
-    register_scale_offset(layer, weight, config.bits, config.group_size, config.init, config.symmetric,
-                          config.zero_point)
-
-
-def layer_offset(layer: QaftLinear) -> torch.Tensor:
-    """The layer's offset ``b``: its ``offset``, or ``s (2^(n-1) - round(z))`` from its ``zero``."""
-    return current_offset(layer, layer.config.bits)
-
-
-def grad_scale_of(layer: QaftLinear) -> float:
-    c = layer.config
-    return lsq_grad_scale(layer.in_features // layer.scale.shape[1], c.bits) if c.lsq_grad_scale else 1.0
-
-
-def rtn_weight(w: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits: int) -> torch.Tensor:
-    return dequantize(quantize(w, scale, offset, bits), scale, offset)
 
 
 class L4QLinear(QaftLinear):
-    PHASES = {WARMUP: frozenset({"lora_A", "lora_B"}), TRAIN: frozenset({"lora_A", "lora_B"}) | QUANTIZER}
+    PHASES = {WARMUP: frozenset({"lora_A", "lora_B"}), TRAIN: frozenset({"lora_A", "lora_B", QUANTIZER})}
 
     def __init__(self, linear: nn.Linear, config: "L4QConfig") -> None:
-        super().__init__(linear, config)
+        super().__init__(linear.in_features, linear.out_features, linear.bias, config)
         self.weight = nn.Parameter(linear.weight.detach(), requires_grad=False)
-        quantizer_state(self, self.weight.float(), config)
+        self.quantizer = make_quantizer(self.weight.float(), config)
         add_lora(self, config.rank, self.in_features, self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        c = self.config
+        c, q = self.config, self.quantizer
         if self.phase == WARMUP:
-            bits = c.bits
-            y = recomputed_linear(x, lambda w, s, b: rtn_weight(w, s, b, bits),
-                                  self.weight, self.scale.detach(), layer_offset(self).detach())
+            y = recomputed_linear(x, functools.partial(rtn_weight, bits=q.bits),
+                                  self.weight, q.scale.detach(), q.current_offset().detach())
             y = y + lora_output(x, self.lora_A, self.lora_B, c.scaling, c.dropout, self.training)
         else:
-            y = lowrank_fake_quant_linear(x, self.weight, self.lora_A, self.lora_B, self.scale, layer_offset(self),
-                                          None, c.scaling, c.bits, grad_scale_of(self), c.memory_efficient,
+            y = lowrank_fake_quant_linear(x, self.weight, self.lora_A, self.lora_B, q.scale, q.current_offset(),
+                                          None, c.scaling, q.bits, q.grad_scale, c.memory_efficient,
                                           c.compile_backward)
         return self._add_bias(y)
 
     @torch.no_grad()
     def merge(self) -> QuantizedLinear:
-        c = self.config
-        offset = layer_offset(self)
-        codes = lowrank_codes(self.weight, self.lora_A, self.lora_B, self.scale, offset, c.scaling, c.bits)
-        return QuantizedLinear(codes, self.scale, offset, c.bits, self.bias)
+        c, q = self.config, self.quantizer
+        offset = q.current_offset()
+        codes = lowrank_codes(self.weight, self.lora_A, self.lora_B, q.scale, offset, c.scaling, q.bits)
+        return QuantizedLinear(codes, q.scale, offset, q.bits, self.bias)
 
 
 @register

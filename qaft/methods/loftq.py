@@ -3,7 +3,8 @@
 Start with ``R = W``. For ``T`` iterations: ``Q = quant(R)``; the rank-r SVD of ``W - deq(Q)`` gives
 ``U S V^T``; set ``alpha B = U_r S_r^(1/2)``, ``A = S_r^(1/2) V_r^T`` and ``R = W - alpha B A``. The base becomes
 ``deq(Q)`` and ``alpha B A`` (not ``B A``) equals the low-rank residual, so the model starts closer to ``W``
-than plain quantization. ``quant`` is NF4 (QLoRA's base) or the integer quantizer.
+than plain quantization. ``quant`` is NF4 (QLoRA's base) or the integer quantizer; the layer is the one of
+:mod:`qaft.methods.frozen_base` for that base, holding exactly the last iteration's ``Q``.
 """
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ import torch
 from torch import nn
 
 from qaft.methods.config import QuantLoRAMethodConfig, choice, register
-from qaft.methods.qlora import FrozenBaseLoRALinear, IntBaseLoRALinear
-from qaft.quant.affine import dequantize, quantize
-from qaft.quant.init import init_scale_offset
+from qaft.methods.frozen_base import FrozenBaseLoRALinear, IntBaseLoRALinear
+from qaft.quant.affine import dequantize
+from qaft.quant.linear import rtn_quantize
 from qaft.quant.nf4 import nf4_dequantize, nf4_quantize
 
 BASES = ("nf4", "int")
@@ -48,6 +49,7 @@ class LoftQConfig(QuantLoRAMethodConfig):
     """LoftQ over NF4 (``base='nf4'``: QLoRA's layer, ``bits`` must be 4) or an integer base (``base='int'``)."""
 
     name = "loftq"
+    rank: int = 64  # as QLoRA, whose initialisation it is
     base: str = "nf4"
     loftq_iters: int = 1
     double_quant: bool = False  # as peft's loftq_init (compress_statistics=False) and LoftQ's released models
@@ -66,9 +68,7 @@ class LoftQConfig(QuantLoRAMethodConfig):
         if self.base == "nf4":
             t = nf4_quantize(w, double_quant=self.double_quant)
             return nf4_dequantize(t), tuple(t.tensors().values())
-        s, b = init_scale_offset(w, self.bits, self.group_size, self.init, self.symmetric,
-                                 zero_point=self.zero_point)
-        codes = quantize(w, s, b, self.bits)
+        codes, s, b = rtn_quantize(w, self.bits, self.group_size, self.init, self.symmetric, self.zero_point)
         return dequantize(codes, s, b), (codes, s, b)
 
     def make_layer(self, linear: nn.Linear) -> FrozenBaseLoRALinear:

@@ -19,7 +19,7 @@ class LoRALinear(QaftLinear):
     PHASES = {TRAIN: frozenset({"lora_A", "lora_B"})}
 
     def __init__(self, linear: nn.Linear, config: "LoRAConfig") -> None:
-        super().__init__(linear, config)
+        super().__init__(linear.in_features, linear.out_features, linear.bias, config)
         self.weight = nn.Parameter(linear.weight.detach(), requires_grad=False)
         add_lora(self, config.rank, self.in_features, self.out_features)
 
@@ -30,7 +30,7 @@ class LoRALinear(QaftLinear):
 
     @torch.no_grad()
     def merge(self) -> nn.Linear:
-        merged = self.weight.float() + lora_delta(self, self.config.scaling)
+        merged = lora_delta(self, self.config.scaling).add_(self.weight)  # = W + alpha B A, in float32
         return float_linear(merged, self.bias, self.weight.dtype)
 
 

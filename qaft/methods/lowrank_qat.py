@@ -4,8 +4,8 @@
 
 Plain autograd keeps ``W'``, ``v = (W' - b) / s`` and ``Wq`` of every layer alive until backward. The
 custom function below saves only ``x`` and the small tensors (``W0`` is held anyway). Backward recomputes
-``W'``, the range mask and ``Wq`` and forms ``G = grad^T x`` once, from which (LSQ+ straight-through terms
-as in :mod:`qaft.quant.affine`)::
+``W'``, the range mask and ``Wq`` and forms ``G = grad^T x`` once, from which (LSQ+ straight-through terms,
+built with :func:`qaft.quant.affine.in_range` and :func:`qaft.quant.affine.scale_grad_term`)::
 
     dx = grad Wq                     dm = groupsum(G * Q(W'))
     dW' = inside * m * G             dA = alpha B^T dW'        dB = alpha dW' A^T
@@ -29,7 +29,7 @@ import warnings
 
 import torch
 
-from qaft.quant.affine import fake_quantize_reference, qrange
+from qaft.quant.affine import fake_quantize_reference, in_range, qrange, scale_grad_term
 from qaft.quant.granularity import grouped
 from qaft.quant.init import ZeroPoint, init_scale_offset, init_scale_zero, parse_zero_point
 
@@ -81,23 +81,24 @@ def _forward_blocks(x2, w0, a, b, s, off, m, scaling, bits):
     return y
 
 
-def grad_terms(v, g, s, off, m, s_eff, off_eff, qn: int, qp: int, want: tuple[bool, ...]):
+def grad_terms(v, g, s, off, m, s_eff, off_eff, bits: int, want: tuple[bool, ...]):
     """``(ds, db, dm, dW', Wq)`` of one block (``None`` where not wanted), from the grouped ``v`` and ``G``.
 
     The pure formula (no argument is modified): what ``torch.compile`` fuses. ``want`` is
     ``(ds, db, dm, dW', Wq)``; ``g`` may be None when only ``Wq`` is wanted; the group parameters are the
     block's rows, ``s_eff`` / ``off_eff`` with ``m`` folded in.
     """
+    qn, qp = qrange(bits)
     q = v.round().clamp(qn, qp)
     ds = db = dm = dwp = wq = None
     if g is not None:
-        inside = (v >= qn) & (v <= qp)
+        inside = in_range(v, bits)
         if want[2]:
             dm = (g * (q * s[..., None] + off[..., None])).sum(-1)
         if m is not None:
             g = g * m[..., None]
-        if want[0]:  # inside: round(v) - v; outside: the clamped bound, i.e. q itself
-            ds = ((q - v * inside) * g).sum(-1)
+        if want[0]:
+            ds = (scale_grad_term(q, v, inside) * g).sum(-1)
         if want[1]:
             db = g.masked_fill(inside, 0).sum(-1)
         if want[3]:
@@ -149,6 +150,7 @@ class _Grads:
     def __init__(self, x2, w0, a, b, s, off, m, need, bits):
         self.x2, self.a, self.b, self.s, self.off, self.m = x2, a, b, s, off, m
         self.s_eff, self.off_eff = _group_params(s, off, m)
+        self.bits = bits
         self.qn, self.qp = qrange(bits)
         self.dx = x2.new_zeros(x2.shape) if need[0] and len(row_blocks(*w0.shape)) > 1 else None
         self.need_x = need[0]
@@ -163,7 +165,7 @@ class _Grads:
         """Gradients from one block of rows; ``v`` (grouped) is consumed."""
         q = v.round().clamp_(self.qn, self.qp)
         if self.need_g:
-            inside = (v >= self.qn).logical_and_(v <= self.qp)
+            inside = in_range(v, self.bits)
             g = grouped((g2[:, rows].T @ self.x2).to(v.dtype), v.shape[1])
             self._quantizer_grads(rows, g, q, v, inside)
         if self.need_x:
@@ -179,7 +181,7 @@ class _Grads:
                 self.da is not None or self.db_lora is not None, self.need_x)
         m = None if self.m is None else self.m[rows]
         terms = _compiled_grad_terms(v, g, self.s[rows], self.off[rows], m, self.s_eff[rows], self.off_eff[rows],
-                                     self.qn, self.qp, want)
+                                     self.bits, want)
         if terms is None:
             return self.block(rows, v, g2, scaling)
         ds, db, dm, dwp, wq = terms
@@ -203,8 +205,8 @@ class _Grads:
             self.dm[rows] = (g * _dequantized(q.clone(), self.s, self.off, rows)).sum(-1)
         if self.m is not None:
             g.mul_(self.m[rows, :, None])
-        if self.ds is not None:  # inside: round(v) - v; outside: the clamped bound, i.e. q itself
-            self.ds[rows] = (q - v.mul_(inside)).mul_(g).sum(-1)
+        if self.ds is not None:  # written over v, which nothing needs after this
+            self.ds[rows] = scale_grad_term(q, v, inside, out=v).mul_(g).sum(-1)
         if self.doff is not None:
             self.doff[rows] = g.masked_fill(inside, 0).sum(-1)
 

@@ -3,35 +3,45 @@ or GPTQ (``algorithm="gptq"``, from calibration data; see :mod:`qaft.methods.gpt
 
 Nothing trains; the layer is already the deployable :class:`~qaft.quant.linear.QuantizedLinear`.
 ``zero_point="int"`` quantizes on the integer-zero grid of GPTQ / AutoGPTQ (``b = s (2^(n-1) - z)``), RTN and
-GPTQ alike.
+GPTQ alike. With GPTQ the config asks for calibration data (:meth:`PTQConfig.calibration`) and
+``qaft.apply_method(model, config, calib_batches=...)`` quantizes the whole model from it.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
-from qaft.methods.config import QuantMethodConfig, choice, register
+from qaft.methods.config import GPTQFields, QuantMethodConfig, choice, register
+from qaft.methods.gptq_model import gptq_quantize_with
+from qaft.quant.gptq import GPTQOptions
 from qaft.quant.linear import QuantizedLinear, rtn_quantize_linear
 
 
 @register
 @dataclass(kw_only=True)
-class PTQConfig(QuantMethodConfig):
+class PTQConfig(QuantMethodConfig, GPTQFields):
+    """PTQ; ``calib_batches``, ``act_order`` and ``percdamp`` apply with ``algorithm='gptq'``."""
+
     name = "ptq"
     algorithm: str = "rtn"       # rtn | gptq
-    act_order: bool = False      # GPTQ: visit columns by descending Hessian diagonal
-    percdamp: float = 0.01       # GPTQ: dampening, a fraction of the Hessian's mean diagonal
-    calib_batches: int = 16      # GPTQ: calibration batches taken from the run's training data
 
     def validate(self) -> None:
         super().validate()
         choice("algorithm", self.algorithm, ("rtn", "gptq"))
-        if self.percdamp < 0 or self.calib_batches < 1:
-            raise ValueError(f"percdamp must be >= 0 and calib_batches >= 1, got {self.percdamp}, {self.calib_batches}")
+        self.gptq_options()
+
+    def calibration(self) -> GPTQOptions | None:
+        return self.gptq_options() if self.algorithm == "gptq" else None
+
+    def apply_calibrated(self, model: nn.Module, calib_batches: Iterable[Any]) -> None:
+        """Sequential GPTQ of the whole model: its target linears become :class:`QuantizedLinear`."""
+        gptq_quantize_with(model, calib_batches, self)
 
     def make_layer(self, linear: nn.Linear) -> QuantizedLinear:
         if self.algorithm == "gptq":
             raise ValueError("ptq with algorithm='gptq' needs calibration data: use "
-                             "qaft.methods.gptq_model.apply_method_calibrated(model, config, batches)")
+                             "qaft.apply_method(model, config, calib_batches=batches)")
         return rtn_quantize_linear(linear, self.bits, self.group_size, self.init, self.symmetric, self.zero_point)

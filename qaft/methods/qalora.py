@@ -15,36 +15,41 @@ training runs on it. The merge cannot keep that: adding ``(alpha / g) (B A)[o, k
 fractional multiples of the scale by design (it is how the adapter folds into an integer layer at all), so the
 merged layer has float offsets whatever ``zero_point`` is. It stays exact: same codes, same scales.
 
-``base_quant="gptq"``: GPTQ needs calibration data, so the float model is GPTQ-quantized first and each
-QA-LoRA layer is built on the resulting codes with :meth:`QALoRALinear.from_quantized`
-(:func:`qaft.methods.gptq_model.apply_method_calibrated` does both).
+``base_quant="gptq"``: GPTQ needs calibration data, so the config says so (:meth:`QALoRAConfig.calibration`)
+and ``qaft.apply_method(model, config, calib_batches=...)`` GPTQ-quantizes the float model first
+(:func:`qaft.methods.gptq_model.gptq_quantize_model`) and builds each QA-LoRA layer on the resulting codes with
+:meth:`QALoRALinear.from_quantized`.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from types import SimpleNamespace
+from typing import Any
 
 import torch
 from torch import nn
 
-from qaft.methods.config import TRAIN, QuantLoRAMethodConfig, choice, register
-from qaft.methods.layer import QaftLinear, add_lora, lora_delta, lora_output, recomputed_linear
-from qaft.quant.affine import dequantize, quantize
-from qaft.quant.init import init_scale_offset
-from qaft.quant.linear import QuantizedLinear
+from qaft.methods.config import TRAIN, GPTQFields, QuantLoRAMethodConfig, choice, register
+from qaft.methods.gptq_model import gptq_quantize_with
+from qaft.methods.layer import QaftLinear, add_lora, lora_delta, lora_output, recomputed_linear, replace_module
+from qaft.quant.affine import dequantize
+from qaft.quant.gptq import GPTQOptions
+from qaft.quant.linear import QuantizedLinear, rtn_quantize
 
 
 class QALoRALinear(QaftLinear):
-    PHASES = {TRAIN: frozenset({"lora_A", "lora_B"})}
+    """Group-pooled LoRA over a frozen integer base ``(codes, scale, offset)``.
 
-    def __init__(self, linear: nn.Linear, config: "QALoRAConfig",
-                 base: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> None:
-        super().__init__(linear, config)
-        if base is None:
-            w = linear.weight.detach().float()
-            scale, offset = init_scale_offset(w, config.bits, config.group_size, config.init, config.symmetric,
-                                              zero_point=config.zero_point)
-            base = (quantize(w, scale, offset, config.bits), scale, offset)
+    Build it with :meth:`from_linear` (round-to-nearest base) or :meth:`from_quantized` (an existing integer
+    layer's base, e.g. GPTQ's).
+    """
+
+    PHASES = {TRAIN: frozenset({"lora_A", "lora_B"})}
+    STATE_BUFFERS = ("scale", "offset")
+
+    def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None, config: "QALoRAConfig",
+                 base: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
+        super().__init__(in_features, out_features, bias, config)
         codes, scale, offset = base
         self.register_buffer("codes", codes)
         self.register_buffer("scale", scale)
@@ -53,14 +58,21 @@ class QALoRALinear(QaftLinear):
         add_lora(self, config.rank, self.n_groups, self.out_features)
 
     @classmethod
+    def from_linear(cls, linear: nn.Linear, config: "QALoRAConfig") -> "QALoRALinear":
+        """A QA-LoRA layer on the round-to-nearest base of a float layer (the config's quantizer settings)."""
+        c = config
+        base = rtn_quantize(linear.weight.detach().float(), c.bits, c.group_size, c.init, c.symmetric, c.zero_point)
+        return cls(linear.in_features, linear.out_features, linear.bias, config, base)
+
+    @classmethod
     def from_quantized(cls, qlinear: QuantizedLinear, config: "QALoRAConfig") -> "QALoRALinear":
         """A QA-LoRA layer on an existing integer layer's codes, scales and offsets (e.g. from GPTQ)."""
         n_groups = 1 if config.group_size == -1 else qlinear.in_features // config.group_size
         if qlinear.bits != config.bits or qlinear.scale.shape[1] != n_groups:
             raise ValueError(f"QuantizedLinear ({qlinear.bits} bits, group {qlinear.group_size}) does not match "
                              f"the config ({config.bits} bits, group {config.group_size})")
-        shape = SimpleNamespace(in_features=qlinear.in_features, out_features=qlinear.out_features, bias=qlinear.bias)
-        return cls(shape, config, base=(qlinear.codes(), qlinear.scale.clone(), qlinear.offset.clone()))
+        base = (qlinear.codes(), qlinear.scale.clone(), qlinear.offset.clone())
+        return cls(qlinear.in_features, qlinear.out_features, qlinear.bias, config, base)
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
         return x.reshape(*x.shape[:-1], self.n_groups, -1).mean(-1)
@@ -80,17 +92,31 @@ class QALoRALinear(QaftLinear):
 
 @register
 @dataclass(kw_only=True)
-class QALoRAConfig(QuantLoRAMethodConfig):
+class QALoRAConfig(QuantLoRAMethodConfig, GPTQFields):
+    """QA-LoRA; ``calib_batches``, ``act_order`` and ``percdamp`` apply with ``base_quant='gptq'``."""
+
     name = "qalora"
-    base_quant: str = "rtn"  # rtn | gptq (GPTQ: see qaft.methods.gptq_model.apply_method_calibrated)
+    rank: int = 64  # the paper's r (alpha 16)
+    base_quant: str = "rtn"  # rtn | gptq (GPTQ on calibration data: see calibration())
     # zero_point (QuantFields) sets the base's grid; the merge moves the offsets off it (see the module doc).
 
     def validate(self) -> None:
         super().validate()
         choice("base_quant", self.base_quant, ("rtn", "gptq"))
+        self.gptq_options()
+
+    def calibration(self) -> GPTQOptions | None:
+        return self.gptq_options() if self.base_quant == "gptq" else None
+
+    def apply_calibrated(self, model: nn.Module, calib_batches: Iterable[Any]) -> None:
+        """GPTQ the float model, then put a QA-LoRA layer on each resulting integer layer's codes."""
+        gptq_quantize_with(model, calib_batches, self)
+        for name, module in list(model.named_modules()):
+            if isinstance(module, QuantizedLinear):
+                replace_module(model, name, QALoRALinear.from_quantized(module, self))
 
     def make_layer(self, linear: nn.Linear) -> QALoRALinear:
         if self.base_quant == "gptq":
             raise ValueError("qalora with base_quant='gptq' needs calibration data: use "
-                             "qaft.methods.gptq_model.apply_method_calibrated(model, config, batches)")
-        return QALoRALinear(linear, self)
+                             "qaft.apply_method(model, config, calib_batches=batches)")
+        return QALoRALinear.from_linear(linear, self)

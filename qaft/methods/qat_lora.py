@@ -3,7 +3,7 @@
 ``y = x Q(W0)^T + (alpha / r) x A^T B^T``. ``W0``, ``s`` and ``b`` are frozen, so the fake-quantized base is
 a constant integer base; only ``A, B`` train. Merge: ``Q(W0) + (alpha / r) B A``, float, needs PTQ to deploy.
 ``zero_point="int"`` puts the frozen base on the integer-zero grid; the float merge cannot keep it, and the PTQ
-that deploys it has its own ``zero_point``.
+that deploys it has its own ``zero_point``. The layer is :class:`~qaft.methods.frozen_base.IntBaseLoRALinear`.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from qaft.methods.config import QuantLoRAMethodConfig, register
-from qaft.methods.qlora import IntBaseLoRALinear
+from qaft.methods.frozen_base import IntBaseLoRALinear
 
 
 @register

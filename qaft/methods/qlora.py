@@ -1,85 +1,18 @@
-"""QLoRA (Dettmers et al. 2023, https://arxiv.org/abs/2305.14314), and LoRA over any frozen quantized base.
+"""QLoRA (Dettmers et al. 2023, https://arxiv.org/abs/2305.14314): LoRA over a frozen NF4 base.
 
-``y = x deq(Q)^T + (alpha / r) x A^T B^T`` with the base ``Q`` frozen: NF4 (blocks of 64, double quantized
-by default as in the paper) for QLoRA, or integer codes with per-group scale/offset (the base of QAT-LoRA and of LoftQ
-over an integer quantizer). The base is dequantized on the fly in forward and again in backward, never
-kept. Merge: ``deq(Q) + (alpha / r) B A`` is a float model; deploying it at n bits needs a PTQ afterwards
-(the papers' "QLoRA + PTQ" rows, :func:`qaft.ptq_model`).
+``y = x deq(Q)^T + (alpha / r) x A^T B^T`` with ``Q`` NF4 (blocks of 64, double quantized by default as in the
+paper); the layer is :class:`~qaft.methods.frozen_base.FrozenBaseLoRALinear`. Merge: ``deq(Q) + (alpha / r) B A``
+is a float model; deploying it at n bits needs a PTQ afterwards (the papers' "QLoRA + PTQ" rows,
+:func:`qaft.ptq_model`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
-from qaft.methods.config import TRAIN, LoRAMethodConfig, register
-from qaft.methods.layer import QaftLinear, add_lora, float_linear, lora_delta, lora_output, recomputed_linear
-from qaft.quant.affine import dequantize, quantize
-from qaft.quant.init import init_scale_offset
-from qaft.quant.nf4 import NF4Tensor, nf4_dequantize, nf4_quantize
-
-
-class FrozenBaseLoRALinear(QaftLinear):
-    """LoRA outside a frozen quantized base, stored either as NF4 or as integer codes."""
-
-    PHASES = {TRAIN: frozenset({"lora_A", "lora_B"})}
-
-    def __init__(self, linear: nn.Linear, config, base: torch.Tensor | None = None) -> None:
-        super().__init__(linear, config)
-        self.dtype = linear.weight.dtype
-        weight = linear.weight.detach().float() if base is None else base
-        self.store_base(weight)
-        add_lora(self, config.rank, self.in_features, self.out_features)
-
-    def store_base(self, weight: torch.Tensor) -> None:
-        """Quantize ``weight`` into the frozen base (NF4 here; integer in :class:`IntBaseLoRALinear`)."""
-        t = nf4_quantize(weight, double_quant=self.config.double_quant)
-        for name, tensor in t.tensors().items():
-            self.register_buffer(f"nf4_{name}", tensor)
-        self._nf4_names = tuple(t.tensors())
-
-    def base_state(self) -> tuple[torch.Tensor, ...]:
-        return tuple(getattr(self, f"nf4_{n}") for n in self._nf4_names)
-
-    def base_weight(self, *state: torch.Tensor) -> torch.Tensor:
-        fields = dict(zip(self._nf4_names, state))
-        t = NF4Tensor(fields["packed"], fields.get("absmax"), fields.get("absmax_codes"),
-                      fields.get("absmax_scale"), fields.get("absmax_mean"),
-                      torch.Size((self.out_features, self.in_features)))
-        return nf4_dequantize(t)
-
-    def dequantized_base(self) -> torch.Tensor:
-        return self.base_weight(*self.base_state())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        c = self.config
-        y = recomputed_linear(x, self.base_weight, *self.base_state())
-        return self._add_bias(y + lora_output(x, self.lora_A, self.lora_B, c.scaling, c.dropout, self.training))
-
-    @torch.no_grad()
-    def merge(self) -> nn.Linear:
-        merged = self.dequantized_base() + lora_delta(self, self.config.scaling)
-        return float_linear(merged, self.bias, self.dtype)
-
-
-class IntBaseLoRALinear(FrozenBaseLoRALinear):
-    """LoRA outside a frozen integer base ``s * q + b`` (quantizer settings from the config)."""
-
-    def store_base(self, weight: torch.Tensor) -> None:
-        c = self.config
-        # zero_point="int": the base sits on the integer-zero grid; the float merge + PTQ has its own setting.
-        scale, offset = init_scale_offset(weight, c.bits, c.group_size, c.init, c.symmetric,
-                                          zero_point=c.zero_point)
-        self.register_buffer("codes", quantize(weight, scale, offset, c.bits))
-        self.register_buffer("scale", scale)
-        self.register_buffer("offset", offset)
-
-    def base_state(self) -> tuple[torch.Tensor, ...]:
-        return self.codes, self.scale, self.offset
-
-    def base_weight(self, codes, scale, offset) -> torch.Tensor:
-        return dequantize(codes, scale, offset)
+from qaft.methods.config import LoRAMethodConfig, register
+from qaft.methods.frozen_base import FrozenBaseLoRALinear
 
 
 @register
@@ -88,6 +21,7 @@ class QLoRAConfig(LoRAMethodConfig):
     """QLoRA: NF4 base (4 bits, blocks of 64)."""
 
     name = "qlora"
+    rank: int = 64  # the paper's r (alpha 16)
     double_quant: bool = True  # the paper's setting: absmax constants in bitsandbytes' dynamic 8-bit map
 
     def make_layer(self, linear: nn.Linear) -> FrozenBaseLoRALinear:

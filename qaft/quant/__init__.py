@@ -1,4 +1,5 @@
-"""qaft.quant: the shared integer affine quantizer, its initialisations, NF4 and bit packing."""
+"""qaft.quant: the shared integer affine quantizer (functions, and the trainable :class:`AffineQuantizer` that method
+layers hold), its initialisations, GPTQ, NF4, bit packing and the deployable ``QuantizedLinear``."""
 from qaft.quant.affine import (
     VALID_BITS,
     dequantize,

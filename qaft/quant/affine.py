@@ -90,13 +90,37 @@ def lsq_grad_scale(group_numel: int, bits: int) -> float:
     return 1.0 / math.sqrt(group_numel * qrange(bits)[1])
 
 
+def rtn_weight(w: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits: int) -> torch.Tensor:
+    """``dequantize(quantize(w))``: round-to-nearest with fixed ``scale``/``offset``, no gradient to them."""
+    return dequantize(quantize(w, scale, offset, bits), scale, offset)
+
+
+# The straight-through terms below are what every custom backward in qaft builds its gradients from: the
+# fake-quantize one here and the low-rank QAT one (qaft.methods.lowrank_qat, eager and compiled).
+
+def in_range(v: torch.Tensor, bits: int) -> torch.Tensor:
+    """``Qn <= v <= Qp``: where the straight-through gradient reaches ``W`` (and ``b`` gets none)."""
+    qn, qp = qrange(bits)
+    return (v >= qn).logical_and_(v <= qp)
+
+
+def scale_grad_term(q: torch.Tensor, v: torch.Tensor, inside: torch.Tensor,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    """``dWq/ds``: ``round(v) - v`` inside the range; outside, the clamped bound, which is ``q`` itself.
+
+    ``out=v`` computes it in place over ``v`` (a row-block backward consumes ``v`` rather than allocate).
+    """
+    if out is None:
+        return torch.where(inside, q - v, q)
+    return torch.where(inside, torch.sub(q, v, out=out), q, out=out)
+
+
 def ste_terms(v: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(q, inside, dWq/ds)`` for grouped ``v``; shared by every custom backward in qaft."""
+    """``(q, inside, dWq/ds)`` for grouped ``v``."""
     qn, qp = qrange(bits)
     q = v.round().clamp_(qn, qp)
-    inside = (v >= qn) & (v <= qp)
-    ds = torch.where(inside, q - v, q)  # outside the range q is exactly the clamped bound Qn or Qp
-    return q, inside, ds
+    inside = in_range(v, bits)
+    return q, inside, scale_grad_term(q, v, inside)
 
 
 class _FakeQuantize(torch.autograd.Function):

@@ -28,12 +28,31 @@ round-to-nearest's (``experiments/analysis/gptq_vs_rtn.py`` measures both agains
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from qaft.quant.affine import check_bits, qrange
 from qaft.quant.init import init_scale_offset
+
+
+@dataclass(frozen=True)
+class GPTQOptions:
+    """How GPTQ is calibrated and run: the one definition of these settings (method configs that need GPTQ carry
+    the same fields flat, ``method.calib_batches`` etc.). Bits, group size and init come from the method."""
+
+    calib_batches: int = 16   # batches of the training stream the Hessians are accumulated on
+    act_order: bool = False   # visit columns by descending Hessian diagonal
+    percdamp: float = 0.01    # dampening, a fraction of the Hessian's mean diagonal
+
+    def __post_init__(self) -> None:
+        if isinstance(self.calib_batches, bool) or not isinstance(self.calib_batches, int) or self.calib_batches < 1:
+            raise ValueError(f"calib_batches must be an integer >= 1, got {self.calib_batches!r}")
+        if not isinstance(self.act_order, bool):
+            raise ValueError(f"act_order must be true or false, got {self.act_order!r}")
+        if isinstance(self.percdamp, bool) or not isinstance(self.percdamp, (int, float)) or self.percdamp < 0:
+            raise ValueError(f"percdamp must be a number >= 0, got {self.percdamp!r}")
 
 
 class HessianAccumulator:
@@ -198,4 +217,4 @@ def layer_output_error(x: torch.Tensor, weight: torch.Tensor, weight_q: torch.Te
     return float(torch.linalg.matrix_norm(x @ (weight.double() - weight_q.double()).T))
 
 
-__all__ = ["HessianAccumulator", "gptq_quantize_weight", "layer_output_error"]
+__all__ = ["GPTQOptions", "HessianAccumulator", "gptq_quantize_weight", "layer_output_error"]

@@ -23,7 +23,8 @@ class QuantizedLinear(nn.Module):
         super().__init__()
         self.bits = check_bits(bits)
         self.out_features, self.in_features = codes.shape
-        unsigned = (codes.to(torch.int16) + 2 ** (bits - 1)).to(torch.uint8)
+        # u = q + 2^(n-1) lies in [0, 2^n - 1]: adding in uint8 (mod 256) is exact, with no wider temporary
+        unsigned = codes.to(torch.uint8).add_(2 ** (bits - 1))
         self.register_buffer("qweight", pack_codes(unsigned, bits))
         self.register_buffer("scale", scale.detach().float().contiguous())
         self.register_buffer("offset", offset.detach().float().contiguous())
@@ -52,9 +53,16 @@ class QuantizedLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group_size={self.group_size}"
 
 
+def rtn_quantize(w: torch.Tensor, bits: int, group_size: int, init: str = "minmax", symmetric: bool = False,
+                 zero_point: str = "float") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Round-to-nearest ``(codes, scale, offset)`` of ``w``: the frozen integer base of PTQ, QA-LoRA, QAT-LoRA
+    and LoftQ (``zero_point="int"``: on the integer-zero grid)."""
+    scale, offset = init_scale_offset(w, bits, group_size, init, symmetric, zero_point=zero_point)
+    return quantize(w, scale, offset, bits), scale, offset
+
+
 def rtn_quantize_linear(linear: nn.Module, bits: int, group_size: int, init: str = "minmax",
                         symmetric: bool = False, zero_point: str = "float") -> QuantizedLinear:
-    """Round-to-nearest PTQ of a float linear layer (``zero_point="int"``: on the integer-zero grid)."""
-    w = linear.weight.detach().float()
-    scale, offset = init_scale_offset(w, bits, group_size, init, symmetric, zero_point=zero_point)
-    return QuantizedLinear(quantize(w, scale, offset, bits), scale, offset, bits, linear.bias)
+    """Round-to-nearest PTQ of a float linear layer."""
+    codes, scale, offset = rtn_quantize(linear.weight.detach().float(), bits, group_size, init, symmetric, zero_point)
+    return QuantizedLinear(codes, scale, offset, bits, linear.bias)

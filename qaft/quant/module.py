@@ -1,10 +1,14 @@
-"""A thin module that holds one layer's quantizer state: per-group scale ``s`` and offset ``b`` (or zero ``z``).
+"""The trainable quantizer of one layer: per-group scale ``s`` and offset ``b`` (or integer zero ``z``).
+
+Every method layer that trains its quantizer (L4Q, DL-QAT, full QAT) holds one :class:`AffineQuantizer` as its
+submodule ``quantizer``, so its state is ``<layer>.quantizer.scale`` and ``<layer>.quantizer.offset`` (or
+``.zero``). Layers whose integer base is frozen (QA-LoRA, QAT-LoRA) keep plain buffers: nothing of theirs trains.
 
 On the integer-zero grid (``zero_point="int"``) the trained state is ``s`` and a float ``z`` (parameter
 ``zero``); the offset is derived each step, ``b = s (2^(n-1) - round(z))`` with ``round(z)`` clamped to
 ``[0, 2^n - 1]`` and a straight-through gradient (:func:`qaft.quant.affine.offset_of_zero`), so it stays an
 integer multiple of ``s`` and 0 stays a level. A symmetric quantizer (``b = 0``, i.e. ``z = 2^(n-1)``) keeps its
-zero offset buffer on either grid.
+zero offset as a buffer on either grid.
 """
 from __future__ import annotations
 
@@ -20,36 +24,12 @@ def learns_zero(symmetric: bool, zero_point: str | ZeroPoint) -> bool:
     return parse_zero_point(zero_point) is ZeroPoint.INT and not symmetric
 
 
-def register_scale_offset(module: nn.Module, weight: torch.Tensor, bits: int, group_size: int,
-                          init: str | Init = Init.MINMAX, symmetric: bool = False,
-                          zero_point: str | ZeroPoint = ZeroPoint.FLOAT) -> None:
-    """Give ``module`` a ``scale`` parameter and an ``offset`` parameter (a zero buffer if symmetric), or with
-    ``zero_point="int"`` a ``zero`` parameter instead of the offset, initialised per group from ``weight``;
-    method layers and :class:`AffineQuantizer` share this. Read the offset with :func:`current_offset`."""
-    if learns_zero(symmetric, zero_point):
-        scale, zero = init_scale_zero(weight, bits, group_size, init, symmetric)
-        module.scale = nn.Parameter(scale)
-        module.zero = nn.Parameter(zero)
-        return
-    scale, offset = init_scale_offset(weight, bits, group_size, init, symmetric)
-    module.scale = nn.Parameter(scale)
-    if symmetric:
-        module.register_buffer("offset", offset)
-    else:
-        module.offset = nn.Parameter(offset)
-
-
-def current_offset(module: nn.Module, bits: int) -> torch.Tensor:
-    """The offset ``b`` of a module set up by :func:`register_scale_offset` (derived from ``zero`` if it has one)."""
-    zero = getattr(module, "zero", None)
-    return module.offset if zero is None else offset_of_zero(module.scale, zero, bits)
-
-
 class AffineQuantizer(nn.Module):
-    """Holds ``scale`` and ``offset`` (or ``zero``), (out, n_groups), as parameters; ``forward(w)`` fake-quantizes
-    ``w``.
+    """``scale`` and ``offset`` (or ``zero``), (out, n_groups), initialised per group from a weight.
 
-    With ``symmetric=True`` the offset is a zero buffer that never trains.
+    ``forward(w)`` fake-quantizes ``w`` with LSQ+ gradients. With ``symmetric=True`` the offset is a zero buffer
+    that never trains; with ``zero_point="int"`` (and not symmetric) a parameter ``zero`` replaces ``offset``.
+    Read ``b`` with :meth:`current_offset`, which derives it from ``zero`` where there is one.
     """
 
     def __init__(
@@ -64,19 +44,46 @@ class AffineQuantizer(nn.Module):
     ) -> None:
         super().__init__()
         self.bits = check_bits(bits)
-        register_scale_offset(self, weight, bits, group_size, init, symmetric, zero_point)
-        self.group_numel = weight.shape[1] // self.scale.shape[1]
+        self.learns_zero = learns_zero(symmetric, zero_point)
+        if self.learns_zero:
+            scale, zero = init_scale_zero(weight, bits, group_size, init, symmetric)
+            self.scale = nn.Parameter(scale)
+            self.zero = nn.Parameter(zero)
+        else:
+            scale, offset = init_scale_offset(weight, bits, group_size, init, symmetric)
+            self.scale = nn.Parameter(scale)
+            if symmetric:
+                self.register_buffer("offset", offset)
+            else:
+                self.offset = nn.Parameter(offset)
+        self.group_numel = weight.shape[1] // scale.shape[1]
         self.use_grad_scale = use_grad_scale
 
     @property
     def grad_scale(self) -> float:
+        """LSQ's gradient scale on ``s`` and ``b`` where enabled, else 1."""
         return lsq_grad_scale(self.group_numel, self.bits) if self.use_grad_scale else 1.0
 
+    def current_offset(self) -> torch.Tensor:
+        """The offset ``b``: the ``offset`` tensor, or ``s (2^(n-1) - round(z))`` from ``zero``."""
+        return self.offset_of(self.scale, self.zero) if self.learns_zero else self.offset
+
+    def offset_of(self, scale: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        """The offset of a fit ``(scale, state)`` on this quantizer's grid (``state``: an offset, or a zero)."""
+        return offset_of_zero(scale, state, self.bits) if self.learns_zero else state
+
+    @torch.no_grad()
+    def assign(self, scale: torch.Tensor, state: torch.Tensor) -> None:
+        """Overwrite the state with a fit ``(scale, offset)``, or ``(scale, zero)`` on the integer-zero grid."""
+        self.scale.copy_(scale)
+        (self.zero if self.learns_zero else self.offset).copy_(state)
+
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        return fake_quantize(w, self.scale, current_offset(self, self.bits), self.bits, self.grad_scale)
+        return fake_quantize(w, self.scale, self.current_offset(), self.bits, self.grad_scale)
 
     def codes(self, w: torch.Tensor) -> torch.Tensor:
-        return quantize(w, self.scale.detach(), current_offset(self, self.bits).detach(), self.bits)
+        return quantize(w, self.scale.detach(), self.current_offset().detach(), self.bits)
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, groups={tuple(self.scale.shape)}, grad_scale={self.use_grad_scale}"
+        return (f"bits={self.bits}, groups={tuple(self.scale.shape)}, grad_scale={self.use_grad_scale}, "
+                f"learns_zero={self.learns_zero}")

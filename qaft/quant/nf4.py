@@ -78,8 +78,9 @@ class NF4Tensor:
 
 
 def _blocks(flat: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """``flat`` as rows of ``blocksize``, zero-padded at the end; a view of ``flat`` when no padding is needed."""
     pad = (-flat.numel()) % blocksize
-    return torch.nn.functional.pad(flat, (0, pad)).view(-1, blocksize)
+    return (torch.nn.functional.pad(flat, (0, pad)) if pad else flat).view(-1, blocksize)
 
 
 def _normalize(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,6 +121,6 @@ def nf4_quantize(w: torch.Tensor, blocksize: int = NF4_BLOCK, double_quant: bool
 def nf4_dequantize(t: NF4Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The float tensor an :class:`NF4Tensor` stands for."""
     numel = t.shape.numel()
-    codes = unpack_codes(t.packed, 4, numel).long()
-    values = _blocks(NF4_CODE.to(t.packed.device)[codes], t.blocksize) * _absmax_of(t)[:, None]
+    codes = unpack_codes(t.packed, 4, numel).int()  # int32 indices: half the temporary of int64 ones
+    values = _blocks(NF4_CODE.to(t.packed.device)[codes], t.blocksize).mul_(_absmax_of(t)[:, None])
     return values.flatten()[:numel].view(t.shape).to(dtype)

@@ -23,13 +23,22 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if bits == 8:
         return codes.to(torch.uint8).contiguous()
     k = codes.shape[-1]
-    padded = torch.nn.functional.pad(codes.to(torch.int64), (0, (-k) % 8))
-    octets = padded.view(*codes.shape[:-1], -1, 8)
-    shifts = bits * torch.arange(7, -1, -1, device=codes.device)
-    word = (octets << shifts).sum(-1, keepdim=True)
-    byte_shifts = 8 * torch.arange(bits - 1, -1, -1, device=codes.device)
+    padded = torch.nn.functional.pad(codes.to(torch.uint8), (0, (-k) % 8))
+    if 8 % bits == 0:
+        # 2 and 4 bits: whole codes per byte, the first in the high bits; uint8 throughout, so packing a layer
+        # costs about its codes in temporaries (a merge packs every layer of a model)
+        per_byte = padded.view(*codes.shape[:-1], padded.shape[-1] * bits // 8, 8 // bits)
+        packed = per_byte[..., 0] << (8 - bits)
+        for j in range(1, 8 // bits):
+            packed |= per_byte[..., j] << (8 - bits * (j + 1))
+        return packed
+    # 3 bits: the 24-bit word of each octet fits an int32
+    octets = padded.view(*codes.shape[:-1], padded.shape[-1] // 8, 8).to(torch.int32)
+    shifts = bits * torch.arange(7, -1, -1, device=codes.device, dtype=torch.int32)
+    word = (octets << shifts).sum(-1, keepdim=True, dtype=torch.int32)
+    byte_shifts = 8 * torch.arange(bits - 1, -1, -1, device=codes.device, dtype=torch.int32)
     packed = (word >> byte_shifts) & 0xFF
-    return packed.to(torch.uint8).reshape(*codes.shape[:-1], -1)
+    return packed.to(torch.uint8).reshape(*codes.shape[:-1], padded.shape[-1] * bits // 8)
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:

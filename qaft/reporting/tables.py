@@ -16,12 +16,11 @@ read the same way. A report spec (``experiments/reports/*.yaml``) names
 
 Cells are the mean over seeds, ``mean ± std`` when there are several.
 
-    qaft-report --spec experiments/reports/*.yaml --runs runs --out results/tiny --archive results/tiny/records.jsonl
-    qaft-report --spec experiments/reports/*.yaml --runs results/tiny/records.jsonl --out results/tiny  # same tables
+    qaft-report spec='experiments/reports/*.yaml' runs=runs out=results/tiny archive=results/tiny/records.jsonl
+    qaft-report spec='experiments/reports/*.yaml' runs=results/tiny/records.jsonl out=results/tiny  # same tables
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import sys
@@ -30,6 +29,8 @@ from typing import Any
 
 import pandas as pd
 import yaml
+
+from qaft.evaluation.deployed import deployed_perplexity
 
 MISSING, FAILED, INCOMPLETE = "missing", "failed", "incomplete"
 DIVERGED, INTERRUPTED, CORRUPT = "diverged", "interrupted", "corrupt"
@@ -54,9 +55,7 @@ def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
 def _row(record: dict[str, Any]) -> dict[str, Any]:
     row: dict[str, Any] = {}
     _flatten("", {k: v for k, v in record.items() if k not in ("traceback", "environment")}, row)
-    metrics = record.get("metrics") or {}
-    # The deployed model: the merged integer model, or the PTQ of a float merge (the papers' "+PTQ").
-    deployed = metrics.get("ppl_merged_ptq", metrics.get("ppl_merged"))
+    deployed = deployed_perplexity(record.get("metrics") or {})
     if deployed is not None:
         row["metrics.deployed"] = deployed
     return row
@@ -321,26 +320,3 @@ def report(spec_path: str | Path, runs: str | Path | None, out: str | Path, wand
                                f"Paper vs reproduced: {spec.get('caption', spec['name'])}")
     plot = plot_table(frame, spec, out / f"{spec['name']}.png") if not frame.empty else None
     return written + ([plot] if plot else [])
-
-
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="qaft-report", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--spec", required=True, nargs="+", help="report spec YAML file(s), e.g. experiments/reports/*.yaml")
-    p.add_argument("--runs", default="runs", help="run store (folder of run folders)")
-    p.add_argument("--wandb", default=None, help="also read runs from this wandb project (entity/project)")
-    p.add_argument("--out", default="results", help="folder for the tables and plots")
-    p.add_argument("--archive", default=None, help="also write the specs' run records to this .jsonl file "
-                   "(a run store that --runs accepts, small enough to commit beside the tables)")
-    args = p.parse_args(argv)
-    frame = load_store(args.runs, args.wandb)
-    specs = [yaml.safe_load(Path(s).read_text()) for s in args.spec]
-    for spec in args.spec:
-        for path in report(spec, None, args.out, frame=frame):
-            print(path)
-    if args.archive:
-        print(archive_runs(args.runs, args.archive, [s.get("where", {}) for s in specs]))
-
-
-if __name__ == "__main__":
-    main()

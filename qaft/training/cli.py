@@ -18,11 +18,15 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from qaft.paths import conf_dir
-from qaft.training.config import ConfigError, validate
+from qaft.training.config import ConfigError, register_conf, validate
 from qaft.training.sweep_cleanup import SweepCleanup
 
 # Absolute, because Hydra resolves a relative path against the calling module.
 CONF_DIR = str(conf_dir())
+# conf/train.yaml's ${qaft.*} resolvers. Here, when the Hydra app loads, not in main(): a launcher that runs
+# sweep jobs in other processes (submitit, on a cluster) recomposes each job's config there after unpickling
+# _main, which imports this module but never calls main(). (Importing qaft itself registers nothing.)
+register_conf()
 EXIT_BUSY = 4
 
 
@@ -45,7 +49,7 @@ def _main(cfg: DictConfig) -> float | None:
             raise  # one bad sweep point is reported by Hydra; the others still run
         _fail(f"invalid config: {err}", 2)
     # Imported only now: a config error should cost no more than the imports validation needs.
-    from qaft.evaluation.perplexity import deployed_key
+    from qaft.evaluation.deployed import deployed_perplexity
     from qaft.training.pipeline import run
     from qaft.training.records import DIVERGED, FAILED, Diverged, RunInterrupted, exit_code
     from qaft.training.run_control import RunBusy
@@ -71,10 +75,7 @@ def _main(cfg: DictConfig) -> float | None:
         status = DIVERGED if isinstance(err, Diverged) else FAILED
         _fail(f"run {status}: {type(err).__name__}: {err} (record: {run_dir_of(cfg) / 'record.json'})",
               exit_code(status, err))
-    if not metrics:
-        return None
-    key = "ppl_" + deployed_key({k[4:]: v for k, v in metrics.items() if k.startswith("ppl_")})
-    return metrics.get(key)
+    return deployed_perplexity(metrics) if metrics else None
 
 
 def main() -> None:

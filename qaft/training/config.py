@@ -18,16 +18,12 @@ from omegaconf import DictConfig, OmegaConf
 from qaft import paths
 from qaft.data import validate_data_source
 from qaft.evaluation.harness import EvalError, parse_task
-from qaft.methods.config import MethodConfig, config_for, registered
-from qaft.methods.gptq_model import GPTQOptions, needs_calibration
+from qaft.methods import GPTQOptions, MethodConfig, config_for
 from qaft.models import SMOLLM2, TINY_LLAMA, cache_dir, tiny_llama_config, validate_model_source
 from qaft.quant.affine import VALID_BITS
 from qaft.quant.granularity import granularity
+from qaft.training.schemas import method_fields, register_method_schemas
 
-# Every method YAML carries these; for methods that merge to a float model they are the deployment PTQ's.
-DEPLOY_FIELDS = ("bits", "group_size")
-# GPTQ's calibration settings: ptq's own fields; qalora's YAML carries them for base_quant=gptq.
-GPTQ_FIELDS = ("calib_batches", "act_order", "percdamp")
 SCHEDULES = {
     "constant": lambda progress: 1.0,
     "cosine": lambda progress: 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))),
@@ -54,14 +50,13 @@ class ConfigError(ValueError):
 class RunSpec:
     """What the validated config means: the method config and the bits / group size it is deployed at.
 
-    ``calibration``: GPTQ settings of a method that needs calibration data (``None`` for the others);
-    ``eval_gptq``: those of the end-of-run GPTQ deployment (``None`` unless ``eval.gptq``).
+    ``eval_gptq``: the options of the end-of-run GPTQ deployment (``None`` unless ``eval.gptq``); a method's own
+    calibration is ``method.calibration()``.
     """
 
     method: MethodConfig
     bits: int
     group_size: int
-    calibration: GPTQOptions | None = None
     eval_gptq: GPTQOptions | None = None
 
 
@@ -70,30 +65,21 @@ def _fields(node: Any) -> dict[str, Any]:
 
 
 def method_config(node: Any) -> MethodConfig:
-    """The registered method config for a ``method`` node (its ``name`` plus the dataclass fields)."""
-    fields = _fields(node)
-    name = fields.pop("name", None)
-    own = set(registered(name).field_names())
-    for key in DEPLOY_FIELDS + GPTQ_FIELDS:
-        if key not in own:
-            fields.pop(key, None)
+    """The registered method config for a ``method`` node (:func:`qaft.training.schemas.method_fields`)."""
+    name, fields = method_fields(_fields(node))
     return config_for(name, **fields)
-
-
-def gptq_options(node: Any, where: str) -> GPTQOptions:
-    """The GPTQ fields of a config node (defaults where absent); errors name the node, e.g. ``method``."""
-    fields = _fields(node)
-    try:
-        return GPTQOptions(**{k: fields[k] for k in GPTQ_FIELDS if k in fields})
-    except ValueError as err:
-        raise ValueError(f"{where}.{err}") from None
 
 
 def _eval_gptq(node: Any) -> GPTQOptions | None:
     switch = node.get("gptq", False)
     if not isinstance(switch, bool):
         raise ValueError(f"eval.gptq must be true or false, got {switch!r}")
-    return gptq_options(node.get("gptq_options") or {}, "eval.gptq_options") if switch else None
+    if not switch:
+        return None
+    try:
+        return GPTQOptions(**_fields(node.get("gptq_options") or {}))
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"eval.gptq_options: {err}") from None
 
 
 def _hub_config(repo: str) -> Path:
@@ -247,7 +233,6 @@ def validate(cfg: DictConfig, resources: bool = True) -> RunSpec:
         raise ConfigError(f"missing required value(s) {missing}: set them on the command line, e.g. {missing[0]}=...")
     try:
         method = method_config(cfg.method)
-        calibration = gptq_options(cfg.method, "method") if needs_calibration(method) else None
         eval_gptq = _eval_gptq(cfg.eval)
         bits, group_size = int(cfg.method.bits), int(cfg.method.group_size)
         if bits not in VALID_BITS:
@@ -271,7 +256,7 @@ def validate(cfg: DictConfig, resources: bool = True) -> RunSpec:
     _check_callbacks(cfg)
     if resources:
         _check_data_contents(cfg)
-    return RunSpec(method=method, bits=bits, group_size=group_size, calibration=calibration, eval_gptq=eval_gptq)
+    return RunSpec(method=method, bits=bits, group_size=group_size, eval_gptq=eval_gptq)
 
 
 # --- resolvers used by conf/train.yaml -------------------------------------------------------------------
@@ -311,14 +296,17 @@ def fraction_of_steps(fraction: float, steps: int) -> int:
     return max(1, int(float(fraction) * int(steps)))
 
 
-def register_resolvers() -> None:
-    """Make ``${qaft.run_name:...}``, ``${qaft.digest:}`` (:mod:`qaft.training.identity`), ``${qaft.precision:...}``,
-    ``${qaft.steps_fraction:...}`` and ``${qaft.experiments_dir:}`` available."""
+def register_conf() -> None:
+    """What ``conf/train.yaml`` needs from Python (idempotent): the method schemas and the GPTQ options' schema
+    (:mod:`qaft.training.schemas`), and the resolvers ``${qaft.run_name:...}``, ``${qaft.digest:}``
+    (:mod:`qaft.training.identity`), ``${qaft.precision:...}``, ``${qaft.steps_fraction:...}``, ``${qaft.experiments_dir:}``.
+
+    Not done at import (importing qaft changes no global state): whatever composes ``conf/train.yaml`` calls it
+    first, as :mod:`qaft.training.cli` does.
+    """
     from qaft.training.identity import digest_resolver
 
+    register_method_schemas()
     for name, fn in (("qaft.run_name", run_name), ("qaft.digest", digest_resolver), ("qaft.precision", precision),
                      ("qaft.steps_fraction", fraction_of_steps), ("qaft.experiments_dir", experiments_dir)):
         OmegaConf.register_new_resolver(name, fn, replace=True)
-
-
-register_resolvers()

@@ -21,17 +21,13 @@ from lightning_fabric.plugins import TorchCheckpointIO
 from omegaconf import DictConfig
 
 from qaft.files import atomic_write
-from qaft.methods import count_parameters, parameter_groups, set_training_step
+from qaft.methods import apply_method, count_parameters, parameter_groups, set_training_step
 from qaft.methods.api import qaft_layers
 from qaft.methods.config import MethodConfig
-from qaft.methods.gptq_model import GPTQOptions, apply_method_calibrated, needs_calibration
 from qaft.models import load_causal_lm
 from qaft.training.config import SCHEDULES
 from qaft.training.peak_memory import PeakMemory
 from qaft.training.records import Diverged
-
-# Quantizer state worth keeping in a checkpoint even where it is a buffer (symmetric offsets, QA-LoRA's s, b).
-QUANT_STATE = ("scale", "offset", "zero", "magnitude")
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str) -> float:
@@ -46,9 +42,9 @@ class QaftModule(pl.LightningModule):
     """Causal LM with a qaft method applied; trains whatever the method's current phase trains."""
 
     def __init__(self, cfg: DictConfig, method: MethodConfig,
-                 calib_batches: list[dict[str, torch.Tensor]] | None = None, gptq: GPTQOptions | None = None,
+                 calib_batches: list[dict[str, torch.Tensor]] | None = None,
                  identity: dict[str, Any] | None = None) -> None:
-        """``calib_batches`` / ``gptq``: the calibration data and GPTQ options of a method that needs them;
+        """``calib_batches``: the calibration data of a method that needs it (``method.calibration()``);
         ``identity``: the run's identity config (:mod:`qaft.training.identity`), stored in every checkpoint."""
         super().__init__()
         self.cfg, self.method, self.identity = cfg, method, identity or {}
@@ -58,9 +54,9 @@ class QaftModule(pl.LightningModule):
         self.model, self.tokenizer = load_causal_lm(cfg.model.name_or_path, dtype)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)  # adapter init depends on the seed only, so a resume rebuilds it
-            apply_method_calibrated(self.model, method, calib_batches, gptq)
+            apply_method(self.model, method, calib_batches=calib_batches)
         # A calibrated (GPTQ) base is rebuilt, not stored: its fingerprint lets a resume prove it rebuilt the same.
-        self.base_digest = self._frozen_digest() if needs_calibration(method) else None
+        self.base_digest = self._frozen_digest() if method.calibration() is not None else None
         if cfg.optim.gradient_checkpointing:
             self.model.config.use_cache = False
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -120,7 +116,7 @@ class QaftModule(pl.LightningModule):
         layers = set(qaft_layers(self.model))
         for layer_name, layer in self.named_modules():
             if layer in layers:
-                keys |= {f"{layer_name}.{b}" for b, _ in layer.named_buffers(recurse=False) if b in QUANT_STATE}
+                keys |= {f"{layer_name}.{b}" for b in layer.state_buffers()}
         return keys
 
     def _frozen_digest(self) -> str:

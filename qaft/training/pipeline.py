@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import shutil
 import signal
 from pathlib import Path
@@ -26,9 +27,10 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from qaft.data import lm_eval_windows, load_lm_texts
 from qaft.data.stream import RunData
 from qaft.deploy.checkpoint import save_merged
-from qaft.evaluation.perplexity import Batch, batches_perplexity, end_of_run, format_table, window_batches
+from qaft.evaluation.deployed import end_of_run, format_table
+from qaft.evaluation.perplexity import Batch, batches_perplexity, window_batches
 from qaft.files import remove_stale_temporaries
-from qaft.methods.gptq_model import gptq_quantize_model
+from qaft.methods import gptq_quantize_model
 from qaft.models import load_causal_lm, load_tokenizer
 from qaft.training.config import ConfigError, RunSpec, run_name, validate
 from qaft.training.identity import config_digest, differences, identity_config
@@ -155,6 +157,8 @@ def _train(cfg: DictConfig, module: QaftModule, data: RunData, trainer: pl.Train
     expected = 1 if cfg.trainer.get("fast_dev_run") else int(cfg.trainer.max_steps)
     if trainer.global_step != expected:  # a run record must never claim steps that did not happen
         raise RuntimeError(f"training stopped at step {trainer.global_step} of {expected}")
+    # The optimizer (its state: 2x what trains) and the tensors it references would outlive the in-place merge.
+    trainer.strategy.optimizers, trainer.strategy.lr_scheduler_configs = [], []
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("train/", "val/"))}
     cost = rank_zero_only(training_cost)(trainer.default_root_dir) or {}
     return {"final_" + k.replace("/", "_"): v for k, v in metrics.items()} | {
@@ -171,18 +175,24 @@ def _gptq_deployment(spec: RunSpec, data: RunData) -> Callable[[torch.nn.Module]
                              percdamp=options.percdamp)
 
 
-def _evaluate(cfg: DictConfig, spec: RunSpec, module: QaftModule,
-              data: RunData) -> tuple[dict, torch.nn.Module, torch.nn.Module]:
+def _evaluate(cfg: DictConfig, spec: RunSpec, module: QaftModule, data: RunData,
+              staged: Path | None) -> tuple[dict, torch.nn.Module]:
+    """End-of-run perplexities and the deployed model; the merged model is saved to ``staged`` (if given)
+    before a float merge is quantized for deployment."""
     batches = EVAL_SETS[cfg.data.kind](cfg, module.tokenizer, data)
     device = next(module.model.parameters()).device
 
     def load_float() -> torch.nn.Module:
         return load_causal_lm(cfg.model.name_or_path, getattr(torch, cfg.model.dtype))[0].to(device)
 
-    ppl, merged, deployed = end_of_run(module.model, batches, spec.bits, spec.group_size,
-                                       load_float if cfg.eval.baselines else None, _gptq_deployment(spec, data))
+    def save(merged: torch.nn.Module) -> None:
+        save_merged(merged, staged, module.tokenizer)
+
+    ppl, deployed = end_of_run(module.model, batches, spec.bits, spec.group_size,
+                               load_float if cfg.eval.baselines else None, _gptq_deployment(spec, data),
+                               save if staged is not None else None)
     return {f"ppl_{k}": v for k, v in ppl.items()} | {"eval_tokens": sum(
-        int((b.get("labels", b["input_ids"])[:, 1:] != -100).sum()) for b in batches)}, merged, deployed
+        int((b.get("labels", b["input_ids"])[:, 1:] != -100).sum()) for b in batches)}, deployed
 
 
 def _corpus_perplexity(corpus: DictConfig, deployed: torch.nn.Module, tokenizer: Any) -> dict[str, float]:
@@ -213,25 +223,28 @@ def _run(cfg: DictConfig, spec: RunSpec, run_dir: Path, record: RunRecord, metri
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     # The data comes first: a method calibrated on training batches (GPTQ) needs them to be built.
     data = RunData(instantiate(cfg.data.datamodule, tokenizer=load_tokenizer(cfg.model.name_or_path)), int(cfg.seed))
-    calib = data.calibration_batches(spec.calibration.calib_batches) if spec.calibration else None
-    module = QaftModule(cfg, spec.method, calib, spec.calibration, identity_config(cfg))
+    calibration = spec.method.calibration()
+    calib = data.calibration_batches(calibration.calib_batches) if calibration is not None else None
+    module = QaftModule(cfg, spec.method, calib, identity_config(cfg))
     trainer = build_trainer(cfg, run_dir, guard)
     record.lap("load")
     metrics |= _train(cfg, module, data, trainer, ckpt)
     record.lap("train")
     if not trainer.is_global_zero:
         return None
-    results, merged, deployed = _evaluate(cfg, spec, module, data)
+    staged = run_dir / f".{MERGED}.pending" if cfg.save_model else None  # kept only if the run ends ok
+    results, deployed = _evaluate(cfg, spec, module, data, staged)
     metrics |= results
     if cfg.eval.get("corpus"):
         metrics |= _corpus_perplexity(cfg.eval.corpus, deployed, module.tokenizer)
     if cfg.eval.tasks:
-        form = "merged" if deployed is merged else "merged+ptq"
+        form = "merged+ptq" if "ppl_merged_ptq" in results else "merged"
         metrics["lm_eval"] = _lm_eval(cfg, deployed, module.tokenizer, form)
     record.lap("eval")
     _check_finite(metrics)
-    if cfg.save_model:
-        save_merged(merged, run_dir / MERGED, module.tokenizer)
+    if staged is not None:
+        shutil.rmtree(run_dir / MERGED, ignore_errors=True)
+        os.replace(staged, run_dir / MERGED)
         metrics["merged_model_path"] = MERGED  # relative: a copied or moved run folder stays whole
         record.lap("save")
     record.finish(OK, metrics)
@@ -284,6 +297,7 @@ def run(cfg: DictConfig, spec: RunSpec | None = None) -> dict[str, Any] | None:
                 return _run(cfg, spec, run_dir, record, metrics, guard, ckpt)
             except BaseException as err:  # KeyboardInterrupt too: the record must not look finished
                 status, reason = _status(err)
+                shutil.rmtree(run_dir / f".{MERGED}.pending", ignore_errors=True)  # a model of a run that did not end ok
                 record.finish(status, metrics, error=reason)
                 if reason is not err:
                     raise reason from None
