@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_qaft_train, signal_at_step, start_qaft_train, tiny_run_overrides, wait_for
 from safetensors.torch import load_file
+
+from helpers import ROOT, run_qaft_train, signal_at_step, start_qaft_train, tiny_run_overrides, wait_for
 
 STEPS = 12
 # L4Q with a LoRA warm-up (a phase change at step 6) and LoRA dropout during it (the RNG must resume too).
@@ -254,7 +255,7 @@ def test_planted_pickles_in_a_run_folder_never_run(tmp_path):
 
 
 def test_no_unsafe_loads_in_the_package():
-    package = Path(__file__).resolve().parent.parent / "qaft"
+    package = ROOT / "qaft"
     for path in package.rglob("*.py"):
         text = path.read_text()
         assert "weights_only=False" not in text and "pickle.load" not in text, path

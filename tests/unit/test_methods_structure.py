@@ -7,7 +7,6 @@ import weakref
 
 import pytest
 import torch
-from _tiny import tiny_llama, token_batch
 from torch import nn
 
 import qaft
@@ -17,6 +16,8 @@ from qaft.methods.qalora import QALoRALinear
 from qaft.quant import AffineQuantizer
 from qaft.quant.affine import in_range, scale_grad_term, ste_terms
 from qaft.quant.linear import rtn_quantize_linear
+
+from helpers import tiny_llama, token_batch
 
 FIELDS = {
     "lora": {}, "qlora": {}, "loftq": {"loftq_iters": 2}, "qat_lora": {"group_size": 32},

@@ -7,7 +7,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from _tiny import tiny_llama, token_batch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import qaft  # noqa: E402
@@ -17,6 +16,8 @@ from qaft.methods.qalora import QALoRALinear  # noqa: E402
 from qaft.quant import dequantize, init_scale_offset, quantize  # noqa: E402
 from qaft.quant.gptq import HessianAccumulator, gptq_quantize_weight, layer_output_error  # noqa: E402
 from qaft.quant.linear import QuantizedLinear  # noqa: E402
+
+from helpers import tiny_llama, token_batch  # noqa: E402
 
 
 def _correlated_inputs(n: int = 2048, d: int = 128, seed: int = 0) -> torch.Tensor:

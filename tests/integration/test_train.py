@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_qaft_train, signal_at_step, tiny_run_overrides
 from transformers import AutoModelForCausalLM
 
 import qaft
 from qaft.methods import available
 from qaft.models import load_causal_lm
+
+from helpers import run_qaft_train, signal_at_step, tiny_run_overrides
 
 
 def run_main(overrides: list[str], monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,11 +1,11 @@
 """The committed tiny-scale tables are what qaft-report makes from the committed run records."""
-from pathlib import Path
 
 import pytest
 
 from qaft.reporting import tables as report
 
-ROOT = Path(__file__).resolve().parent.parent
+from helpers import ROOT
+
 ARCHIVE = ROOT / "results" / "tiny" / "records.jsonl"
 SPECS = sorted((ROOT / "experiments" / "reports").glob("*.yaml"))
 

@@ -1,6 +1,5 @@
 """Inference layers (kernel dispatch) and the packed checkpoint, on the tiny random LLaMA."""
 import copy
-import json
 
 import pytest
 import torch
@@ -16,9 +15,11 @@ from qaft.deploy import (
     prepare_for_inference,
     save_quantized,
 )
-from qaft.deploy.checkpoint import QUANT_FILE, read_quantization, save_merged
+from qaft.deploy.checkpoint import QUANT_FILE, read_quantization
 from qaft.models import build_tiny_llama
 from qaft.quant.linear import QuantizedLinear, rtn_quantize_linear
+
+from helpers import fake_run_folder
 
 
 def _layer(bits, group_size, out_f=48, in_f=256, bias=True, symmetric=False):
@@ -142,41 +143,14 @@ def test_save_refuses_float_model(tmp_path):
         save_quantized(build_tiny_llama(), tmp_path)
 
 
-def _fake_run(run_dir, merged, float_model=None):
-    """A run folder as qaft-train leaves it (merged model, record naming it relative to the folder)."""
-    run_dir.mkdir(parents=True)
-    (run_dir / "config.yaml").write_text("model: {name_or_path: tiny-llama}\nmethod: {bits: 4, group_size: 32}\n")
-    save_merged(merged if float_model is None else float_model, run_dir / "merged_model")
-    (run_dir / "record.json").write_text(json.dumps({"status": "ok", "metrics": {"merged_model_path": "merged_model"}}))
-
-
 @pytest.mark.parametrize("kind", ["integer", "float"])
 def test_qaft_export_cli_packed(tmp_path, kind):
     from qaft.deploy.cli import main
     float_model = build_tiny_llama()
     merged = qaft.ptq_model(float_model, 4, 32)
-    _fake_run(tmp_path / "run", merged, float_model if kind == "float" else None)
+    fake_run_folder(tmp_path / "run", merged, float_model if kind == "float" else None)
     assert main([str(tmp_path / "run"), "format=qaft"]) == 0
     loaded = load_quantized(tmp_path / "run" / "export_qaft")
     ids = torch.randint(0, 1000, (1, 8))
     assert torch.equal(loaded(ids).logits, merged(ids).logits)
     assert (tmp_path / "run" / "export_qaft" / "tokenizer_config.json").is_file()
-
-
-def test_qaft_export_console_script_exit_status_and_names_with_equals(tmp_path):
-    """Success exits 0, a bad argument exits 2 with one line; run folders named with '=' (older qaft put the
-    command-line overrides into the name) are taken as the run folder, not as options."""
-    import os
-    import subprocess
-
-    float_model = build_tiny_llama()
-    run_dir = tmp_path / "l4q-w4g32__trainer.max_steps=4"
-    _fake_run(run_dir, qaft.ptq_model(float_model, 4, 32))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
-    ok = subprocess.run(["qaft-export", str(run_dir), "format=qaft", f"out={tmp_path / 'out'}"], capture_output=True,
-                        text=True, env=env, timeout=300)
-    assert ok.returncode == 0, ok.stderr[-2000:]
-    assert (tmp_path / "out" / "quantization.json").is_file() and f"wrote {tmp_path / 'out'}" in ok.stdout
-    bad = subprocess.run(["qaft-export", str(run_dir), "format=onnx"], capture_output=True, text=True, env=env,
-                         timeout=300)
-    assert bad.returncode == 2 and "qaft-export: format='onnx' must be one of" in bad.stderr

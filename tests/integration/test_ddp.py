@@ -4,8 +4,9 @@ from __future__ import annotations
 import json
 
 import torch
-from conftest import run_qaft_train, tiny_run_overrides
 from safetensors.torch import load_file
+
+from helpers import run_qaft_train, tiny_run_overrides
 
 
 def test_two_cpu_ranks_hold_identical_trainable_parameters(tmp_path):

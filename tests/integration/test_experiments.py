@@ -125,7 +125,7 @@ def test_a_failed_run_leaves_the_others_and_the_report_intact(tmp_path, monkeypa
 
 
 def test_a_sweep_with_an_unknown_option_names_it_and_leaves_nothing(tmp_path):
-    from conftest import run_qaft_train
+    from helpers import run_qaft_train
 
     root = tmp_path / "runs"
     proc = run_qaft_train(["-m", "model=tiny-llama", f"runs_root={root}", "method=lora,no_such,l4q",

@@ -1,4 +1,4 @@
-"""NF4 and its double quantization on their own (tests/test_oracles.py compares them with bitsandbytes)."""
+"""NF4 and its double quantization on their own (tests/unit/test_oracles.py compares them with bitsandbytes)."""
 import pytest
 import torch
 

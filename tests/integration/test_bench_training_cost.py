@@ -2,9 +2,10 @@
 import argparse
 import importlib.util
 import sys
-from pathlib import Path
 
-BENCH = Path(__file__).resolve().parent.parent / "experiments" / "bench" / "training_cost.py"
+from helpers import ROOT
+
+BENCH = ROOT / "experiments" / "bench" / "training_cost.py"
 
 
 def _bench():

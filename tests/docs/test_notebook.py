@@ -1,10 +1,10 @@
 """The results notebook runs top to bottom on the committed archive of the tiny-scale runs."""
-from pathlib import Path
 
 import nbformat
 from nbclient import NotebookClient
 
-ROOT = Path(__file__).resolve().parent.parent
+from helpers import ROOT
+
 NOTEBOOK = ROOT / "notebooks" / "results.ipynb"
 
 

@@ -3,11 +3,12 @@ import copy
 
 import pytest
 import torch
-from _tiny import tiny_llama, token_batch
 from torch import nn
 
 import qaft
 from qaft.methods import QuantizedLinear
+
+from helpers import tiny_llama, token_batch
 
 INTEGER = ("l4q", "dlqat", "qalora", "ptq", "qat")
 FLOAT = ("lora", "qlora", "loftq", "qat_lora")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _tiny import tiny_llama, token_batch
 from torch import nn
 
 import qaft
@@ -13,6 +12,8 @@ from qaft.quant import dequantize, fake_quantize, init_scale_offset, qrange, qua
 from qaft.quant.affine import _v, offset_of_zero
 from qaft.quant.gptq import HessianAccumulator, gptq_quantize_weight
 from qaft.quant.init import init_scale_zero
+
+from helpers import tiny_llama, token_batch
 
 QUANT_METHODS = ("ptq", "qalora", "l4q", "dlqat", "qat", "qat_lora", "loftq")
 FIELDS = {"loftq": {"base": "int"}, "dlqat": {"quant_steps": 2}}

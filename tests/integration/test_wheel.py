@@ -32,7 +32,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from helpers import ROOT
+
 SOURCES = ("pyproject.toml", "README.md", "qaft", "conf", "experiments")
 
 
