@@ -1,5 +1,13 @@
 """qaft.quant: the shared integer affine quantizer (functions, and the trainable :class:`AffineQuantizer` that method
-layers hold), its initialisations, GPTQ, NF4, bit packing and the deployable ``QuantizedLinear``."""
+layers hold), its initialisations, GPTQ, NF4, bit packing, the deployable ``QuantizedLinear``, and the dynamic
+per-token activation / KV-cache quantizer (:mod:`qaft.quant.activation`)."""
+from qaft.quant.activation import (
+    ACT_BITS,
+    PerTokenQuantizer,
+    dequantize_per_token,
+    fake_quantize_per_token,
+    quantize_per_token,
+)
 from qaft.quant.affine import (
     VALID_BITS,
     dequantize,
@@ -16,7 +24,8 @@ from qaft.quant.nf4 import NF4Tensor, nf4_dequantize, nf4_quantize
 from qaft.quant.packing import pack_codes, to_int4pack_cpu, unpack_codes
 
 __all__ = [
-    "VALID_BITS", "AffineQuantizer", "Init", "NF4Tensor", "PerChannel", "PerGroup",
+    "ACT_BITS", "VALID_BITS", "AffineQuantizer", "PerTokenQuantizer", "dequantize_per_token",
+    "fake_quantize_per_token", "quantize_per_token", "Init", "NF4Tensor", "PerChannel", "PerGroup",
     "dequantize", "fake_quantize", "fake_quantize_reference", "granularity", "init_scale_offset",
     "lsq_grad_scale", "nf4_dequantize", "nf4_quantize", "pack_codes", "qrange", "quantize",
     "to_int4pack_cpu", "unpack_codes",
