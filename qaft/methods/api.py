@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from qaft.methods.act_kv import install_act_kv
 from qaft.methods.config import MethodConfig, config_for
 from qaft.methods.layer import QaftLinear, replace_module
 
@@ -29,28 +30,33 @@ def _validated_targets(model: nn.Module, config: MethodConfig) -> list[tuple[str
     return targets
 
 
-def _swap_targets(model: nn.Module, config: MethodConfig) -> None:
-    for name, linear in _validated_targets(model, config):
+def _swap_targets(model: nn.Module, config: MethodConfig,
+                  targets: list[tuple[str, nn.Linear]] | None = None) -> None:
+    for name, linear in _validated_targets(model, config) if targets is None else targets:
         replace_module(model, name, config.make_layer(linear))
 
 
 def apply_method(model: nn.Module, config: MethodConfig, calib_batches: Iterable[Any] | None = None) -> nn.Module:
     """Replace the target linear layers of ``model`` by ``config``'s layers; freeze everything else.
 
-    Every target layer is validated (e.g. the group size divides its width) before any is replaced, so a
-    bad config leaves the model untouched. A config that needs calibration data (``config.calibration()``
-    is not ``None``: GPTQ PTQ, QA-LoRA on a GPTQ base) converts the model from ``calib_batches`` (token tensors
-    ``[B, T]`` or dicts with ``input_ids`` and ``attention_mask``); other methods ignore them. Returns the same
-    model, set to the phase of step 0.
+    Every target layer is validated (e.g. the group size divides its width, ``kv_bits`` finds ``k_proj`` and
+    ``v_proj``) before any is replaced, so a bad config leaves the model untouched. ``act_bits`` / ``kv_bits``
+    below 16 install the per-token quantizers on the float layers first (:mod:`qaft.methods.act_kv`), so GPTQ
+    calibrates on the quantized inputs the layers will see, and every replacement keeps them.
+
+    A config that needs calibration data (``config.calibration()`` is not ``None``: GPTQ PTQ, QA-LoRA on a GPTQ
+    base) converts the model from ``calib_batches`` (token tensors ``[B, T]`` or dicts with ``input_ids`` and
+    ``attention_mask``); other methods ignore them. Returns the same model, set to the phase of step 0.
     """
     options = config.calibration()
     if options is not None and calib_batches is None:
         raise ValueError(f"method {config.name!r} needs calibration data for GPTQ ({options.calib_batches} "
                          "batches by its calib_batches): call apply_method(model, config, calib_batches=batches)")
+    targets = _validated_targets(model, config)
+    install_act_kv(model, [name for name, _ in targets], config.act_bits, config.kv_bits)
     if options is None:
-        _swap_targets(model, config)
+        _swap_targets(model, config, targets)
     else:
-        _validated_targets(model, config)
         config.apply_calibrated(model, calib_batches)
     model.requires_grad_(False)  # set_training_step below re-enables what the first phase trains
     model.qaft_config = config

@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 
 from torch import nn
 
+from qaft.quant.activation import OFF, check_act_bits
 from qaft.quant.affine import VALID_BITS
 from qaft.quant.gptq import GPTQOptions
 from qaft.quant.granularity import granularity
@@ -29,15 +30,24 @@ TRAIN = "train"  # the phase name of single-phase methods
 
 @dataclass(kw_only=True)
 class MethodConfig:
-    """Fields every method has; subclasses add theirs and implement :meth:`make_layer`."""
+    """Fields every method has; subclasses add theirs and implement :meth:`make_layer`.
+
+    ``act_bits`` / ``kv_bits``: the dynamic per-token quantizer (:mod:`qaft.quant.activation`) on the input of
+    every target linear / on the outputs of ``k_proj`` and ``v_proj`` (the KV cache), 2..8 bits; 16 (the
+    default) leaves them float and the model exactly the weight-only one (:mod:`qaft.methods.act_kv`).
+    """
 
     name: ClassVar[str] = ""
     target_modules: tuple[str, ...] = DEFAULT_TARGETS
+    act_bits: int = OFF
+    kv_bits: int = OFF
 
     def __post_init__(self) -> None:
         self.target_modules = tuple(self.target_modules)
         if not self.target_modules:
             raise ValueError("target_modules must name at least one linear layer, e.g. ('q_proj', 'v_proj')")
+        check_act_bits(self.act_bits, "act_bits")
+        check_act_bits(self.kv_bits, "kv_bits")
         self.validate()
 
     def validate(self) -> None:

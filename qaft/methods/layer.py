@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qaft.methods.act_kv import carry_quantizers
 from qaft.methods.config import QuantFields
 from qaft.quant.module import AffineQuantizer
 
@@ -122,9 +123,12 @@ def _legacy_quantizer_keys(layer: QaftLinear, state_dict: dict[str, Any], prefix
 
 
 def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
-    """Put ``new`` where the submodule ``name`` of ``root`` is."""
+    """Put ``new`` where the submodule ``name`` of ``root`` is, with the activation / KV quantizers the old one
+    had (they belong to the position in the model, so merges, PTQ and GPTQ keep them)."""
     parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, new)
+    owner = root.get_submodule(parent) if parent else root
+    carry_quantizers(getattr(owner, child), new)
+    setattr(owner, child, new)
 
 
 def add_lora(layer: nn.Module, rank: int, in_features: int, out_features: int, gaussian: bool = False) -> None:

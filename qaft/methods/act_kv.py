@@ -1,0 +1,128 @@
+"""Where a method's activation and KV-cache quantizers sit in the model, and how they stay there.
+
+``act_bits < 16``: every target linear quantizes its input (:class:`~qaft.quant.activation.PerTokenQuantizer`
+as the submodule ``input_quantizer``, applied by a forward pre-hook). ``kv_bits < 16``: every ``k_proj`` and
+``v_proj`` (targeted or not) quantizes its output (``output_quantizer``, a forward hook): one token's K or V over
+all heads, before LLaMA's attention applies RoPE to K (LLM-QAT's placement). Embeddings, norms, ``lm_head`` and
+``q_proj``'s output stay float. With both at 16 nothing is installed: the model is exactly the weight-only one.
+
+Why hooks on the existing modules rather than wrapper modules: a quantizer has no state, so the state dict, the
+module names (what checkpoints, GPTQ and the deploy code look up) and every method layer stay as they are. The
+hooks are module-level functions that receive the module, so no layer holds a reference to itself (an in-place
+merge frees each layer as soon as it is replaced). :func:`qaft.methods.layer.replace_module` carries the
+quantizers from a replaced module to its replacement, so ``merge_model``, ``ptq_model`` and GPTQ keep them, and
+the merged model computes what the trained one did. Checkpoints record :func:`act_kv_layout` and reinstall it
+with :func:`restore_act_kv`.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from qaft.quant.activation import OFF, PerTokenQuantizer, check_act_bits
+
+INPUT = "input_quantizer"
+OUTPUT = "output_quantizer"
+KV_MODULES = ("k_proj", "v_proj")
+
+
+def _quantize_input(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    return (getattr(module, INPUT)(args[0]), *args[1:])
+
+
+def _quantize_output(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
+    return getattr(module, OUTPUT)(output)
+
+
+def quantize_input(module: nn.Module, bits: int) -> None:
+    """Make ``module`` quantize its (first) input per token at ``bits``; a second call only changes the bits."""
+    existing = getattr(module, INPUT, None)
+    if isinstance(existing, PerTokenQuantizer):
+        existing.bits = PerTokenQuantizer(bits).bits
+        return
+    module.add_module(INPUT, PerTokenQuantizer(bits))
+    module.register_forward_pre_hook(_quantize_input)
+
+
+def quantize_output(module: nn.Module, bits: int) -> None:
+    """Make ``module`` quantize its output per token at ``bits`` (the KV cache at ``k_proj`` / ``v_proj``)."""
+    existing = getattr(module, OUTPUT, None)
+    if isinstance(existing, PerTokenQuantizer):
+        existing.bits = PerTokenQuantizer(bits).bits
+        return
+    module.add_module(OUTPUT, PerTokenQuantizer(bits))
+    module.register_forward_hook(_quantize_output)
+
+
+def carry_quantizers(old: nn.Module, new: nn.Module) -> None:
+    """Give ``new`` the input / output quantizers ``old`` had (it takes ``old``'s place in the model)."""
+    if old is new:
+        return
+    for attr, install in ((INPUT, quantize_input), (OUTPUT, quantize_output)):
+        quantizer = getattr(old, attr, None)
+        if isinstance(quantizer, PerTokenQuantizer):
+            install(new, quantizer.bits)
+
+
+def kv_module_names(model: nn.Module) -> list[str]:
+    """Names of the modules whose outputs are the KV cache (every ``k_proj`` and ``v_proj``)."""
+    return [name for name, _ in model.named_modules() if name.rsplit(".", 1)[-1] in KV_MODULES]
+
+
+def check_kv_modules(model: nn.Module, kv_bits: int) -> list[str]:
+    """The KV module names for ``kv_bits`` (none at 16); a ``ValueError`` if the model lacks k_proj or v_proj."""
+    if check_act_bits(kv_bits, "kv_bits") == OFF:
+        return []
+    names = kv_module_names(model)
+    missing = [kind for kind in KV_MODULES if not any(n.rsplit(".", 1)[-1] == kind for n in names)]
+    if missing:
+        raise ValueError(f"kv_bits={kv_bits} quantizes the outputs of {list(KV_MODULES)}, but the model has no "
+                         f"{' / '.join(missing)} module: set kv_bits=16 for this architecture")
+    return names
+
+
+def install_act_kv(model: nn.Module, targets: list[str], act_bits: int, kv_bits: int) -> None:
+    """Quantize the inputs of the modules named ``targets`` at ``act_bits`` and the KV projections' outputs at
+    ``kv_bits`` (16: that one is not installed). Checks everything before touching the model."""
+    kv_names = check_kv_modules(model, kv_bits)
+    if check_act_bits(act_bits) != OFF:
+        for name in targets:
+            quantize_input(model.get_submodule(name), act_bits)
+    for name in kv_names:
+        quantize_output(model.get_submodule(name), kv_bits)
+
+
+def _bits_of(model: nn.Module, attr: str) -> tuple[int, list[str]]:
+    found = {name: m.bits for name, m in model.named_modules()
+             if isinstance(m, PerTokenQuantizer) and name.rpartition(".")[2] == attr}
+    widths = set(found.values())
+    if len(widths) > 1:  # a config cannot produce this; the layout below could not describe it
+        raise ValueError(f"mixed {attr} widths {sorted(widths)} in one model")
+    return (widths.pop() if widths else OFF), [name.rpartition(".")[0] for name in found]
+
+
+def act_kv_layout(model: nn.Module) -> dict[str, Any]:
+    """``{"act_bits", "kv_bits", "input_layers", "output_layers"}``: what a checkpoint records to reinstall."""
+    act_bits, inputs = _bits_of(model, INPUT)
+    kv_bits, outputs = _bits_of(model, OUTPUT)
+    return {"act_bits": act_bits, "kv_bits": kv_bits, "input_layers": inputs, "output_layers": outputs}
+
+
+def restore_act_kv(model: nn.Module, layout: dict[str, Any] | None) -> None:
+    """Reinstall what :func:`act_kv_layout` recorded (``None``, or 16 bits: nothing)."""
+    if not layout:
+        return
+    act_bits, kv_bits = check_act_bits(layout["act_bits"]), check_act_bits(layout["kv_bits"], "kv_bits")
+    if act_bits != OFF:
+        for name in layout["input_layers"]:
+            quantize_input(model.get_submodule(name), act_bits)
+    if kv_bits != OFF:
+        for name in layout["output_layers"]:
+            quantize_output(model.get_submodule(name), kv_bits)
+
+
+def has_act_kv(model: nn.Module) -> bool:
+    """Whether any module of ``model`` quantizes activations or the KV cache."""
+    return any(isinstance(m, PerTokenQuantizer) for m in model.modules())
