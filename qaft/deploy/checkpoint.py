@@ -8,7 +8,9 @@ A folder holding
   ``<name>.bias`` when present; embeddings, norms and float linears are stored as they are. Tied tensors
   are stored once.
 * ``quantization.json``: format name and version, the layout in words, and per integer layer its bits,
-  group size, shape and whether it has a bias (what is needed to rebuild the modules before loading).
+  group size, shape and whether it has a bias (what is needed to rebuild the modules before loading); for a
+  model that quantizes activations or the KV cache (W-A-KV, version 2), ``activations``: ``act_bits``,
+  ``kv_bits`` and the layers whose inputs / outputs they quantize (:func:`qaft.methods.act_kv.act_kv_layout`).
 * ``config.json`` (``model.config.save_pretrained``) and, when given, the tokenizer files.
 
 ``load_quantized`` rebuilds the Hugging Face skeleton from ``config.json`` without initialising weights,
@@ -16,8 +18,9 @@ installs :class:`~qaft.quant.linear.QuantizedLinear` modules and loads the tenso
 loaded model computes exactly what the saved one did.
 
 A run's merged model (:func:`save_merged` / :func:`load_merged`, the one reader of what ``qaft-train`` saves)
-is this folder for an integer model and a ``save_pretrained`` safetensors folder for a float one. Nothing here
-reads a pickle: a downloaded run folder cannot run code.
+is this folder for an integer model and a ``save_pretrained`` safetensors folder for a float one (plus
+``activations.json``, the same ``activations`` record, where a float model quantizes activations or KV). Nothing
+here reads a pickle: a downloaded run folder cannot run code.
 """
 from __future__ import annotations
 
@@ -32,10 +35,15 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
+from qaft.methods.act_kv import act_kv_layout, has_act_kv, restore_act_kv
 from qaft.quant.linear import QuantizedLinear
 
 FORMAT = "qaft-packed"
-VERSION = 1
+VERSION = 2
+# Weight-only checkpoints stay version 1, readable by a qaft that predates activation quantization; one that
+# quantizes activations is version 2, so such a qaft refuses it rather than run it without its quantizers.
+WEIGHT_ONLY_VERSION = 1
+ACTIVATIONS_FILE = "activations.json"  # beside a float (save_pretrained) model that quantizes activations / KV
 WEIGHTS_FILE = "model.safetensors"
 QUANT_FILE = "quantization.json"
 RUN_RECORD = "record.json"  # what qaft-train leaves in a run folder
@@ -74,7 +82,9 @@ def save_quantized(model: PreTrainedModel, path: str | Path, tokenizer: Any = No
                          "(float models save with save_pretrained)")
     path.mkdir(parents=True, exist_ok=True)
     save_file(_unique_tensors(model), str(path / WEIGHTS_FILE), metadata={"format": "pt", "qaft": FORMAT})
-    meta = {"format": FORMAT, "version": VERSION, "layout": LAYOUT, "layers": layers}
+    meta = {"format": FORMAT, "version": WEIGHT_ONLY_VERSION, "layout": LAYOUT, "layers": layers}
+    if has_act_kv(model):
+        meta.update(version=VERSION, activations=act_kv_layout(model))
     qcfg = getattr(model, "qaft_config", None)
     if qcfg is not None and hasattr(qcfg, "to_dict"):
         meta["method"] = qcfg.to_dict()
@@ -131,6 +141,7 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu") -> PreT
                            f"unexpected={unexpected}")
     if tied & set(missing):
         model.tie_weights()  # re-point tied tensors (lm_head) at their loaded twin
+    restore_act_kv(model, meta.get("activations"))
     return model.to(device).eval()
 
 
@@ -160,6 +171,8 @@ def save_merged(merged: PreTrainedModel, path: str | Path, tokenizer: Any = None
             save_quantized(merged, tmp, tokenizer)
         else:
             merged.save_pretrained(str(tmp), safe_serialization=True)
+            if has_act_kv(merged):
+                (tmp / ACTIVATIONS_FILE).write_text(json.dumps(act_kv_layout(merged), indent=1))
             if tokenizer is not None:
                 tokenizer.save_pretrained(str(tmp))
         shutil.rmtree(path, ignore_errors=True)
@@ -177,6 +190,8 @@ def load_merged(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrai
     if not any(path.glob("*.safetensors")):
         raise FileNotFoundError(f"{path}: no safetensors model (qaft never reads pickled weights: they can run code)")
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=True)
+    if (path / ACTIVATIONS_FILE).is_file():
+        restore_act_kv(model, json.loads((path / ACTIVATIONS_FILE).read_text()))
     return model.eval()
 
 

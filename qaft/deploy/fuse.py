@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from transformers.models.llama import modeling_llama as llama
 
+from qaft.methods.act_kv import INPUT, OUTPUT
 from qaft.methods.layer import float_linear
 from qaft.quant.linear import QuantizedLinear
 
@@ -34,6 +35,8 @@ def _fused_linear(layers: list[nn.Module]) -> nn.Module | None:
     first = layers[0]
     if any(type(l) is not type(first) or l.in_features != first.in_features for l in layers):
         return None
+    if any(hasattr(l, INPUT) or hasattr(l, OUTPUT) for l in layers):
+        return None  # K/V quantize per token over their own outputs: one fused output would mix them with Q's
     if len({l.bias is None for l in layers}) > 1:
         return None
     bias = None if first.bias is None else torch.cat([l.bias.detach() for l in layers])

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qaft.methods.layer import replace_module
 from qaft.quant.linear import QuantizedLinear
 
 Backend = Literal["auto", "kernel", "dequant"]
@@ -191,9 +192,8 @@ def prepare_for_inference(model: nn.Module, dtype: torch.dtype | None = None,
         from qaft.deploy.fuse import fuse_projections  # imports transformers' Llama module
         fuse_projections(model)
     targets = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantizedLinear)]
-    for name, layer in targets:
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, inference_layer(layer, dtype, backend))
+    for name, layer in targets:  # replace_module: the activation / KV quantizers stay with the position
+        replace_module(model, name, inference_layer(layer, dtype, backend))
     model.to(dtype)  # floating tensors only: packed codes stay integer
     model.eval()
     return model
