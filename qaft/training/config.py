@@ -20,6 +20,7 @@ from qaft.data import validate_data_source
 from qaft.evaluation.harness import EvalError, parse_task
 from qaft.methods import GPTQOptions, MethodConfig, config_for
 from qaft.models import SMOLLM2, TINY_LLAMA, cache_dir, tiny_llama_config, validate_model_source
+from qaft.quant.activation import OFF
 from qaft.quant.affine import VALID_BITS
 from qaft.quant.granularity import granularity
 from qaft.training.schemas import method_fields, register_method_schemas
@@ -262,7 +263,8 @@ def validate(cfg: DictConfig, resources: bool = True) -> RunSpec:
 # --- resolvers used by conf/train.yaml -------------------------------------------------------------------
 
 def run_name(method: DictConfig, model: str, data: str, seed: int, preset: str | None = None) -> str:
-    """``l4q-w4g64-r16-s0-smollm2-135m-austen``: what a run computes, readable in a folder listing.
+    """``l4q-w4g64-r16-s0-smollm2-135m-austen`` (``...-w4pc-a8kv8-...`` with activation / KV bits): what a run
+    computes, readable in a folder listing.
 
     ``preset``: the ``method`` config option when it is not the method's own name (``loftq_int`` is LoftQ
     with another base), so that two presets of one method never share a run folder.
@@ -271,6 +273,9 @@ def run_name(method: DictConfig, model: str, data: str, seed: int, preset: str |
     if method.get("bits") is not None:
         group = "pc" if method.get("group_size") == -1 else f"g{method.get('group_size')}"
         parts.append(f"w{method.get('bits')}{group}")
+    act_kv = (method.get("act_bits", OFF), method.get("kv_bits", OFF))
+    if act_kv != (OFF, OFF):  # W-A-KV runs read as such (l4q-w4pc-a8kv8-...); weight-only names are unchanged
+        parts.append("a{}kv{}".format(*act_kv))
     if method.get("rank") is not None:
         parts.append(f"r{method.get('rank')}")
     parts += [f"s{seed}", Path(str(model)).name or str(model), str(data)]
