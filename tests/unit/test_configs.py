@@ -109,3 +109,14 @@ def test_wandb_logger_offline_by_default():
 def test_validation_rejects(override, words):
     with pytest.raises(ConfigError, match=words):
         validate(_compose(override))
+
+
+def test_w_a_kv_quant_presets_reach_the_method_and_the_run_name():
+    cfg = _compose(["quant=w4a8kv8", "method=dlqat"])
+    spec = validate(cfg, resources=False)
+    assert (spec.method.bits, spec.method.group_size, spec.method.act_bits, spec.method.kv_bits) == (4, -1, 8, 8)
+    assert run_name(cfg.method, "tiny-llama", "austen", 0) == "dlqat-w4pc-a8kv8-r16-s0-tiny-llama-austen"
+    lora = validate(_compose(["quant=w4a16kv8", "method=lora"]), resources=False).method
+    assert (lora.act_bits, lora.kv_bits) == (16, 8)
+    with pytest.raises(ConfigError, match=r"^act_bits must be one of \[2, 3, 4, 5, 6, 7, 8\] or 16 \(off\), got 1$"):
+        validate(_compose(["method.act_bits=1"]), resources=False)
