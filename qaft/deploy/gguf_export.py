@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from qaft.methods.act_kv import has_act_kv
 from qaft.models import smollm2_gguf_path
 from qaft.quant.linear import QuantizedLinear
 
@@ -128,6 +129,9 @@ def export_gguf(model: nn.Module, path: str | Path, tokenizer_gguf: str | Path |
     config = model.config
     if getattr(config, "model_type", None) != "llama":
         raise ValueError(f"GGUF export supports the llama architecture, got {config.model_type!r}")
+    if has_act_kv(model):  # GGUF has no per-token activation / KV quantizer: the file would compute another model
+        raise ValueError("GGUF export supports weight-only models; this one quantizes activations / the KV cache "
+                         "(act_bits / kv_bits < 16)")
     bad = [n for n, m in model.named_modules() if isinstance(m, QuantizedLinear) and not q4_1_exact(m)]
     if bad and not allow_float:  # fail before the (slow) tokenizer copy
         raise ValueError(f"{bad[0]} (and {len(bad) - 1} more): no exact GGUF type for this layout "

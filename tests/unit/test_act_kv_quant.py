@@ -250,3 +250,19 @@ def test_gptq_calibrates_on_quantized_inputs_and_keeps_the_quantizers(name, fiel
     ids = token_batch(seed=9)
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_gguf_export_refuses_a_w_a_kv_model(tmp_path):
+    from qaft.deploy.gguf_export import export_gguf
+
+    with pytest.raises(ValueError, match="GGUF export supports weight-only models"):
+        export_gguf(_merged("ptq"), tmp_path / "m.gguf")
+
+
+def test_inference_layers_keep_the_quantizers_and_quantized_blocks_stay_unfused():
+    from qaft.deploy.kernels import prepare_for_inference
+
+    fast = prepare_for_inference(_merged("ptq"), backend="dequant", fuse=True)
+    assert sum(n.endswith(INPUT) for n, _ in fast.named_modules()) == 14
+    assert sum(n.endswith(OUTPUT) for n, _ in fast.named_modules()) == 4
+    assert not any(n.endswith(("qkv_proj", "gate_up_proj")) for n, _ in fast.named_modules())
