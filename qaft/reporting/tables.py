@@ -6,7 +6,8 @@ read the same way. A report spec (``experiments/reports/*.yaml``) names
 
 * ``where``: which runs (e.g. ``{experiment: groupwise, scale: tiny}``), matched on flattened record keys;
 * ``rows``: the keys that make a row (e.g. ``[method, bits]``), and ``expect``: the grid of rows that should
-  exist, so that missing runs show as ``missing`` and runs that only failed as ``failed``;
+  exist, so that missing runs show as ``missing`` and runs that only failed as ``failed`` (a list of grids where
+  not every row key crosses every other, e.g. a no-training baseline at one step count only);
 * ``columns``: label -> record key, or a list of keys whose per-run mean is the cell (the papers' "Avg"),
   or ``{keys: <key or list>, factor: 100}`` (accuracies as the papers' percentages);
 * ``relative``: optional ``{to: {method: lora}, columns: [...]}``, adding "label / lora" ratio columns;
@@ -185,12 +186,19 @@ def _newest_per_seed(ok: pd.DataFrame, row: dict[str, Any]) -> pd.DataFrame:
     return order.drop_duplicates("seed", keep="last")
 
 
-def _grid(frame: pd.DataFrame, spec: dict[str, Any]) -> list[tuple]:
-    keys = list(spec["rows"])
+def _expected_grids(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """``expect`` as a list of grids: one mapping (a full grid), or a list of them (rows not in every product)."""
     expect = spec.get("expect") or {}
-    values = [expect.get(k) or sorted(frame[k].dropna().unique().tolist()) if k in frame or k in expect else []
-              for k in keys]
-    return list(itertools.product(*values))
+    return list(expect) if isinstance(expect, list) else [expect]
+
+
+def _grid(frame: pd.DataFrame, spec: dict[str, Any]) -> list[tuple]:
+    keys, rows = list(spec["rows"]), []
+    for expect in _expected_grids(spec):
+        values = [expect.get(k) or sorted(frame[k].dropna().unique().tolist()) if k in frame or k in expect else []
+                  for k in keys]
+        rows += [r for r in itertools.product(*values) if r not in rows]
+    return rows
 
 
 def _ratios(frame: pd.DataFrame, spec: dict[str, Any], row: dict[str, Any], runs: pd.DataFrame) -> dict[str, str]:
@@ -286,7 +294,8 @@ def plot_table(frame: pd.DataFrame, spec: dict[str, Any], out: Path) -> Path | N
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    _draw(ax, ok, plot, (spec.get("expect") or {}).get(plot["x"]) or sorted(ok[plot["x"]].unique()))
+    xs = [x for grid in _expected_grids(spec) for x in grid.get(plot["x"]) or []]
+    _draw(ax, ok, plot, list(dict.fromkeys(xs)) or sorted(ok[plot["x"]].unique()))
     ax.set_xlabel(plot["x"])
     ax.set_ylabel(plot.get("label", plot["y"]))
     if plot["log"]:

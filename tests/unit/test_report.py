@@ -55,6 +55,16 @@ def test_table_cells(store):
     assert (report.load_runs(root)["status"] == "incomplete").sum() == 1
 
 
+def test_expect_as_a_list_of_grids_crosses_keys_only_within_each(store):
+    """A baseline that exists at one setting only (qlora at 4 bits) is not expected at the others."""
+    root, _ = store
+    spec = {**SPEC, "expect": [{"method": ["qlora"], "bits": [4]}, {"method": ["l4q", "dlqat"], "bits": [4, 3]}]}
+    table = report.build_table(report.load_runs(root), spec)
+    assert list(zip(table["method"], table["bits"])) == [("qlora", 4), ("l4q", 4), ("l4q", 3), ("dlqat", 4),
+                                                          ("dlqat", 3)]
+    assert table.set_index(["method", "bits"]).loc[("qlora", 4), "ppl (deployed)"] != "missing"
+
+
 def test_report_regenerates_identical_files(store, tmp_path):
     root, spec = store
     first = report.report(spec, root, tmp_path / "out1")
