@@ -188,3 +188,44 @@ def test_missing_calibration_data_raises_as_for_gptq():
         config.make_layer(nn.Linear(64, 64))
     with pytest.raises(ValueError, match="needs at least one calibration batch"):
         qaft.apply_method(tiny_llama(), config, calib_batches=[])
+
+
+def _eval_cfg(overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+
+    from qaft.evaluation.cli import CONF_DIR
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name="eval", overrides=overrides)
+
+
+def test_qaft_eval_smoothquant_uses_gptqs_calibration_data():
+    """``qaft-eval ptq.algorithm=smoothquant``: the model is SmoothQuant of the float model on exactly the blocks
+    GPTQ would calibrate on (ptq.gptq.calib_batches x ptq.calib_seq_len of the train split)."""
+    from qaft.evaluation.cli import _model
+    from qaft.evaluation.runs import calibration_batches
+    from qaft.methods.smoothquant import smoothquant_quantize_model
+    from qaft.models import load_causal_lm
+
+    cfg = _eval_cfg(["model=tiny-llama", "model.dtype=float32", "ptq.algorithm=smoothquant", "ptq.smooth_alpha=0.7",
+                     "ptq.bits=8", "ptq.group_size=-1", "ptq.act_bits=8", "ptq.kv_bits=8",
+                     "ptq.gptq.calib_batches=2", "ptq.calib_seq_len=32"])
+    model, tokenizer, about = _model(cfg)
+    assert about["form"] == "ptq" and about["ptq"]["algorithm"] == "smoothquant"
+    q = model.model.layers[0].self_attn.k_proj
+    assert isinstance(q, QuantizedLinear) and getattr(q, INPUT).bits == 8 and getattr(q, OUTPUT).bits == 8
+    expected, _ = load_causal_lm("tiny-llama", torch.float32)
+    install_act_kv(expected, [n for n, m in expected.named_modules() if n.rsplit(".", 1)[-1] in DEFAULT_TARGETS],
+                   8, 8)
+    calib = calibration_batches(tokenizer, "austen", None, 2, 32)
+    smoothquant_quantize_model(expected, calib, 8, -1, 0.7, inplace=True)
+    ids = token_batch(seed=3)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, expected(ids).logits, rtol=0, atol=0)
+
+
+def test_qaft_eval_rejects_a_bad_smooth_alpha():
+    from qaft.evaluation.cli import _model
+
+    with pytest.raises(ValueError, match=r"^smooth_alpha must be a number in \(0, 1\], got 2"):
+        _model(_eval_cfg(["model=tiny-llama", "ptq.algorithm=smoothquant", "ptq.smooth_alpha=2"]))
