@@ -15,7 +15,7 @@ from qaft.paths import conf_dir
 from qaft.quant.gptq import GPTQOptions
 
 CONF_DIR = str(conf_dir())
-PTQ_ALGORITHMS = ("rtn", "gptq")
+PTQ_ALGORITHMS = ("rtn", "gptq", "smoothquant")
 # conf/eval.yaml's ptq.gptq node: GPTQ's options and defaults from their one definition. At import, not in main:
 # a launcher that rebuilds the config in another process imports this module without calling main.
 store_schema("schema", "gptq", GPTQOptions)

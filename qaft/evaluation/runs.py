@@ -15,8 +15,11 @@ from torch import nn
 from qaft.data import lm_blocks, load_lm_texts, tokenize_texts
 from qaft.deploy.checkpoint import RUN_RECORD, load_merged, merged_model_dir, read_run
 from qaft.files import write_json
-from qaft.methods import GPTQOptions, gptq_quantize_model, ptq_model
+from qaft.methods import DEFAULT_TARGETS, GPTQOptions, gptq_quantize_model, ptq_model
+from qaft.methods.act_kv import install_act_kv
+from qaft.methods.smoothquant import check_alpha, smoothquant_quantize_model
 from qaft.models import load_tokenizer
+from qaft.quant.activation import OFF
 
 
 def load_run_model(run_dir: Path | str, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any, dict]:
@@ -40,13 +43,22 @@ def calibration_batches(tokenizer: Any, source: str, config: str | None, n_batch
 
 
 def apply_ptq(model: nn.Module, tokenizer: Any, ptq: dict[str, Any], source: str, config: str | None) -> nn.Module:
-    """RTN or GPTQ (``ptq.algorithm``) of a float model at ``ptq.bits`` / ``ptq.group_size`` (``conf/eval.yaml``)."""
+    """RTN, GPTQ or SmoothQuant (``ptq.algorithm``) of a float model at ``ptq.bits`` / ``ptq.group_size``
+    (``conf/eval.yaml``). ``ptq.act_bits`` / ``ptq.kv_bits`` below 16 first install the per-token activation / KV
+    quantizers (SmoothQuant's W8A8 / W4A8KV8 rows), as ``qaft.apply_method`` does for a PTQ config."""
     bits, group_size, init, zero = int(ptq["bits"]), int(ptq["group_size"]), ptq["init"], ptq["zero_point"]
+    alpha = check_alpha(ptq.get("smooth_alpha", 0.5))  # before any data is read
+    targets = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in
+               DEFAULT_TARGETS]
+    install_act_kv(model, targets, int(ptq.get("act_bits", OFF)), int(ptq.get("kv_bits", OFF)))
     if ptq["algorithm"] == "rtn":
         return ptq_model(model, bits, group_size, init, inplace=True, zero_point=zero)
     options = GPTQOptions(**ptq["gptq"])
+    # SmoothQuant takes the same data as GPTQ: ptq.gptq.calib_batches blocks of ptq.calib_seq_len tokens
     calib = calibration_batches(tokenizer, ptq.get("calib_source") or source, config, options.calib_batches,
                                 int(ptq["calib_seq_len"]))
+    if ptq["algorithm"] == "smoothquant":
+        return smoothquant_quantize_model(model, calib, bits, group_size, alpha, init, zero_point=zero, inplace=True)
     return gptq_quantize_model(model, calib, bits, group_size, act_order=options.act_order,
                                percdamp=options.percdamp, init=init, inplace=True, zero_point=zero)
 

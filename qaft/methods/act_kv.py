@@ -16,6 +16,8 @@ with :func:`restore_act_kv`.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -121,6 +123,21 @@ def restore_act_kv(model: nn.Module, layout: dict[str, Any] | None) -> None:
     if kv_bits != OFF:
         for name in layout["output_layers"]:
             quantize_output(model.get_submodule(name), kv_bits)
+
+
+@contextmanager
+def float_activations(model: nn.Module) -> Iterator[None]:
+    """Within the block, every installed activation / KV quantizer passes its input through unchanged (e.g. to
+    calibrate on the float model's activations); on exit they are all back."""
+    swapped = [(owner, attr, getattr(owner, attr)) for owner in list(model.modules()) for attr in (INPUT, OUTPUT)
+               if isinstance(getattr(owner, attr, None), PerTokenQuantizer)]
+    for owner, attr, _ in swapped:
+        owner.add_module(attr, nn.Identity())  # the hook stays; it now calls an identity
+    try:
+        yield
+    finally:
+        for owner, attr, quantizer in swapped:
+            owner.add_module(attr, quantizer)
 
 
 def has_act_kv(model: nn.Module) -> bool:

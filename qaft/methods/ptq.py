@@ -1,9 +1,11 @@
 """Post-training quantization baseline: round-to-nearest per group (``minmax``, ``mse`` or ``l4q`` ranges),
-or GPTQ (``algorithm="gptq"``, from calibration data; see :mod:`qaft.methods.gptq_model`).
+GPTQ (``algorithm="gptq"``, from calibration data; see :mod:`qaft.methods.gptq_model`), or SmoothQuant
+(``algorithm="smoothquant"``: smoothing with ``smooth_alpha`` from calibration data, then RTN; see
+:mod:`qaft.methods.smoothquant`; the W-A-KV 4-8-8 rows use it with ``group_size=-1``, ``act_bits=kv_bits=8``).
 
 Nothing trains; the layer is already the deployable :class:`~qaft.quant.linear.QuantizedLinear`.
 ``zero_point="int"`` quantizes on the integer-zero grid of GPTQ / AutoGPTQ (``b = s (2^(n-1) - z)``), RTN and
-GPTQ alike. With GPTQ the config asks for calibration data (:meth:`PTQConfig.calibration`) and
+GPTQ alike. With GPTQ or SmoothQuant the config asks for calibration data (:meth:`PTQConfig.calibration`) and
 ``qaft.apply_method(model, config, calib_batches=...)`` quantizes the whole model from it.
 """
 from __future__ import annotations
@@ -16,6 +18,7 @@ from torch import nn
 
 from qaft.methods.config import GPTQFields, QuantMethodConfig, choice, register
 from qaft.methods.gptq_model import gptq_quantize_with
+from qaft.methods.smoothquant import check_alpha, smoothquant_quantize_model
 from qaft.quant.gptq import GPTQOptions
 from qaft.quant.linear import QuantizedLinear, rtn_quantize_linear
 
@@ -23,25 +26,35 @@ from qaft.quant.linear import QuantizedLinear, rtn_quantize_linear
 @register
 @dataclass(kw_only=True)
 class PTQConfig(QuantMethodConfig, GPTQFields):
-    """PTQ; ``calib_batches``, ``act_order`` and ``percdamp`` apply with ``algorithm='gptq'``."""
+    """PTQ; ``calib_batches`` applies with ``algorithm='gptq'`` or ``'smoothquant'``, ``act_order`` and
+    ``percdamp`` with ``'gptq'``, ``smooth_alpha`` (SmoothQuant's migration strength α in (0, 1]) with
+    ``'smoothquant'``."""
 
     name = "ptq"
-    algorithm: str = "rtn"       # rtn | gptq
+    algorithm: str = "rtn"       # rtn | gptq | smoothquant
+    smooth_alpha: float = 0.5
 
     def validate(self) -> None:
         super().validate()
-        choice("algorithm", self.algorithm, ("rtn", "gptq"))
+        choice("algorithm", self.algorithm, ("rtn", "gptq", "smoothquant"))
+        check_alpha(self.smooth_alpha)
         self.gptq_options()
 
     def calibration(self) -> GPTQOptions | None:
-        return self.gptq_options() if self.algorithm == "gptq" else None
+        # SmoothQuant reads only calib_batches from these options: one definition of how much data to take.
+        return self.gptq_options() if self.algorithm in ("gptq", "smoothquant") else None
 
     def apply_calibrated(self, model: nn.Module, calib_batches: Iterable[Any]) -> None:
-        """Sequential GPTQ of the whole model: its target linears become :class:`QuantizedLinear`."""
-        gptq_quantize_with(model, calib_batches, self)
+        """Sequential GPTQ, or SmoothQuant then RTN, of the whole model: its target linears become
+        :class:`QuantizedLinear`."""
+        if self.algorithm == "smoothquant":
+            smoothquant_quantize_model(model, calib_batches, self.bits, self.group_size, self.smooth_alpha,
+                                       self.init, self.symmetric, self.zero_point, self.target_modules, inplace=True)
+        else:
+            gptq_quantize_with(model, calib_batches, self)
 
     def make_layer(self, linear: nn.Linear) -> QuantizedLinear:
-        if self.algorithm == "gptq":
-            raise ValueError("ptq with algorithm='gptq' needs calibration data: use "
+        if self.algorithm != "rtn":
+            raise ValueError(f"ptq with algorithm={self.algorithm!r} needs calibration data: use "
                              "qaft.apply_method(model, config, calib_batches=batches)")
         return rtn_quantize_linear(linear, self.bits, self.group_size, self.init, self.symmetric, self.zero_point)

@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import qaft
-from qaft.methods import available
+from qaft.methods import DEFAULT_TARGETS, available
 from qaft.models import load_causal_lm
 
 from helpers import run_qaft_train, signal_at_step, tiny_run_overrides
@@ -58,6 +58,7 @@ BAD = {
     "unknown method (group option)": ["method=nope"],
     "no GPTQ calibration batches": ["method=qalora", "method.base_quant=gptq", "method.calib_batches=0"],
     "negative GPTQ dampening at deployment": ["eval.gptq=true", "eval.gptq_options.percdamp=-1"],
+    "SmoothQuant alpha above 1": ["method=ptq_smoothquant", "method.smooth_alpha=1.5"],
     "unknown method (name)": ["method.name=nope"],
     "bits 5": ["method.bits=5"],
     "group size not dividing the widths": ["method.group_size=48"],
@@ -216,6 +217,29 @@ def test_ptq_gptq_run_records_and_saves_the_gptq_model(tmp_path, monkeypatch):
     saved, _, _ = load_run_model(record["run_dir"])
     _assert_gptq_codes(saved, calib_batches=3,
                        names=("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"))
+
+
+def test_ptq_smoothquant_w8a8kv8_run_calibrates_on_the_first_training_batches(tmp_path, monkeypatch):
+    from qaft.evaluation.runs import load_run_model
+    from qaft.methods.act_kv import act_kv_layout, install_act_kv
+    from qaft.methods.smoothquant import smoothquant_quantize_model
+
+    root = tmp_path / "runs"
+    run_main([*tiny_run_overrides(root), "method=ptq_smoothquant", "quant=w8a8kv8", "method.calib_batches=3",
+              "method.smooth_alpha=0.6", "save_model=true"], monkeypatch)
+    (record,) = records(root)
+    assert record["status"] == "ok" and record["method_config"]["algorithm"] == "smoothquant"
+    assert record["metrics"]["ppl_merged"] == record["metrics"]["ppl_trained"]
+    saved, _, _ = load_run_model(record["run_dir"])
+    assert act_kv_layout(saved)["act_bits"] == act_kv_layout(saved)["kv_bits"] == 8
+    expected = load_causal_lm("tiny-llama")[0]
+    install_act_kv(expected, [n for n, m in expected.named_modules() if n.rsplit(".", 1)[-1] in DEFAULT_TARGETS], 8, 8)
+    smoothquant_quantize_model(expected, _tiny_data().calibration_batches(3), 8, -1, 0.6, inplace=True)
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
+        a, b = saved.get_submodule(name), expected.get_submodule(name)
+        assert torch.equal(a.codes(), b.codes()) and torch.equal(a.scale, b.scale), name
+    smoothed = "model.layers.0.input_layernorm"
+    torch.testing.assert_close(saved.get_submodule(smoothed).weight, expected.get_submodule(smoothed).weight)
 
 
 def _assert_gptq_codes(model: torch.nn.Module, calib_batches: int, names: tuple[str, ...]) -> torch.nn.Module:

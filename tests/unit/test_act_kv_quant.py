@@ -239,8 +239,9 @@ def test_install_is_idempotent():
     assert q.input_quantizer.bits == 4 and len(q._forward_pre_hooks) == 1
 
 
-@pytest.mark.parametrize("name, fields", [("ptq", {"algorithm": "gptq"}), ("qalora", {"base_quant": "gptq"})])
-def test_gptq_calibrates_on_quantized_inputs_and_keeps_the_quantizers(name, fields):
+@pytest.mark.parametrize("name, fields", [("ptq", {"algorithm": "gptq"}), ("qalora", {"base_quant": "gptq"}),
+                                          ("ptq", {"algorithm": "smoothquant"})])
+def test_calibrated_methods_keep_the_quantizers_through_merge(name, fields):
     config = qaft.config_for(name, group_size=32, act_bits=8, kv_bits=8, calib_batches=2, **fields)
     model = qaft.apply_method(tiny_llama(), config, calib_batches=[token_batch(seed=s) for s in (1, 2)])
     merged = qaft.merge_model(model)

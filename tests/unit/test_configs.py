@@ -105,10 +105,21 @@ def test_wandb_logger_offline_by_default():
     (["data=json", "data.source=/no/such/file.jsonl"], "does not exist"),
     (["method=lora", "+method.init=mse"], "no field"),
     (["optim.schedule=linear"], "optim.schedule"),
+    (["method=ptq", "method.algorithm=smoothquant", "method.smooth_alpha=0"], r"smooth_alpha must be .* \(0, 1\]"),
 ])
 def test_validation_rejects(override, words):
     with pytest.raises(ConfigError, match=words):
         validate(_compose(override))
+
+
+def test_smoothquant_reaches_the_ptq_method_from_the_command_line_and_its_preset():
+    spec = validate(_compose(["method=ptq", "method.algorithm=smoothquant", "method.smooth_alpha=0.8",
+                              "quant=w8a8kv8"]), resources=False)
+    assert (spec.method.algorithm, spec.method.smooth_alpha, spec.method.act_bits) == ("smoothquant", 0.8, 8)
+    assert spec.method.calibration() is not None  # qaft-train gives it the first training batches, as GPTQ
+    cfg = _compose(["method=ptq_smoothquant", "quant=w4a8kv8"])
+    assert validate(cfg, resources=False).method.algorithm == "smoothquant"
+    assert run_name(cfg.method, "tiny-llama", "austen", 0, "ptq_smoothquant").startswith("ptq_smoothquant-w4pc-a8kv8")
 
 
 def test_w_a_kv_quant_presets_reach_the_method_and_the_run_name():

@@ -143,7 +143,8 @@ def test_ptq_config_gptq_and_qalora_gptq_base():
         torch.testing.assert_close(qaft.merge_model(model)(test).logits, model(test).logits, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("name, switch", [("ptq", {"algorithm": "gptq"}), ("qalora", {"base_quant": "gptq"})])
+@pytest.mark.parametrize("name, switch", [("ptq", {"algorithm": "gptq"}), ("qalora", {"base_quant": "gptq"}),
+                                          ("ptq", {"algorithm": "smoothquant"})])
 def test_a_config_that_needs_calibration_says_so_and_carries_the_gptq_options(name, switch):
     fields = {"calib_batches": 3, "act_order": True, "percdamp": 0.05}
     assert qaft.config_for(name, **fields).calibration() is None  # RTN: no data needed
