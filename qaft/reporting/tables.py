@@ -201,17 +201,25 @@ def _grid(frame: pd.DataFrame, spec: dict[str, Any]) -> list[tuple]:
     return rows
 
 
-def _ratios(frame: pd.DataFrame, spec: dict[str, Any], row: dict[str, Any], runs: pd.DataFrame) -> dict[str, str]:
-    """``label / <reference>`` cells: this row's mean over the reference row's mean (same other row keys)."""
+def _ratios(frame: pd.DataFrame, spec: dict[str, Any], row: dict[str, Any], runs: pd.DataFrame,
+            own: str) -> dict[str, str]:
+    """``label / <reference>`` cells: this row's mean over the reference row's mean (same other row keys).
+
+    A row without an ok run shows its own status there (``own``); a reference without one, ``ref. <status>``."""
     relative = spec.get("relative")
     if not relative:
         return {}
-    reference = _ok(_select(frame, {**{k: v for k, v in row.items() if k not in relative["to"]}, **relative["to"]}))
+    candidates = _select(frame, {**{k: v for k, v in row.items() if k not in relative["to"]}, **relative["to"]})
+    reference = _ok(candidates)
     name = "/".join(str(v) for v in relative["to"].values())
     out = {}
     for label in relative["columns"]:
         mine, ref = _values(runs, spec["columns"][label]).mean(), _values(reference, spec["columns"][label]).mean()
-        out[f"{label} / {name}"] = MISSING if pd.isna(mine) or pd.isna(ref) or not ref else f"{mine / ref:.2f}"
+        if pd.isna(mine) or pd.isna(ref) or not ref:
+            cell = own if runs.empty else f"ref. {_not_ok(candidates)}" if reference.empty else MISSING
+        else:
+            cell = f"{mine / ref:.2f}"
+        out[f"{label} / {name}"] = cell
     return out
 
 
@@ -226,7 +234,7 @@ def build_table(frame: pd.DataFrame, spec: dict[str, Any]) -> pd.DataFrame:
         ok = _newest_per_seed(_ok(runs), row)
         for label, column in columns.items():
             row[label] = _not_ok(runs) if ok.empty else _cell(_values(ok, column), spec.get("decimals", 2))
-        row |= _ratios(frame, spec, dict(zip(keys, combo)), ok)
+        row |= _ratios(frame, spec, dict(zip(keys, combo)), ok, _not_ok(runs))
         row["seeds"] = len(ok)
         out.append(row)
     return pd.DataFrame(out)

@@ -91,6 +91,18 @@ def test_mean_columns_and_ratios(store):
     assert table.loc["l4q", "ppl / qlora"] == f"{41.0 / 35.0:.2f}" and table.loc["qlora", "ppl / qlora"] == "1.00"
 
 
+def test_ratio_cells_say_why_a_side_has_no_value(store):
+    """A row without an ok run shows its status; a row whose reference has none shows the reference's."""
+    root, _ = store
+    spec = {"rows": ["method", "bits"], "where": {"data": "austen"}, "columns": {"ppl": "metrics.ppl_trained"},
+            "expect": {"method": ["l4q", "qlora"], "bits": [4, 3]}, "relative": {"to": {"bits": 3}, "columns": ["ppl"]}}
+    table = report.build_table(report.load_runs(root), spec).set_index(["method", "bits"])
+    assert table.loc[("l4q", 3), "ppl / 3"] == "failed"
+    assert table.loc[("l4q", 4), "ppl / 3"] == "ref. failed"
+    assert table.loc[("qlora", 4), "ppl / 3"] == "ref. missing"
+    assert table.loc[("qlora", 3), "ppl / 3"] == "missing"
+
+
 def test_bar_plot(store, tmp_path):
     root, _ = store
     spec = {"name": "cost", "rows": ["method"], "columns": {}, "where": {"data": "austen"},
