@@ -38,24 +38,24 @@ def _quantize_output(module: nn.Module, args: tuple[Any, ...], output: torch.Ten
     return getattr(module, OUTPUT)(output)
 
 
-def quantize_input(module: nn.Module, bits: int) -> None:
-    """Make ``module`` quantize its (first) input per token at ``bits``; a second call only changes the bits."""
-    existing = getattr(module, INPUT, None)
+def _install(module: nn.Module, attr: str, bits: int, register: Any, hook: Any) -> None:
+    """``module.<attr>`` = a per-token quantizer at ``bits``, run by ``hook``; if it has one, only its bits change."""
+    existing = getattr(module, attr, None)
     if isinstance(existing, PerTokenQuantizer):
         existing.bits = PerTokenQuantizer(bits).bits
         return
-    module.add_module(INPUT, PerTokenQuantizer(bits))
-    module.register_forward_pre_hook(_quantize_input)
+    module.add_module(attr, PerTokenQuantizer(bits))
+    register(hook)
+
+
+def quantize_input(module: nn.Module, bits: int) -> None:
+    """Make ``module`` quantize its (first) input per token at ``bits``; a second call only changes the bits."""
+    _install(module, INPUT, bits, module.register_forward_pre_hook, _quantize_input)
 
 
 def quantize_output(module: nn.Module, bits: int) -> None:
     """Make ``module`` quantize its output per token at ``bits`` (the KV cache at ``k_proj`` / ``v_proj``)."""
-    existing = getattr(module, OUTPUT, None)
-    if isinstance(existing, PerTokenQuantizer):
-        existing.bits = PerTokenQuantizer(bits).bits
-        return
-    module.add_module(OUTPUT, PerTokenQuantizer(bits))
-    module.register_forward_hook(_quantize_output)
+    _install(module, OUTPUT, bits, module.register_forward_hook, _quantize_output)
 
 
 def carry_quantizers(old: nn.Module, new: nn.Module) -> None:
