@@ -48,10 +48,14 @@ def _decoder_blocks(model: nn.Module, targets: tuple[str, ...]) -> nn.ModuleList
     raise ValueError(f"GPTQ: found no decoder blocks holding target_modules={list(targets)}")
 
 
-def _as_batch(batch: Any) -> dict[str, torch.Tensor]:
+def calibration_inputs(batch: Any, device: torch.device) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """A calibration batch (token ids, or a dict with an attention mask) as model inputs on ``device``, and the
+    [B, T] mask of real tokens (None when every token is real)."""
     if isinstance(batch, torch.Tensor):
-        return {"input_ids": batch if batch.dim() == 2 else batch.unsqueeze(0)}
-    return {k: batch[k] for k in ("input_ids", "attention_mask") if k in batch}
+        batch = {"input_ids": batch if batch.dim() == 2 else batch.unsqueeze(0)}
+    inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask") if k in batch}
+    mask = inputs.get("attention_mask")
+    return inputs, None if mask is None or bool(mask.all()) else mask.bool()
 
 
 # One calibration batch at a decoder block: its call's (args, kwargs) and the [B, T] mask of real tokens.
@@ -63,9 +67,7 @@ def _block_inputs(model: nn.Module, first: nn.Module, batches: Iterable[Any]) ->
     captured: list[_BlockInput] = []
     device = next(model.parameters()).device
     for batch in batches:
-        inputs = {k: v.to(device) for k, v in _as_batch(batch).items()}
-        mask = inputs.get("attention_mask")
-        keep = None if mask is None or bool(mask.all()) else mask.bool()
+        inputs, keep = calibration_inputs(batch, device)
 
         def grab(module: nn.Module, args: tuple, kwargs: dict, keep: torch.Tensor | None = keep) -> None:
             captured.append((args, dict(kwargs), keep))

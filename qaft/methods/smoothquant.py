@@ -40,7 +40,7 @@ from torch import nn
 
 from qaft.methods.act_kv import float_activations
 from qaft.methods.config import DEFAULT_TARGETS
-from qaft.methods.gptq_model import _as_batch
+from qaft.methods.gptq_model import calibration_inputs
 from qaft.methods.layer import replace_module
 from qaft.quant.linear import rtn_quantize_linear
 
@@ -126,9 +126,7 @@ def input_maxima(model: nn.Module, calib_batches: Iterable[Any], names: Sequence
     try:
         with float_activations(model):
             for batch in calib_batches:
-                inputs = {k: v.to(device) for k, v in _as_batch(batch).items()}
-                mask = inputs.get("attention_mask")
-                keep[0] = None if mask is None or bool(mask.all()) else mask.bool()
+                inputs, keep[0] = calibration_inputs(batch, device)
                 model(**inputs, use_cache=False)
     finally:
         for h in handles:
