@@ -50,13 +50,17 @@ VARIANTS = {
     "int8": (8, -1, torch.bfloat16, "kernel"),
     "int4-fp32act": (4, 64, torch.float32, "kernel"),  # the fp32-activation int4 kernel (slow on CPU)
     "int4-auto-fp32": (4, 64, torch.float32, "auto"),  # what backend="auto" picks for fp32
+    # W8A8 (8-bit per-token activations too): torch._int_mm, against the same model fake-quantized + dense bf16
+    "w8a8": (8, -1, torch.bfloat16, "kernel"),
+    "w8a8-dequant": (8, -1, torch.bfloat16, "dequant"),
 }
+ACT_BITS = {"w8a8": 8, "w8a8-dequant": 8}  # variants whose linears also quantize their input per token
 DEFAULT_VARIANTS = ["fp32", "bf16", "int4", "int3", "int8"]
 # harness -> (fuse, loop); loop: "hf" = model.generate, "static"/"compiled" = greedy_generate
 HARNESSES = {"hf": (False, "hf"), "hf+fuse": (True, "hf"), "static+fuse": (True, "static"),
              "compiled": (False, "compiled"), "compiled+fuse": (True, "compiled")}
 LINEAR_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_weight_int4pack_mm_for_cpu",
-              "aten::_weight_int8pack_mm")
+              "aten::_weight_int8pack_mm", "aten::_int_mm")
 LLAMA_CPP = "llama.cpp-q4_1"
 
 
@@ -71,7 +75,8 @@ def build(base: torch.nn.Module, label: str, fuse: bool, workdir: Path,
             save_file(_unique_tensors(copy.deepcopy(base).to(dtype)), str(path))
         return prepare_for_inference(copy.deepcopy(base), dtype, fuse=fuse), path.stat().st_size
     if label not in merged:
-        model = qaft.ptq_model(base, bits, group)
+        model = qaft.apply_method(copy.deepcopy(base), qaft.config_for(
+            "ptq", bits=bits, group_size=group, act_bits=ACT_BITS.get(label, 16)))
         merged[label] = model, checkpoint_bytes(save_quantized(model, workdir / label))
     model, size = merged[label]
     return prepare_for_inference(copy.deepcopy(model), dtype, backend, fuse=fuse), size
@@ -140,16 +145,20 @@ def gemv_micro(shapes: tuple[tuple[int, int], ...] = ((576, 576), (576, 1536), (
     """Microseconds per single-token product (M=1), per path: dense GEMM vs the int4/int8 kernels, with fp32
     and bf16 activations (the measurement behind ``backend="auto"``'s choice on CPU)."""
     from qaft.deploy import inference_layer
+    from qaft.methods.act_kv import quantize_input
     from qaft.quant.linear import rtn_quantize_linear
     out = {}
     for in_f, out_f in shapes:
         lin = torch.nn.Linear(in_f, out_f, bias=False)
         int4, int8 = rtn_quantize_linear(lin, 4, 64), rtn_quantize_linear(lin, 8, -1)
+        w8a8 = copy.deepcopy(int8)
+        quantize_input(w8a8, 8)
         row = {}
         for dtype in (torch.float32, torch.bfloat16):
             name = "fp32" if dtype == torch.float32 else "bf16"
             paths = {"dense": copy.deepcopy(lin).to(dtype), "int4": inference_layer(int4, dtype, "kernel"),
-                     "int8": inference_layer(int8, dtype, "kernel")}
+                     "int8": inference_layer(int8, dtype, "kernel"), "int8x8": inference_layer(w8a8, dtype, "kernel"),
+                     "w8a8 dequant": inference_layer(w8a8, dtype, "dequant")}
             x = torch.randn(1, 1, in_f, dtype=dtype)
             for path, layer in paths.items():
                 with torch.inference_mode():

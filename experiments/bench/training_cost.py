@@ -8,6 +8,10 @@ Two measurements, each built so that its ratios to LoRA hold on a noisy machine:
 * Memory: each method in a fresh subprocess (as in ``memory.py``, whose helpers this reuses): the peak RSS
   above the pre-model baseline over a warm-up and one more step (model, gradients and AdamW state included).
 
+The ``dlqat-pc`` and ``dlqat-pc-a8kv8`` rows are DL-QAT Table 4's per-channel rows: weight-only, and with the
+8-bit per-token activation and KV-cache quantizers (W/A/KV 4-8-8); their ratio is what quantizing activations and
+the KV cache adds to training.
+
 The ``floor`` row is LoRA plus, in backward, one ``G = grad^T x`` GEMM (out x in) per adapted layer and
 nothing else: the arithmetic any exact backward of LoRA-inside-the-quantizer (L4Q, DL-QAT) must add to
 LoRA, since ``dA``, ``dB``, ``ds``, ``db`` and ``dm`` are masked or group-summed products of ``G``. A method's
@@ -42,6 +46,9 @@ METHODS = {
     "l4q": ("l4q", {}), "l4q+compile": ("l4q", {"compile_backward": True}),
     "dlqat": ("dlqat", {"quant_steps": 0}), "dlqat+compile": ("dlqat", {"quant_steps": 0, "compile_backward": True}),
     "qat": ("qat", {}),
+    # DL-QAT Table 4's per-channel rows: weight-only, and weights + 8-bit activations and KV cache (W/A/KV)
+    "dlqat-pc": ("dlqat", {"quant_steps": 0, "group_size": -1}),
+    "dlqat-pc-a8kv8": ("dlqat", {"quant_steps": 0, "group_size": -1, "act_bits": 8, "kv_bits": 8}),
 }
 MODELS = ("smollm2-135m", "wide-llama")
 
@@ -78,8 +85,8 @@ class Trainee:
         self.model = build_model(model_name)
         wanted = {"rank": args.rank, "bits": args.bits, "group_size": args.group_size}
         known = qaft.methods.config.registered(method).field_names()
-        qaft.apply_method(self.model, qaft.config_for(method, **{k: v for k, v in wanted.items() if k in known},
-                                                      **extra))
+        fields = {**{k: v for k, v in wanted.items() if k in known}, **extra}
+        qaft.apply_method(self.model, qaft.config_for(method, **fields))
         if row == "floor":
             add_weight_gradient_gemm(self.model)
         self.model.train()

@@ -6,13 +6,14 @@ from qaft.deploy.kernels import (
     DequantLinear,
     Int4Linear,
     Int8Linear,
+    Int8x8Linear,
     backend_counts,
     inference_layer,
     prepare_for_inference,
 )
 
 __all__ = [
-    "DequantLinear", "Int4Linear", "Int8Linear", "backend_counts", "export_gguf", "greedy_generate",
+    "DequantLinear", "Int4Linear", "Int8Linear", "Int8x8Linear", "backend_counts", "export_gguf", "greedy_generate",
     "inference_layer", "load_quantized", "prepare_for_inference", "save_quantized",
 ]
 

@@ -12,6 +12,10 @@ Paths, each built once from a ``QuantizedLinear`` (weights converted at construc
   and ``out % 8 == 0``.
 * :class:`Int8Linear`: ``_weight_int8pack_mm`` takes one scale per output channel and no offset, so it
   serves per-channel 8-bit layers; an offset ``b`` is added back exactly as ``rowsum(x) * b``.
+* :class:`Int8x8Linear` (W8A8): where a per-channel 8-bit layer also quantizes its input per token at 8 bits
+  (``act_bits=8``), ``torch._int_mm`` multiplies the int8 activation codes by the int8 weight codes with exact
+  int32 accumulation: ``y = s_x s_w (c_x · q) + s_x rowsum(c_x) b``. The layer quantizes its input itself (the
+  same :func:`~qaft.quant.activation.quantize_per_token`), so the pre-hook is not carried over to it.
 * :class:`DequantLinear`: the weight dequantized once into the compute dtype (dense GEMM; no memory
   saving, but always correct and the fastest choice where the integer kernels are not vectorized).
 
@@ -37,11 +41,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qaft.methods.act_kv import INPUT
 from qaft.methods.layer import replace_module
+from qaft.quant.activation import PerTokenQuantizer, quantize_per_token
 from qaft.quant.linear import QuantizedLinear
 
 Backend = Literal["auto", "kernel", "dequant"]
 INT4_GROUP_SIZES = (32, 64, 128, 256)
+INT_MM_FAST: dict[str, bool] = {"cpu": False, "cuda": False}  # filled from measurements, see the module docstring
 
 
 def _bias(layer: QuantizedLinear, dtype: torch.dtype) -> torch.Tensor | None:
@@ -133,6 +140,41 @@ class Int8Linear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, bits=8, per-channel (int8 kernel)"
 
 
+class Int8x8Linear(nn.Module):
+    """W8A8: int8 per-token activation codes times int8 per-channel weight codes (``torch._int_mm``, int32
+    accumulation), rescaled in float32; the offset ``b`` enters exactly as ``s_x rowsum(c_x) b``."""
+
+    input_bits = 8  # quantizes its own input: replace_module does not carry an 8-bit input quantizer to it
+
+    def __init__(self, layer: QuantizedLinear, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.bits = layer.in_features, layer.out_features, layer.bits
+        self.register_buffer("weight_t", layer.codes().T.contiguous())  # int8, (in, out): _int_mm's layout
+        self.register_buffer("scales", layer.scale[:, 0].float().contiguous())
+        offset = layer.offset[:, 0]
+        self.register_buffer("offset", None if not offset.any() else offset.float().contiguous())
+        self.register_buffer("bias", _bias(layer, dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        codes, scale = quantize_per_token(_as_2d(x), 8)
+        acc = torch._int_mm(codes, self.weight_t).float()
+        y = acc * self.scales
+        if self.offset is not None:
+            y = y + codes.float().sum(-1, keepdim=True) * self.offset
+        y = (y * scale).to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, bits=8, act_bits=8, per-channel (int8 x int8)"
+
+
+def int8x8_applicable(layer: QuantizedLinear, device: torch.device) -> bool:
+    """A per-channel 8-bit layer whose input is quantized at 8 bits per token (a W8A8 layer)."""
+    quantizer = getattr(layer, INPUT, None)
+    return isinstance(quantizer, PerTokenQuantizer) and quantizer.bits == 8 and layer.bits == 8 \
+        and layer.scale.shape[1] == 1 and device.type in ("cpu", "cuda")
+
+
 def int4_applicable(layer: QuantizedLinear, dtype: torch.dtype, device: torch.device) -> bool:
     """Whether the int4 kernel accepts this layer (its shape constraints) for activations of ``dtype``."""
     if layer.bits > 4 or layer.group_size not in INT4_GROUP_SIZES or layer.in_features % layer.group_size:
@@ -156,6 +198,11 @@ def _kernel_is_fast(dtype: torch.dtype, device: torch.device) -> bool:
     return device.type == "cuda" or dtype in (torch.bfloat16, torch.float16)
 
 
+def _int_mm_is_fast(device: torch.device) -> bool:
+    """Where ``torch._int_mm`` beat the fake-quantized dense GEMM it replaces (measured: module docstring)."""
+    return INT_MM_FAST.get(device.type, False)
+
+
 def inference_layer(layer: QuantizedLinear, dtype: torch.dtype, backend: Backend = "auto") -> nn.Module:
     """The fastest correct inference layer for ``layer`` computing in ``dtype`` (see the module docstring)."""
     if backend not in ("auto", "kernel", "dequant"):
@@ -163,6 +210,8 @@ def inference_layer(layer: QuantizedLinear, dtype: torch.dtype, backend: Backend
     device = layer.qweight.device
     if backend != "dequant":
         force = backend == "kernel"
+        if int8x8_applicable(layer, device) and (force or _int_mm_is_fast(device)):
+            return Int8x8Linear(layer, dtype)
         if int4_applicable(layer, dtype, device) and (force or _kernel_is_fast(dtype, device)):
             return Int4Linear(layer, dtype)
         if int8_applicable(layer, dtype, device) and (force or _kernel_is_fast(dtype, device)):
@@ -203,6 +252,6 @@ def backend_counts(model: nn.Module) -> dict[str, int]:
     """How many layers took each path (for logs and benchmarks)."""
     counts: dict[str, int] = {}
     for m in model.modules():
-        if isinstance(m, (Int4Linear, Int8Linear, DequantLinear, QuantizedLinear)):
+        if isinstance(m, (Int4Linear, Int8Linear, Int8x8Linear, DequantLinear, QuantizedLinear)):
             counts[type(m).__name__] = counts.get(type(m).__name__, 0) + 1
     return counts

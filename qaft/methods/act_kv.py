@@ -64,6 +64,8 @@ def carry_quantizers(old: nn.Module, new: nn.Module) -> None:
         return
     for attr, install in ((INPUT, quantize_input), (OUTPUT, quantize_output)):
         quantizer = getattr(old, attr, None)
+        if attr == INPUT and getattr(new, "input_bits", None) == getattr(quantizer, "bits", None):
+            continue  # an integer-activation layer (e.g. W8A8) quantizes its own input the same way
         if isinstance(quantizer, PerTokenQuantizer):
             install(new, quantizer.bits)
 

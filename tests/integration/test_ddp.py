@@ -3,22 +3,26 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from helpers import run_qaft_train, tiny_run_overrides
 
 
-def test_two_cpu_ranks_hold_identical_trainable_parameters(tmp_path):
+@pytest.mark.parametrize("quant", [[], ["quant=w4a8kv8"]], ids=["weight-only", "w4a8kv8"])
+def test_two_cpu_ranks_hold_identical_trainable_parameters(tmp_path, quant):
     root, dumps = tmp_path / "runs", tmp_path / "dumps"
-    # L4Q with a LoRA warm-up: the phase change (s, b start training at step 2) must be synchronised too.
-    proc = run_qaft_train([*tiny_run_overrides(root, steps=3), "trainer=ddp", "trainer.accelerator=cpu",
+    # L4Q with a LoRA warm-up: the phase change (s, b start training at step 2) must be synchronised too;
+    # with quant=w4a8kv8 the per-token activation / KV quantizers run on both ranks (per channel weights).
+    proc = run_qaft_train([*tiny_run_overrides(root, steps=3), *quant, "trainer=ddp", "trainer.accelerator=cpu",
                            "trainer.devices=2", "method.warmup_steps=2",
                            f"+callbacks.dump={{_target_: run_probes.DumpTrainable, run_dir: '{dumps}'}}"])
     assert proc.returncode == 0, proc.stderr[-4000:]
     (record_path,) = root.rglob("record.json")  # rank 0 alone writes the record
     record = json.loads(record_path.read_text())
     assert record["status"] == "ok" and record["metrics"]["global_step"] == 3
+    assert (record["method_config"]["act_bits"], record["method_config"]["kv_bits"]) == ((8, 8) if quant else (16, 16))
     run_dir = record_path.parent
     rank0, rank1 = (load_file(dumps / f"trainable_rank{r}.safetensors") for r in (0, 1))
     assert rank0.keys() == rank1.keys() and any(k.endswith("scale") for k in rank0)

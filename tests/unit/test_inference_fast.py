@@ -134,3 +134,27 @@ def test_compiled_loop_equals_hf_and_falls_back(monkeypatch):
     assert torch.equal(out, refs[0])
     assert any("decoding eagerly" in str(w.message) for w in caught)
     assert other in decode_mod._COMPILE_FAILED and not decode_mod._STATES[other].compiled
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_w8a8_int_mm_layer_equals_the_fake_quantized_model(symmetric):
+    """W8A8 through torch._int_mm (exact int32 accumulation) computes what the merged model with its 8-bit
+    activation quantizer computes, up to the float rounding of the rescale; the layer quantizes its own input,
+    so no pre-hook is carried over to it (which would quantize twice)."""
+    from qaft.deploy import Int8x8Linear
+    from qaft.methods.act_kv import INPUT
+
+    base = _lively_tiny()
+    config = qaft.config_for("ptq", bits=8, group_size=-1, act_bits=8, kv_bits=8, symmetric=symmetric)
+    merged = qaft.apply_method(copy.deepcopy(base), config)
+    fast = prepare_for_inference(copy.deepcopy(merged), torch.float32, "kernel")
+    layers = [m for m in fast.modules() if isinstance(m, Int8x8Linear)]
+    assert len(layers) == 14 and not any(hasattr(m, INPUT) for m in layers)
+    assert all(hasattr(fast.model.layers[i].self_attn, p) for i in range(2) for p in ("k_proj", "v_proj"))
+    assert all(hasattr(fast.model.layers[i].self_attn.k_proj, "output_quantizer") for i in range(2))
+    ids = _prompt(2)
+    with torch.no_grad():
+        ref, out = merged(ids).logits, fast(ids).logits
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-4 * ref.abs().max().item())
+    dequant = prepare_for_inference(copy.deepcopy(merged), torch.float32, "dequant")
+    assert not any(isinstance(m, Int8x8Linear) for m in dequant.modules())
