@@ -60,11 +60,14 @@ def _layer_entries(model: nn.Module) -> dict[str, dict[str, Any]]:
             for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}
 
 
-def _unique_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+def unique_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """The state dict with each shared storage (tied embeddings) kept once, under its first name."""
     seen: set[tuple[int, int]] = set()
     tensors = {}
     for name, t in model.state_dict().items():
+        if type(t) not in (torch.Tensor, nn.Parameter):  # a tensor subclass (torchao weight) owns no storage
+            tensors[name] = t.detach()
+            continue
         key = (t.untyped_storage().data_ptr(), t.storage_offset())
         if key in seen:
             continue
@@ -81,7 +84,7 @@ def save_quantized(model: PreTrainedModel, path: str | Path, tokenizer: Any = No
         raise ValueError("model holds no QuantizedLinear layers; merge it with qaft.merge_model first "
                          "(float models save with save_pretrained)")
     path.mkdir(parents=True, exist_ok=True)
-    save_file(_unique_tensors(model), str(path / WEIGHTS_FILE), metadata={"format": "pt", "qaft": FORMAT})
+    save_file(unique_tensors(model), str(path / WEIGHTS_FILE), metadata={"format": "pt", "qaft": FORMAT})
     meta = {"format": FORMAT, "version": WEIGHT_ONLY_VERSION, "layout": LAYOUT, "layers": layers}
     if has_act_kv(model):
         meta.update(version=VERSION, activations=act_kv_layout(model))

@@ -1,5 +1,6 @@
-"""``qaft-export``: a finished run folder -> a deployable artifact (packed qaft checkpoint or GGUF).
+"""``qaft-export``: a finished run folder -> a deployable artifact (Hugging Face, packed qaft checkpoint or GGUF).
 
+    qaft-export runs/<run> format=hf    [out=PATH]     # folder transformers loads (torchao), no qaft needed
     qaft-export runs/<run> format=qaft  [out=PATH]     # folder: model.safetensors + quantization.json
     qaft-export runs/<run> format=gguf  [out=PATH]     # one .gguf file (4-bit g%32 layers as Q4_1)
 
@@ -19,12 +20,13 @@ import torch
 from omegaconf import OmegaConf
 
 from qaft.deploy.checkpoint import QUANT_FILE, load_merged, load_quantized, merged_model_dir, read_run, save_quantized
+from qaft.deploy.hf_export import check_exportable, export_hf
 from qaft.methods import ptq_model
 from qaft.models import load_tokenizer
 from qaft.quant.linear import QuantizedLinear
 
-FORMATS = ("qaft", "gguf")
-USAGE = "usage: qaft-export RUN_DIR [format=qaft|gguf] [out=PATH]"
+FORMATS = ("qaft", "hf", "gguf")
+USAGE = "usage: qaft-export RUN_DIR [format=qaft|hf|gguf] [out=PATH]"
 
 
 def load_run(run_dir: Path) -> tuple[torch.nn.Module, object | None]:
@@ -64,12 +66,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run_dir, options = parse_args(sys.argv[1:] if argv is None else argv)
         model, tokenizer = load_run(run_dir)
+        if options["format"] == "hf":
+            check_exportable(model)
     except (ValueError, FileNotFoundError) as err:
         print(f"qaft-export: {err}\n{USAGE}", file=sys.stderr)
         return 2
     out = Path(options["out"]) if options["out"] else None
     if options["format"] == "qaft":
         written = save_quantized(model, out or run_dir / "export_qaft", tokenizer)
+    elif options["format"] == "hf":
+        written, zeros = export_hf(model, out or run_dir / "export_hf", tokenizer)
+        kind = "integer" if all(zeros.values()) else "float" if not any(zeros.values()) else "integer/float"
+        print(f"{len(zeros)} integer layers as torchao IntxUnpackedToInt8Tensor ({kind} zero point), codes exact")
     else:
         from qaft.deploy.gguf_export import export_gguf
         written = export_gguf(model, out or run_dir / "export.gguf", name=run_dir.name)
