@@ -35,6 +35,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
+from qaft.methods import ptq_model
 from qaft.methods.act_kv import act_kv_layout, has_act_kv, restore_act_kv
 from qaft.quant.linear import QuantizedLinear
 
@@ -196,6 +197,27 @@ def load_merged(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrai
     if (path / ACTIVATIONS_FILE).is_file():
         restore_act_kv(model, json.loads((path / ACTIVATIONS_FILE).read_text()))
     return model.eval()
+
+
+# A float merge (LoRA, QLoRA, LoftQ, QAT-LoRA) is deployed by round-to-nearest PTQ at the run's bits and group
+# size, min-max scale and float offset: the papers' "+PTQ" rows, scored at the end of a run as ``merged_ptq``.
+FLOAT_MERGE_PTQ = {"algorithm": "rtn", "init": "minmax", "zero_point": "float"}
+
+
+def deployed_form(integer_merge: bool, bits: int, group_size: int) -> dict[str, Any]:
+    """What a run deploys, as its record and ``qaft-eval`` name it: ``merged``, or ``merged+ptq`` and how."""
+    if integer_merge:
+        return {"form": "merged"}
+    return {"form": "merged+ptq", "ptq": {**FLOAT_MERGE_PTQ, "bits": int(bits), "group_size": int(group_size)}}
+
+
+def deploy_merged(merged: PreTrainedModel, bits: int, group_size: int) -> tuple[PreTrainedModel, dict[str, Any]]:
+    """The deployed model of a merged one (a float merge is quantized in place) and its :func:`deployed_form`."""
+    form = deployed_form(bool(_layer_entries(merged)), bits, group_size)
+    if "ptq" in form:
+        merged = ptq_model(merged, int(bits), int(group_size), FLOAT_MERGE_PTQ["init"], inplace=True,
+                           zero_point=FLOAT_MERGE_PTQ["zero_point"])
+    return merged, form
 
 
 def read_run(run_dir: Path | str) -> dict[str, Any]:

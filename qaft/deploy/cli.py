@@ -5,9 +5,9 @@
     qaft-export runs/<run> format=gguf  [out=PATH]     # one .gguf file (4-bit g%32 layers as Q4_1)
 
 Reads the run folder's ``merged_model/`` (:func:`qaft.deploy.checkpoint.load_merged`, safetensors only): an
-integer model as it is, a float-merged one deployed by round-to-nearest PTQ at the run's ``method.bits`` /
-``method.group_size`` from ``config.yaml``. A folder written by ``save_quantized`` (with ``quantization.json``)
-is accepted as the run folder too. Options are ``key=value`` (``--key value`` works as well); the first other
+integer model as it is, a float-merged one as the run deployed it (round-to-nearest PTQ at the run's
+``method.bits`` / ``method.group_size`` from ``config.yaml``: :func:`qaft.deploy.checkpoint.deploy_merged`).
+A folder written by ``save_quantized`` (with ``quantization.json``) is accepted as the run folder too. Options are ``key=value`` (``--key value`` works as well); the first other
 argument is the run folder, whatever characters its name holds.
 """
 from __future__ import annotations
@@ -19,11 +19,17 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from qaft.deploy.checkpoint import QUANT_FILE, load_merged, load_quantized, merged_model_dir, read_run, save_quantized
+from qaft.deploy.checkpoint import (
+    QUANT_FILE,
+    deploy_merged,
+    load_merged,
+    load_quantized,
+    merged_model_dir,
+    read_run,
+    save_quantized,
+)
 from qaft.deploy.hf_export import check_exportable, export_hf
-from qaft.methods import ptq_model
 from qaft.models import load_tokenizer
-from qaft.quant.linear import QuantizedLinear
 
 FORMATS = ("qaft", "hf", "gguf")
 USAGE = "usage: qaft-export RUN_DIR [format=qaft|hf|gguf] [out=PATH]"
@@ -36,9 +42,7 @@ def load_run(run_dir: Path) -> tuple[torch.nn.Module, object | None]:
     cfg = OmegaConf.load(run_dir / "config.yaml")
     model = load_merged(merged_model_dir(run_dir, read_run(run_dir)))
     tokenizer = load_tokenizer(cfg.model.name_or_path)
-    if any(isinstance(m, QuantizedLinear) for m in model.modules()):
-        return model, tokenizer
-    return ptq_model(model, int(cfg.method.bits), int(cfg.method.group_size), inplace=True), tokenizer
+    return deploy_merged(model, int(cfg.method.bits), int(cfg.method.group_size))[0], tokenizer
 
 
 def parse_args(argv: list[str]) -> tuple[Path, dict[str, str | None]]:
