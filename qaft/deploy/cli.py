@@ -1,6 +1,7 @@
 """``qaft-export``: a finished run folder -> a deployable artifact (Hugging Face, packed qaft checkpoint or GGUF).
 
-    qaft-export runs/<run> format=hf    [out=PATH]     # folder transformers loads (torchao), no qaft needed
+    qaft-export runs/<run> format=hf    [out=PATH] [dtype=float32|bfloat16|float16]
+                                                       # folder transformers loads (torchao), no qaft needed
     qaft-export runs/<run> format=qaft  [out=PATH]     # folder: model.safetensors + quantization.json
     qaft-export runs/<run> format=gguf  [out=PATH]     # one .gguf file (4-bit g%32 layers as Q4_1)
 
@@ -32,7 +33,8 @@ from qaft.deploy.hf_export import check_exportable, export_hf
 from qaft.models import load_tokenizer
 
 FORMATS = ("qaft", "hf", "gguf")
-USAGE = "usage: qaft-export RUN_DIR [format=qaft|hf|gguf] [out=PATH]"
+HF_DTYPES = ("float32", "bfloat16", "float16")
+USAGE = "usage: qaft-export RUN_DIR [format=qaft|hf|gguf] [out=PATH] [dtype=float32|bfloat16|float16 (format=hf)]"
 
 
 def load_run(run_dir: Path) -> tuple[torch.nn.Module, object | None]:
@@ -47,11 +49,11 @@ def load_run(run_dir: Path) -> tuple[torch.nn.Module, object | None]:
 
 def parse_args(argv: list[str]) -> tuple[Path, dict[str, str | None]]:
     """``RUN_DIR`` and the ``key=value`` options (``ValueError`` with a one-line reason on anything else)."""
-    options: dict[str, str | None] = {"format": "qaft", "out": None}
+    options: dict[str, str | None] = {"format": "qaft", "out": None, "dtype": "float32"}
     run_dir, rest = None, list(argv)
     while rest:
         arg = rest.pop(0)
-        match = re.fullmatch(r"(?:--)?(format|out)(?:=(.*))?", arg)
+        match = re.fullmatch(r"(?:--)?(format|out|dtype)(?:=(.*))?", arg)
         if match and (match.group(2) is not None or arg.startswith("--")):
             options[match.group(1)] = match.group(2) if match.group(2) is not None else (rest.pop(0) if rest else "")
         elif run_dir is None and not arg.startswith("-"):
@@ -62,6 +64,8 @@ def parse_args(argv: list[str]) -> tuple[Path, dict[str, str | None]]:
         raise ValueError("missing RUN_DIR")
     if options["format"] not in FORMATS:
         raise ValueError(f"format={options['format']!r} must be one of {FORMATS}")
+    if options["dtype"] not in HF_DTYPES:
+        raise ValueError(f"dtype={options['dtype']!r} must be one of {HF_DTYPES}")
     return run_dir, options
 
 
@@ -79,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     if options["format"] == "qaft":
         written = save_quantized(model, out or run_dir / "export_qaft", tokenizer)
     elif options["format"] == "hf":
-        written, zeros = export_hf(model, out or run_dir / "export_hf", tokenizer)
+        written, zeros = export_hf(model, out or run_dir / "export_hf", tokenizer, getattr(torch, options["dtype"]))
         kind = "integer" if all(zeros.values()) else "float" if not any(zeros.values()) else "integer/float"
         print(f"{len(zeros)} integer layers as torchao IntxUnpackedToInt8Tensor ({kind} zero point), codes exact")
     else:

@@ -44,29 +44,33 @@ def zero_point(layer: QuantizedLinear) -> tuple[torch.Tensor, bool]:
     return -layer.offset / layer.scale, False
 
 
-def torchao_weight(layer: QuantizedLinear) -> tuple[torch.Tensor, bool]:
-    """``layer``'s weight as an ``IntxUnpackedToInt8Tensor`` (codes and scales as they are)."""
+def torchao_weight(layer: QuantizedLinear, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, bool]:
+    """``layer``'s weight as an ``IntxUnpackedToInt8Tensor`` (codes and float32 scales as they are) that
+    dequantizes to ``dtype``, and whether its zero point is the integer one."""
     from torchao.quantization import IntxUnpackedToInt8Tensor
 
     zero, is_int = zero_point(layer)
     weight = IntxUnpackedToInt8Tensor(
         qdata=layer.codes(), scale=layer.scale.clone(), zero_point=zero.contiguous(),
         target_dtype=getattr(torch, f"int{layer.bits}"), block_size=(1, layer.group_size),
-        dtype=layer.scale.dtype, activation_quantization=None)
+        dtype=dtype, activation_quantization=None)
     return weight, is_int
 
 
-def _replace_layers(model: nn.Module) -> dict[str, bool]:
+def _replace_layers(model: nn.Module, dtype: torch.dtype) -> dict[str, bool]:
     """Swap every ``QuantizedLinear`` for an ``nn.Linear`` holding its torchao weight; name -> integer zero."""
     zeros = {}
     for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, QuantizedLinear)]:
-        weight, zeros[name] = torchao_weight(layer)
+        weight, zeros[name] = torchao_weight(layer, dtype)
         linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
         linear.weight = nn.Parameter(weight, requires_grad=False)
         if layer.bias is not None:
             linear.bias = nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, linear)
+    for tensor in [*model.parameters(), *model.buffers()]:  # embeddings, norms, float linears, biases
+        if type(tensor) in (torch.Tensor, nn.Parameter) and tensor.is_floating_point():
+            tensor.data = tensor.data.to(dtype)
     return zeros
 
 
@@ -96,21 +100,26 @@ def check_exportable(model: nn.Module) -> None:
         raise ValueError("format=hf: the model holds no integer layers (merge it with qaft.merge_model first)")
 
 
-def export_hf(model: PreTrainedModel, path: str | Path, tokenizer: Any = None) -> tuple[Path, dict[str, bool]]:
+def export_hf(model: PreTrainedModel, path: str | Path, tokenizer: Any = None,
+              dtype: torch.dtype = torch.float32) -> tuple[Path, dict[str, bool]]:
     """Write ``model`` (integer layers as ``QuantizedLinear``; it is modified in place) as a torchao folder.
 
-    Returns the folder and, per integer layer, whether its zero point is the integer one.
+    ``dtype`` is the compute dtype the folder loads in (transformers applies its config's ``dtype``; torchao
+    weights keep the one they were written with): float tensors are stored in it, and integer layers
+    dequantize to it from their float32 scales. Returns the folder and, per integer layer, whether its zero
+    point is the integer one.
     """
     from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
 
     check_exportable(model)
     path = Path(path)
-    zeros = _replace_layers(model)
+    zeros = _replace_layers(model, dtype)
     tensors, metadata = flatten_tensor_state_dict(unique_tensors(model))
     path.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path / WEIGHTS_FILE),
               metadata={**metadata, "format": "pt"})
     model.config.quantization_config = quantization_config(model, list(zeros))
+    model.config.dtype = dtype
     model.config.save_pretrained(str(path))
     del model.config.quantization_config
     if tokenizer is not None:
