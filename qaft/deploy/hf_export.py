@@ -90,7 +90,11 @@ def quantization_config(model: nn.Module, quantized: list[str]) -> dict[str, Any
 
 
 def check_exportable(model: nn.Module) -> None:
-    """``ValueError`` (one line) for a model no transformers-loadable format expresses exactly."""
+    """``ValueError`` (one line) for a model no transformers-loadable format expresses exactly, or no torchao."""
+    import importlib.util
+
+    if importlib.util.find_spec("torchao") is None:
+        raise ValueError("format=hf needs torchao (pip install 'qaft[hf]'); the exported folder needs it to load too")
     if has_act_kv(model):
         layout = act_kv_layout(model)
         raise ValueError(f"format=hf: the model quantizes activations/KV cache (act_bits={layout['act_bits']}, "
