@@ -38,7 +38,7 @@ from safetensors.torch import save_file
 
 import qaft
 from qaft.deploy import backend_counts, export_gguf, greedy_generate, prepare_for_inference, save_quantized
-from qaft.deploy.checkpoint import _unique_tensors, checkpoint_bytes
+from qaft.deploy.checkpoint import checkpoint_bytes, unique_tensors
 from qaft.models import load_causal_lm
 
 # label -> (bits, group_size, compute dtype, backend); bits None = the float model itself
@@ -72,7 +72,7 @@ def build(base: torch.nn.Module, label: str, fuse: bool, workdir: Path,
     if bits is None:
         path = workdir / f"{label}.safetensors"
         if not path.exists():
-            save_file(_unique_tensors(copy.deepcopy(base).to(dtype)), str(path))
+            save_file(unique_tensors(copy.deepcopy(base).to(dtype)), str(path))
         return prepare_for_inference(copy.deepcopy(base), dtype, fuse=fuse), path.stat().st_size
     if label not in merged:
         model = qaft.apply_method(copy.deepcopy(base), qaft.config_for(

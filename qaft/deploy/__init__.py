@@ -1,5 +1,5 @@
 """qaft.deploy: fast inference layers, fused projections, a compiled greedy decode loop, packed integer
-checkpoints and GGUF export of merged models."""
+checkpoints, Hugging Face (torchao, ``hf_export``) and GGUF export of merged models."""
 from qaft.deploy.checkpoint import load_quantized, save_quantized
 from qaft.deploy.decode import greedy_generate
 from qaft.deploy.kernels import (

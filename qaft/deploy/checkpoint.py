@@ -11,9 +11,14 @@ A folder holding
   group size, shape and whether it has a bias (what is needed to rebuild the modules before loading); for a
   model that quantizes activations or the KV cache (W-A-KV, version 2), ``activations``: ``act_bits``,
   ``kv_bits`` and the layers whose inputs / outputs they quantize (:func:`qaft.methods.act_kv.act_kv_layout`).
-* ``config.json`` (``model.config.save_pretrained``) and, when given, the tokenizer files.
+* ``hf_config.json`` (the model's transformers config) and, when given, the tokenizer files;
+* ``config.json``, a stub that transformers refuses with a message naming this format: its ``model_type``
+  says how to load the folder. A plain ``AutoModelForCausalLM.from_pretrained`` (or ``lm_eval --model hf``)
+  would otherwise build the architecture, find no ``.weight`` for the integer layers and run with random
+  ones, exit status 0; ``qaft-export format=hf`` writes the folder transformers loads. Folders from before
+  the stub hold the transformers config in ``config.json``; they still load here.
 
-``load_quantized`` rebuilds the Hugging Face skeleton from ``config.json`` without initialising weights,
+``load_quantized`` rebuilds the Hugging Face skeleton from ``hf_config.json`` without initialising weights,
 installs :class:`~qaft.quant.linear.QuantizedLinear` modules and loads the tensors by assignment, so the
 loaded model computes exactly what the saved one did.
 
@@ -35,6 +40,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
+from qaft.methods import ptq_model
 from qaft.methods.act_kv import act_kv_layout, has_act_kv, restore_act_kv
 from qaft.quant.linear import QuantizedLinear
 
@@ -46,6 +52,11 @@ WEIGHT_ONLY_VERSION = 1
 ACTIVATIONS_FILE = "activations.json"  # beside a float (save_pretrained) model that quantizes activations / KV
 WEIGHTS_FILE = "model.safetensors"
 QUANT_FILE = "quantization.json"
+HF_CONFIG_FILE = "hf_config.json"  # the transformers config of a packed folder (config.json is the stub)
+# What transformers prints when asked to load a packed folder ("... has model type `<this>` but Transformers
+# does not recognize this architecture"): the one thing a user of the folder must learn.
+STUB_MODEL_TYPE = ("qaft-packed (a qaft integer checkpoint, not a transformers format: load it with "
+                   "qaft.deploy.load_quantized, or export the run with 'qaft-export RUN format=hf' for transformers)")
 RUN_RECORD = "record.json"  # what qaft-train leaves in a run folder
 LAYOUT = (
     "W[o, i] = scale[o, i // group_size] * (u[o, i] - 2^(bits-1)) + offset[o, i // group_size]; "
@@ -60,11 +71,14 @@ def _layer_entries(model: nn.Module) -> dict[str, dict[str, Any]]:
             for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}
 
 
-def _unique_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+def unique_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """The state dict with each shared storage (tied embeddings) kept once, under its first name."""
     seen: set[tuple[int, int]] = set()
     tensors = {}
     for name, t in model.state_dict().items():
+        if type(t) not in (torch.Tensor, nn.Parameter):  # a tensor subclass (torchao weight) owns no storage
+            tensors[name] = t.detach()
+            continue
         key = (t.untyped_storage().data_ptr(), t.storage_offset())
         if key in seen:
             continue
@@ -81,7 +95,7 @@ def save_quantized(model: PreTrainedModel, path: str | Path, tokenizer: Any = No
         raise ValueError("model holds no QuantizedLinear layers; merge it with qaft.merge_model first "
                          "(float models save with save_pretrained)")
     path.mkdir(parents=True, exist_ok=True)
-    save_file(_unique_tensors(model), str(path / WEIGHTS_FILE), metadata={"format": "pt", "qaft": FORMAT})
+    save_file(unique_tensors(model), str(path / WEIGHTS_FILE), metadata={"format": "pt", "qaft": FORMAT})
     meta = {"format": FORMAT, "version": WEIGHT_ONLY_VERSION, "layout": LAYOUT, "layers": layers}
     if has_act_kv(model):
         meta.update(version=VERSION, activations=act_kv_layout(model))
@@ -89,7 +103,9 @@ def save_quantized(model: PreTrainedModel, path: str | Path, tokenizer: Any = No
     if qcfg is not None and hasattr(qcfg, "to_dict"):
         meta["method"] = qcfg.to_dict()
     (path / QUANT_FILE).write_text(json.dumps(meta, indent=1, default=str))
-    model.config.save_pretrained(str(path))
+    model.config.to_json_file(str(path / HF_CONFIG_FILE))
+    (path / "config.json").write_text(json.dumps({"model_type": STUB_MODEL_TYPE, "qaft_format": FORMAT,
+                                                  "transformers_config": HF_CONFIG_FILE}, indent=1))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(path))
     return path
@@ -125,6 +141,14 @@ def build_skeleton(config: Any, layers: dict[str, dict[str, Any]]) -> PreTrained
     return model
 
 
+def _hf_config(path: Path) -> Any:
+    """The folder's transformers config (``hf_config.json``; ``config.json`` in folders that predate the stub)."""
+    if not (path / HF_CONFIG_FILE).is_file():
+        return AutoConfig.from_pretrained(str(path))
+    entries = json.loads((path / HF_CONFIG_FILE).read_text())
+    return AutoConfig.for_model(entries.pop("model_type"), **entries)
+
+
 def load_quantized(path: str | Path, device: str | torch.device = "cpu") -> PreTrainedModel:
     """Load a checkpoint written by :func:`save_quantized` (eval mode, on ``device``).
 
@@ -132,7 +156,7 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu") -> PreT
     """
     path = Path(path)
     meta = read_quantization(path)
-    model = build_skeleton(AutoConfig.from_pretrained(str(path)), meta["layers"])
+    model = build_skeleton(_hf_config(path), meta["layers"])
     tensors = load_file(str(path / WEIGHTS_FILE), device=str(device))
     missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
     tied = set(_tied_names(model))
@@ -193,6 +217,27 @@ def load_merged(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrai
     if (path / ACTIVATIONS_FILE).is_file():
         restore_act_kv(model, json.loads((path / ACTIVATIONS_FILE).read_text()))
     return model.eval()
+
+
+# A float merge (LoRA, QLoRA, LoftQ, QAT-LoRA) is deployed by round-to-nearest PTQ at the run's bits and group
+# size, min-max scale and float offset: the papers' "+PTQ" rows, scored at the end of a run as ``merged_ptq``.
+FLOAT_MERGE_PTQ = {"algorithm": "rtn", "init": "minmax", "zero_point": "float"}
+
+
+def deployed_form(integer_merge: bool, bits: int, group_size: int) -> dict[str, Any]:
+    """What a run deploys, as its record and ``qaft-eval`` name it: ``merged``, or ``merged+ptq`` and how."""
+    if integer_merge:
+        return {"form": "merged"}
+    return {"form": "merged+ptq", "ptq": {**FLOAT_MERGE_PTQ, "bits": int(bits), "group_size": int(group_size)}}
+
+
+def deploy_merged(merged: PreTrainedModel, bits: int, group_size: int) -> tuple[PreTrainedModel, dict[str, Any]]:
+    """The deployed model of a merged one (a float merge is quantized in place) and its :func:`deployed_form`."""
+    form = deployed_form(bool(_layer_entries(merged)), bits, group_size)
+    if "ptq" in form:
+        merged = ptq_model(merged, int(bits), int(group_size), FLOAT_MERGE_PTQ["init"], inplace=True,
+                           zero_point=FLOAT_MERGE_PTQ["zero_point"])
+    return merged, form
 
 
 def read_run(run_dir: Path | str) -> dict[str, Any]:

@@ -1,12 +1,14 @@
-"""``qaft-export``: a finished run folder -> a deployable artifact (packed qaft checkpoint or GGUF).
+"""``qaft-export``: a finished run folder -> a deployable artifact (Hugging Face, packed qaft checkpoint or GGUF).
 
+    qaft-export runs/<run> format=hf    [out=PATH] [dtype=float32|bfloat16|float16]
+                                                       # folder transformers loads (torchao), no qaft needed
     qaft-export runs/<run> format=qaft  [out=PATH]     # folder: model.safetensors + quantization.json
     qaft-export runs/<run> format=gguf  [out=PATH]     # one .gguf file (4-bit g%32 layers as Q4_1)
 
 Reads the run folder's ``merged_model/`` (:func:`qaft.deploy.checkpoint.load_merged`, safetensors only): an
-integer model as it is, a float-merged one deployed by round-to-nearest PTQ at the run's ``method.bits`` /
-``method.group_size`` from ``config.yaml``. A folder written by ``save_quantized`` (with ``quantization.json``)
-is accepted as the run folder too. Options are ``key=value`` (``--key value`` works as well); the first other
+integer model as it is, a float-merged one as the run deployed it (round-to-nearest PTQ at the run's
+``method.bits`` / ``method.group_size`` from ``config.yaml``: :func:`qaft.deploy.checkpoint.deploy_merged`).
+A folder written by ``save_quantized`` (with ``quantization.json``) is accepted as the run folder too. Options are ``key=value`` (``--key value`` works as well); the first other
 argument is the run folder, whatever characters its name holds.
 """
 from __future__ import annotations
@@ -18,13 +20,21 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from qaft.deploy.checkpoint import QUANT_FILE, load_merged, load_quantized, merged_model_dir, read_run, save_quantized
-from qaft.methods import ptq_model
+from qaft.deploy.checkpoint import (
+    QUANT_FILE,
+    deploy_merged,
+    load_merged,
+    load_quantized,
+    merged_model_dir,
+    read_run,
+    save_quantized,
+)
+from qaft.deploy.hf_export import check_exportable, export_hf
 from qaft.models import load_tokenizer
-from qaft.quant.linear import QuantizedLinear
 
-FORMATS = ("qaft", "gguf")
-USAGE = "usage: qaft-export RUN_DIR [format=qaft|gguf] [out=PATH]"
+FORMATS = ("qaft", "hf", "gguf")
+HF_DTYPES = ("float32", "bfloat16", "float16")
+USAGE = "usage: qaft-export RUN_DIR [format=qaft|hf|gguf] [out=PATH] [dtype=float32|bfloat16|float16 (format=hf)]"
 
 
 def load_run(run_dir: Path) -> tuple[torch.nn.Module, object | None]:
@@ -34,18 +44,16 @@ def load_run(run_dir: Path) -> tuple[torch.nn.Module, object | None]:
     cfg = OmegaConf.load(run_dir / "config.yaml")
     model = load_merged(merged_model_dir(run_dir, read_run(run_dir)))
     tokenizer = load_tokenizer(cfg.model.name_or_path)
-    if any(isinstance(m, QuantizedLinear) for m in model.modules()):
-        return model, tokenizer
-    return ptq_model(model, int(cfg.method.bits), int(cfg.method.group_size), inplace=True), tokenizer
+    return deploy_merged(model, int(cfg.method.bits), int(cfg.method.group_size))[0], tokenizer
 
 
 def parse_args(argv: list[str]) -> tuple[Path, dict[str, str | None]]:
     """``RUN_DIR`` and the ``key=value`` options (``ValueError`` with a one-line reason on anything else)."""
-    options: dict[str, str | None] = {"format": "qaft", "out": None}
+    options: dict[str, str | None] = {"format": "qaft", "out": None, "dtype": "float32"}
     run_dir, rest = None, list(argv)
     while rest:
         arg = rest.pop(0)
-        match = re.fullmatch(r"(?:--)?(format|out)(?:=(.*))?", arg)
+        match = re.fullmatch(r"(?:--)?(format|out|dtype)(?:=(.*))?", arg)
         if match and (match.group(2) is not None or arg.startswith("--")):
             options[match.group(1)] = match.group(2) if match.group(2) is not None else (rest.pop(0) if rest else "")
         elif run_dir is None and not arg.startswith("-"):
@@ -56,6 +64,8 @@ def parse_args(argv: list[str]) -> tuple[Path, dict[str, str | None]]:
         raise ValueError("missing RUN_DIR")
     if options["format"] not in FORMATS:
         raise ValueError(f"format={options['format']!r} must be one of {FORMATS}")
+    if options["dtype"] not in HF_DTYPES:
+        raise ValueError(f"dtype={options['dtype']!r} must be one of {HF_DTYPES}")
     return run_dir, options
 
 
@@ -64,12 +74,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run_dir, options = parse_args(sys.argv[1:] if argv is None else argv)
         model, tokenizer = load_run(run_dir)
+        if options["format"] == "hf":
+            check_exportable(model)
     except (ValueError, FileNotFoundError) as err:
         print(f"qaft-export: {err}\n{USAGE}", file=sys.stderr)
         return 2
     out = Path(options["out"]) if options["out"] else None
     if options["format"] == "qaft":
         written = save_quantized(model, out or run_dir / "export_qaft", tokenizer)
+    elif options["format"] == "hf":
+        written, zeros = export_hf(model, out or run_dir / "export_hf", tokenizer, getattr(torch, options["dtype"]))
+        kind = "integer" if all(zeros.values()) else "float" if not any(zeros.values()) else "integer/float"
+        print(f"{len(zeros)} integer layers as torchao IntxUnpackedToInt8Tensor ({kind} zero point), codes exact")
     else:
         from qaft.deploy.gguf_export import export_gguf
         written = export_gguf(model, out or run_dir / "export.gguf", name=run_dir.name)

@@ -1,4 +1,8 @@
-"""``qaft-eval``: perplexity and lm-eval tasks on a run's merged model or any HF model (see ``conf/eval.yaml``)."""
+"""``qaft-eval``: perplexity and lm-eval tasks on a run's deployed model or any HF model (see ``conf/eval.yaml``).
+
+A run's deployed model is what its record scored as deployed: the merged model for an integer merge, the
+float merge after its round-to-nearest PTQ (``merged+ptq``) otherwise; results name the form they scored.
+"""
 from __future__ import annotations
 
 import sys
@@ -22,13 +26,13 @@ store_schema("schema", "gptq", GPTQOptions)
 
 
 def _model(cfg: DictConfig) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
-    from qaft.evaluation.runs import apply_ptq, load_run_model
+    from qaft.evaluation.runs import apply_ptq, load_deployed
     from qaft.models import load_causal_lm
 
     dtype = getattr(torch, cfg.model.dtype)
-    if cfg.run_dir:
-        model, tokenizer, record = load_run_model(cfg.run_dir, dtype)
-        return model, tokenizer, {"model": record["model"], "run_dir": str(cfg.run_dir), "form": "merged"}
+    if cfg.run_dir:  # the deployed model, as the run's record scored it: a float merge gets its +PTQ
+        model, tokenizer, record, form = load_deployed(cfg.run_dir, dtype)
+        return model, tokenizer, {"model": record["model"], "run_dir": str(cfg.run_dir), **form}
     model, tokenizer = load_causal_lm(cfg.model.name_or_path, dtype)
     about = {"model": cfg.model.name_or_path, "form": "float"}
     if cfg.ptq.algorithm:
@@ -65,7 +69,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     out = Path(cfg.output or (Path(cfg.run_dir) / "eval.json" if cfg.run_dir else "eval_results.json"))
     write_json(out, results)
     if cfg.run_dir:
-        add_eval_to_record(cfg.run_dir, "merged", results)
+        add_eval_to_record(cfg.run_dir, about["form"], results)  # keyed by the form scored
     return results
 
 

@@ -4,7 +4,8 @@ A method merges either into integer layers (L4Q, DL-QAT, QA-LoRA, PTQ, QAT: the 
 one) or into a float model (LoRA, QLoRA, LoftQ, QAT-LoRA), which is deployed by round-to-nearest PTQ at the run's
 bits and group size, the papers' "+PTQ" rows (and, on request, by GPTQ: "+GPTQ"). The merge happens in place:
 the training-time model is scored first, then becomes the merged model layer by layer, so the merge costs about
-one layer of memory instead of a second model.
+one layer of memory instead of a second model. The rule for the "+PTQ" deployment is
+:func:`qaft.deploy.checkpoint.deploy_merged`, which ``qaft-eval run_dir=...`` and ``qaft-export`` apply too.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Any
 
 from torch import nn
 
+from qaft.deploy.checkpoint import deploy_merged
 from qaft.evaluation.perplexity import Batch, batches_perplexity
 from qaft.methods import merge_model, ptq_model
 from qaft.quant.linear import QuantizedLinear
@@ -55,7 +57,7 @@ def end_of_run(model: nn.Module, batches: list[Batch], bits: int, group_size: in
     if not is_integer_model(merged):
         if gptq is not None:
             results["merged_gptq"] = batches_perplexity(gptq(merged), batches)
-        deployed = ptq_model(merged, bits, group_size, inplace=True)
+        deployed, _ = deploy_merged(merged, bits, group_size)
         results["merged_ptq"] = batches_perplexity(deployed, batches)
     if load_float is not None:
         base = load_float()

@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from qaft.data import lm_blocks, load_lm_texts, tokenize_texts
-from qaft.deploy.checkpoint import RUN_RECORD, load_merged, merged_model_dir, read_run
+from qaft.deploy.checkpoint import RUN_RECORD, deploy_merged, load_merged, merged_model_dir, read_run
+from qaft.evaluation.deployed import is_integer_model
 from qaft.files import write_json
 from qaft.methods import DEFAULT_TARGETS, GPTQOptions, gptq_quantize_model, ptq_model
 from qaft.methods.act_kv import install_act_kv
@@ -30,6 +31,18 @@ def load_run_model(run_dir: Path | str, dtype: torch.dtype = torch.float32) -> t
     tokenizer = load_tokenizer(str(path)) if (path / "tokenizer_config.json").is_file() else load_tokenizer(
         record["model"])
     return model, tokenizer, record
+
+
+def load_deployed(run_dir: Path | str, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any, dict, dict]:
+    """``(deployed model, tokenizer, record, form)``: the model the run's record scored as deployed (a float
+    merge quantized by :func:`qaft.deploy.checkpoint.deploy_merged` at the record's bits and group size)."""
+    model, tokenizer, record = load_run_model(run_dir, dtype)
+    bits, group_size = record.get("bits"), record.get("group_size")
+    if (bits is None or group_size is None) and not is_integer_model(model):
+        raise ValueError(f"{run_dir}: record.json names no bits / group_size, so the deployed (+PTQ) form of its "
+                         "float merge cannot be rebuilt")
+    model, form = deploy_merged(model, bits or 0, group_size or 0)
+    return model, tokenizer, record, form
 
 
 def calibration_batches(tokenizer: Any, source: str, config: str | None, n_batches: int,
@@ -72,4 +85,4 @@ def add_eval_to_record(run_dir: Path | str, key: str, results: dict[str, Any]) -
     return path
 
 
-__all__ = ["add_eval_to_record", "apply_ptq", "calibration_batches", "load_run_model", "read_run", "write_json"]
+__all__ = ["add_eval_to_record", "apply_ptq", "calibration_batches", "load_deployed", "load_run_model", "read_run", "write_json"]

@@ -26,7 +26,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from qaft.data import lm_eval_windows, load_lm_texts
 from qaft.data.stream import RunData
-from qaft.deploy.checkpoint import save_merged
+from qaft.deploy.checkpoint import deployed_form, save_merged
 from qaft.evaluation.deployed import end_of_run, format_table
 from qaft.evaluation.perplexity import Batch, batches_perplexity, window_batches
 from qaft.files import remove_stale_temporaries
@@ -237,9 +237,9 @@ def _run(cfg: DictConfig, spec: RunSpec, run_dir: Path, record: RunRecord, metri
     metrics |= results
     if cfg.eval.get("corpus"):
         metrics |= _corpus_perplexity(cfg.eval.corpus, deployed, module.tokenizer)
+    metrics["deployed"] = deployed_form("ppl_merged_ptq" not in results, spec.bits, spec.group_size)
     if cfg.eval.tasks:
-        form = "merged+ptq" if "ppl_merged_ptq" in results else "merged"
-        metrics["lm_eval"] = _lm_eval(cfg, deployed, module.tokenizer, form)
+        metrics["lm_eval"] = _lm_eval(cfg, deployed, module.tokenizer, metrics["deployed"]["form"])
     record.lap("eval")
     _check_finite(metrics)
     if staged is not None:

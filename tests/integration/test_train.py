@@ -147,6 +147,7 @@ def test_end_of_run_lm_eval_on_the_merged_model(tmp_path, monkeypatch):
     (record,) = records(root)
     result = record["metrics"]["lm_eval"]
     assert result["harness"]["model_form"] == "merged" and result["harness"]["limit"] == 4
+    assert record["metrics"]["deployed"] == {"form": "merged"}
     (entry,) = result["results"].values()
     assert 0.0 <= entry["scores"]["acc"] <= 1.0
 
@@ -165,6 +166,8 @@ def test_float_method_is_scored_as_deployed_and_costs_are_recorded(tmp_path, mon
     (record,) = records(root)
     m = record["metrics"]
     assert m["lm_eval"]["harness"]["model_form"] == "merged+ptq"
+    assert m["deployed"] == {"form": "merged+ptq", "ptq": {"algorithm": "rtn", "init": "minmax", "zero_point": "float",
+                                                      "bits": 4, "group_size": 64}}
     merged = AutoModelForCausalLM.from_pretrained(Path(record["run_dir"]) / m["merged_model_path"])
     deployed = qaft.ptq_model(merged, 4, 64)
     windows = lm_eval_windows(load_tokenizer("tiny-llama"), load_lm_texts("austen")["validation"], 32, 128)
