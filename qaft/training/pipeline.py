@@ -52,6 +52,7 @@ from qaft.training.records import (
     trim_metrics,
 )
 from qaft.training.run_control import LOCK_FILE, RunLock, SignalGuard, StopOnSignal
+from qaft.training.tracking import track
 
 CHECKPOINTS, LAST, MERGED = "checkpoints", "last.ckpt", "merged_model"
 
@@ -241,6 +242,7 @@ def _run(cfg: DictConfig, spec: RunSpec, run_dir: Path, record: RunRecord, metri
     calib = data.calibration_batches(calibration.calib_batches) if calibration is not None else None
     module = QaftModule(cfg, spec.method, calib, identity_config(cfg))
     trainer = build_trainer(cfg, run_dir, guard)
+    track(trainer.logger, record)
     record.lap("load")
     metrics |= _train(cfg, module, data, trainer, ckpt)
     record.lap("train")
