@@ -1,4 +1,4 @@
-r"""Inference speed and size of SmolLM2-135M: float vs merged integer models vs llama.cpp, side by side.
+r"""Inference speed and size of SmolLM2-135M (``--model``): float vs merged integer models vs llama.cpp, side by side.
 
 Decode: batch 1, greedy, ``--new-tokens`` tokens after a short prompt, under one or more *harnesses*:
 
@@ -182,7 +182,7 @@ def build_all(args: argparse.Namespace, base: torch.nn.Module, work: Path) -> tu
 
 
 def measure(args: argparse.Namespace) -> dict:
-    base, tok = load_causal_lm("smollm2-135m")
+    base, tok = load_causal_lm(args.model)
     prompt = tok("The capital of France is", return_tensors="pt").input_ids
     prefill_ids = torch.randint(0, len(tok), (1, args.prefill), generator=torch.Generator().manual_seed(0))
     work = Path(tempfile.mkdtemp())
@@ -237,13 +237,24 @@ def ratios(res: dict, harnesses: list[str]) -> dict[str, float]:
                     out[f"{label}/{den} decode [{h}]"] = round(mine / dec[den][h], 3)
             if h != "hf" and h in by_h and "hf" in by_h:
                 out[f"{label} decode {h}/hf"] = round(by_h[h] / by_h["hf"], 3)
-    pre = {label: by.get("plain", by.get("own")) for label, by in res["prefill_tok_s"].items()}
-    for label in pre:
-        if label != "fp32" and "fp32" in pre:
-            out[f"{label}/fp32 prefill"] = round(pre[label] / pre["fp32"], 3)
+    out |= prefill_ratios(res["prefill_tok_s"])
     for label, size in res["bytes"].items():
         if "fp32" in res["bytes"]:
             out[f"{label}/fp32 bytes"] = round(size / res["bytes"]["fp32"], 3)
+    return out
+
+
+def prefill_ratios(prefill: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Prefill over fp32's, unfused and fused models apart (``+fuse``); a harness subset measures only the kind
+    it needs (``compiled+fuse`` alone: no unfused model), and a kind fp32 was not measured in has no ratio.
+    llama.cpp's own prefill is set against each kind."""
+    out = {}
+    for kind, suffix in (("plain", ""), ("fuse", "+fuse")):
+        reference = prefill.get("fp32", {}).get(kind)
+        for label, by_kind in prefill.items():
+            mine = by_kind.get(kind, by_kind.get("own"))
+            if reference and mine is not None and label != "fp32":
+                out[f"{label}/fp32 prefill{suffix}"] = round(mine / reference, 3)
     return out
 
 
@@ -269,7 +280,7 @@ def print_report(res: dict, args: argparse.Namespace) -> None:
             pre = [f"{res['prefill_tok_s'][label]['own']:.0f}", ""]
         else:
             cells = [f"{by_h[h]:.1f}" for h in args.harnesses]
-            pre = [f"{res['prefill_tok_s'][label].get(k, float('nan')):.0f}" for k in ("plain", "fuse")]
+            pre = [_speed(res["prefill_tok_s"][label].get(k)) for k in ("plain", "fuse")]  # a kind not measured: n/a
         print(f"| {label} | " + " | ".join(cells + pre) + f" | {res['bytes'][label] / 1e6:.1f} |")
     if LLAMA_CPP not in res["decode_tok_s"]:
         print(f"({LLAMA_CPP}: not measured; GGUF file {res['bytes'][LLAMA_CPP] / 1e6:.1f} MB)")
@@ -281,8 +292,13 @@ def print_report(res: dict, args: argparse.Namespace) -> None:
     print(json.dumps(res["ratios"], indent=1))
 
 
+def _speed(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0f}"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m", help="qaft model name (tiny-llama: a quick check of the script)")
     p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS))
     p.add_argument("--harnesses", nargs="+", default=["hf", "compiled+fuse"], choices=list(HARNESSES))
     p.add_argument("--new-tokens", type=int, default=64)

@@ -13,6 +13,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from qaft import progress
 from qaft.confstore import store_schema
 from qaft.evaluation.harness import EvalError, dequantized_once, headline, run_tasks
 from qaft.paths import conf_dir
@@ -76,7 +77,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")
 def main(cfg: DictConfig) -> None:
     try:
-        results = evaluate(cfg)
+        with progress.reporting(True, float(OmegaConf.select(cfg, "progress.every_s", default=30))):
+            results = evaluate(cfg)
     except (EvalError, FileNotFoundError, ValueError) as err:
         print(f"qaft-eval: {err}", file=sys.stderr)
         sys.exit(2)

@@ -48,23 +48,27 @@ def end_of_run(model: nn.Module, batches: list[Batch], bits: int, group_size: in
     ``gptq`` (a float model in, a quantized copy out) adds the same two deployments by GPTQ: ``merged_gptq`` and
     ``ptq_gptq``. ``on_merged`` sees the merged model before a float merge is quantized (to save it).
     """
-    results = {"trained": batches_perplexity(model, batches)}
+    def score(name: str, scored: nn.Module) -> None:
+        results[name] = batches_perplexity(scored, batches, f"perplexity [{name}]")
+
+    results: dict[str, float] = {}
+    score("trained", model)
     merged = merge_model(model, inplace=True)
-    results["merged"] = batches_perplexity(merged, batches)
+    score("merged", merged)
     if on_merged is not None:
         on_merged(merged)
     deployed = merged
     if not is_integer_model(merged):
         if gptq is not None:
-            results["merged_gptq"] = batches_perplexity(gptq(merged), batches)
+            score("merged_gptq", gptq(merged))
         deployed, _ = deploy_merged(merged, bits, group_size)
-        results["merged_ptq"] = batches_perplexity(deployed, batches)
+        score("merged_ptq", deployed)
     if load_float is not None:
         base = load_float()
-        results["float"] = batches_perplexity(base, batches)
+        score("float", base)
         if gptq is not None:
-            results["ptq_gptq"] = batches_perplexity(gptq(base), batches)
-        results["ptq"] = batches_perplexity(ptq_model(base, bits, group_size, inplace=True), batches)
+            score("ptq_gptq", gptq(base))
+        score("ptq", ptq_model(base, bits, group_size, inplace=True))
         del base
     return results, deployed
 

@@ -22,6 +22,7 @@ from typing import Any
 import torch.nn.functional as F
 from torch import nn
 
+from qaft import progress
 from qaft.evaluation.tasks import LOCAL_TASKS, write_local_tasks
 from qaft.quant.linear import QuantizedLinear
 
@@ -94,7 +95,48 @@ def _first_line(err: BaseException) -> str:
 def _lm(model: nn.Module, tokenizer: Any, batch_size: int, max_length: int) -> Any:
     from lm_eval.models.huggingface import HFLM
 
-    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+    return _with_progress(lm) if progress.enabled() else lm
+
+
+REQUEST_TYPES = ("loglikelihood", "loglikelihood_rolling", "generate_until")
+MODEL_CALLS = ("_model_call", "_model_generate")  # HFLM's forward and generate, first argument [B, T] tokens
+
+
+def _with_progress(lm: Any) -> Any:
+    """``lm`` reporting in progress lines (lm-eval's own bars are unreadable in a log file): each request type
+    as a phase, counted in scored rows per model call. A row is a request, one of several windows of a long
+    rolling request, or several choices sharing one context, so the count of requests is only the scale."""
+    current: list[progress.Phase | None] = [None]
+
+    def request_type(name: str) -> Any:
+        inner = getattr(lm, name)
+
+        def run(requests: list, *args: Any, **kwargs: Any) -> Any:
+            phase = current[0] = progress.Phase(f"lm-eval {name}", len(requests), "requests", about=True)
+            try:
+                out = inner(requests, *args, **kwargs)
+            finally:
+                current[0] = None
+            phase.end()
+            return out
+        return run
+
+    def model_call(name: str) -> Any:
+        inner = getattr(lm, name)
+
+        def call(tokens: Any, *args: Any, **kwargs: Any) -> Any:
+            out = inner(tokens, *args, **kwargs)
+            if current[0] is not None:
+                current[0].step(int(tokens.shape[0]))
+            return out
+        return call
+
+    for name in REQUEST_TYPES:
+        setattr(lm, name, request_type(name))
+    for name in MODEL_CALLS:
+        setattr(lm, name, model_call(name))
+    return lm
 
 
 def _evaluate(lm: Any, names: list[str], shots: int, limit: int | float | None, bootstrap_iters: int) -> dict:
@@ -170,6 +212,8 @@ def run_tasks(
     try:
         with dequantized_once(model):
             for shots, names in sorted(by_shots.items()):
+                capped = "" if limit is None else f", limit {limit}"
+                progress.say(f"lm-eval: {', '.join(names)} at {shots} shots{capped}")
                 results |= _collect(_evaluate(lm, names, shots, limit, bootstrap_iters), shots)
     finally:
         model.train(was_training)

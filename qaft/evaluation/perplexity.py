@@ -4,11 +4,13 @@ excluded), on non-overlapping windows as in the quantization papers' WikiText-2 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sized
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from qaft.progress import Phase
 
 Batch = dict[str, torch.Tensor]
 
@@ -30,18 +32,23 @@ def _nll(model: nn.Module, batch: Batch) -> tuple[float, int]:
     return loss.item(), int((labels != -100).sum())
 
 
-def batches_perplexity(model: nn.Module, batches: Iterable[Batch]) -> float:
-    """Perplexity over labelled batches (instruction data: response tokens only)."""
+def batches_perplexity(model: nn.Module, batches: Iterable[Batch], what: str = "perplexity") -> float:
+    """Perplexity over labelled batches (instruction data: response tokens only); ``what`` names it in the
+    progress lines (:mod:`qaft.progress`)."""
     was_training = model.training
     model.eval()
+    phase = Phase(what, len(batches) if isinstance(batches, Sized) else None, "batches")
     total, count = 0.0, 0
     for batch in batches:
         nll, n = _nll(model, batch)
         total, count = total + nll, count + n
+        phase.step()
     model.train(was_training)
     if count == 0:
         raise ValueError("no tokens to score")
-    return math.exp(total / count)
+    value = math.exp(total / count)
+    phase.end(f"perplexity {value:.3f}")
+    return value
 
 
 def window_batches(windows: list[torch.Tensor], batch_size: int) -> list[Batch]:

@@ -31,6 +31,7 @@ from torch import nn
 
 from qaft.methods.config import DEFAULT_TARGETS
 from qaft.methods.layer import replace_module
+from qaft.progress import Phase
 from qaft.quant.gptq import GPTQOptions, HessianAccumulator, gptq_quantize_weight
 from qaft.quant.linear import QuantizedLinear
 
@@ -148,9 +149,13 @@ def gptq_quantize_model(
     inputs = _block_inputs(model, blocks[0], list(calib_batches))
     options = {"bits": bits, "group_size": group_size, "act_order": act_order, "percdamp": percdamp,
                "init": init, "symmetric": symmetric, "block_size": block_size, "zero_point": zero_point}
+    group = "pc" if group_size == -1 else f"g{group_size}"
+    phase = Phase(f"GPTQ w{bits} {group}", len(blocks), "blocks")
     for block in blocks:
         _quantize_block(block, inputs, targets, options)
         inputs = [_next_inputs(block, *entry) for entry in inputs]
+        phase.step()
+    phase.end()
     model.train(was_training)
     return model
 

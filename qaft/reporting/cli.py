@@ -19,15 +19,17 @@ import yaml
 from qaft.paths import experiments_dir
 
 USAGE = ("usage: qaft-report spec=PATTERN[,PATTERN...] [runs=runs] [out=results] [archive=FILE.jsonl] "
-         "[wandb=ENTITY/PROJECT]")
+         "[wandb=ENTITY/PROJECT|FOLDER]")
 KEYS = {
     "spec": "report spec YAML files: globs or paths, comma-separated, expanded by qaft-report (quote them); "
             "'experiments/...' falls back to the specs installed with qaft",
-    "runs": "run store: a folder of run folders, or a records .jsonl (default: runs)",
+    "runs": "run store: a folder of run folders, or a records .jsonl (default: runs); 'runs=' (empty): none, "
+            "e.g. to build the tables from wandb alone",
     "out": "folder for the tables and plots (default: results)",
     "archive": "also write the specs' run records to this .jsonl file (a run store that runs= accepts, small "
                "enough to commit beside the tables)",
-    "wandb": "also read runs from this wandb project (entity/project)",
+    "wandb": "also read runs from this wandb project (entity/project), or from the wandb run files under this "
+             "folder (runs of logger=wandb, offline or not yet synced)",
 }
 DEFAULTS = {"runs": "runs", "out": "results", "archive": None, "wandb": None}
 
@@ -83,8 +85,12 @@ def parse_args(argv: list[str]) -> dict[str, object]:
             raise UsageError(f"unknown key {key!r} (keys: {', '.join(KEYS)})")
         if key == "spec":
             patterns += [p.strip() for p in value.split(",") if p.strip()]
+        elif key == "runs" and value == "":
+            args[key] = None
         else:
             args[key] = value if value not in ("", "null", "None") else DEFAULTS[key]
+    if args["archive"] and args["runs"] is None:
+        raise UsageError("archive= writes the records of the local run store: it needs runs=")
     if not patterns:
         raise UsageError("missing spec=... (report spec YAML files, e.g. spec='experiments/reports/*.yaml')")
     args["spec"] = expand_specs(patterns)

@@ -36,6 +36,7 @@ from qaft.evaluation.deployed import deployed_perplexity
 MISSING, FAILED, INCOMPLETE = "missing", "failed", "incomplete"
 DIVERGED, INTERRUPTED, CORRUPT = "diverged", "interrupted", "corrupt"
 NOT_APPLICABLE = "—"
+WANDB_FOLDER = "wandb"  # logger=wandb's files inside a run folder (an online run's files/config.yaml is no run)
 # What a cell without an ok run says, most telling first.
 NOT_OK = (FAILED, DIVERGED, INTERRUPTED, CORRUPT, INCOMPLETE)
 
@@ -83,8 +84,8 @@ def load_runs(root: str | Path) -> pd.DataFrame:
     if Path(root).is_file():
         return pd.DataFrame([_row(json.loads(line)) for line in Path(root).read_text().splitlines() if line])
     rows = []
-    for folder in sorted({p.parent for p in Path(root).rglob("config.yaml")} |
-                         {p.parent for p in Path(root).rglob("record.json")}):
+    found = {p.parent for p in Path(root).rglob("config.yaml")} | {p.parent for p in Path(root).rglob("record.json")}
+    for folder in sorted(f for f in found if WANDB_FOLDER not in f.relative_to(root).parts):  # wandb's own files
         if (folder / "record.json").is_file():
             record = _read(folder / "record.json")
             # the folder it was read from, not the one it was written in: run folders may be moved
@@ -123,16 +124,13 @@ def archive_runs(root: str | Path, path: str | Path, where: list[dict[str, Any]]
     return path
 
 
-def load_wandb_runs(project: str) -> pd.DataFrame:
-    """The same frame from a wandb project (``entity/project``), through wandb's public API."""
-    import wandb
+def load_wandb_runs(source: str | Path) -> pd.DataFrame:
+    """The same frame from wandb: a project (``entity/project``) through wandb's API, or, where ``source`` is a
+    folder, the wandb run files under it (offline runs, unsynced; :mod:`qaft.reporting.wandb_runs`)."""
+    from qaft.reporting.wandb_runs import local_records, project_records
 
-    rows = []
-    for run in wandb.Api().runs(project):
-        record = {**run.config, "status": "ok" if run.state == "finished" else FAILED,
-                  "metrics": {k: v for k, v in run.summary.items() if not k.startswith("_")}}
-        rows.append(_row(record))
-    return pd.DataFrame(rows)
+    records = local_records(source) if Path(source).is_dir() else project_records(str(source))
+    return pd.DataFrame([_row(record) for record in records])
 
 
 def _select(frame: pd.DataFrame, where: dict[str, Any]) -> pd.DataFrame:
@@ -316,7 +314,8 @@ def plot_table(frame: pd.DataFrame, spec: dict[str, Any], out: Path) -> Path | N
 
 
 def load_store(runs: str | Path | None, wandb_project: str | None = None) -> pd.DataFrame:
-    """Every run of the local store and, when given, of a wandb project, as one frame."""
+    """Every run of the local store and, when given, of a wandb project (or a folder of wandb run files), as
+    one frame."""
     frames = [load_runs(runs)] if runs else []
     if wandb_project:
         frames.append(load_wandb_runs(wandb_project))

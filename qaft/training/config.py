@@ -217,6 +217,15 @@ def _check_callbacks(cfg: DictConfig) -> None:
             raise ConfigError(f"callbacks.{name} needs a _target_ (a pytorch_lightning.Callback class path)")
 
 
+def _check_progress(cfg: DictConfig) -> None:
+    node = cfg.get("progress") or {}
+    steps, seconds = node.get("every_n_steps", 10), node.get("every_s", 30)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ConfigError(f"progress.every_n_steps={steps!r} must be a whole number >= 0 (0: no training lines)")
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds >= 0:
+        raise ConfigError(f"progress.every_s={seconds!r} must be a number of seconds >= 0")
+
+
 def _check_resume(cfg: DictConfig) -> None:
     choice = str(cfg.get("resume", "auto"))
     if choice not in ("auto", "never") and not Path(choice).expanduser().is_file():
@@ -253,6 +262,7 @@ def validate(cfg: DictConfig, resources: bool = True) -> RunSpec:
     _check_optim(cfg)
     _check_trainer(cfg, method)
     _check_resume(cfg)
+    _check_progress(cfg)
     _check_corpus(cfg.eval)
     _check_callbacks(cfg)
     if resources:

@@ -25,6 +25,7 @@ from qaft.methods import apply_method, count_parameters, parameter_groups, set_t
 from qaft.methods.api import qaft_layers
 from qaft.methods.config import MethodConfig
 from qaft.models import load_causal_lm
+from qaft.progress import duration, say
 from qaft.training.config import SCHEDULES
 from qaft.training.peak_memory import PeakMemory
 from qaft.training.records import Diverged
@@ -187,6 +188,40 @@ class TrainingStats(pl.Callback):
             "train/trainable_params": float(count_parameters(pl_module.model)),
             **self._lrs,
         }, on_step=True, on_epoch=False, rank_zero_only=True)
+
+
+class ProgressLines(pl.Callback):
+    """A line every ``every_n_steps`` optimizer steps, and at the first and last: step, loss, tokens/s since the
+    start, elapsed time and ETA, flushed (:mod:`qaft.progress`), for output without a terminal, where Lightning's
+    progress bar is off (:func:`qaft.training.pipeline.build_trainer`). Rank 0 only; ``0`` prints none. Time is
+    counted from this process's first step, so a resumed run's ETA covers what is left of it."""
+
+    def __init__(self, every_n_steps: int) -> None:
+        self.every = int(every_n_steps)
+        self._start, self._first, self._tokens = 0.0, 0, 0
+
+    def _active(self, trainer: pl.Trainer) -> bool:
+        return self.every > 0 and trainer.is_global_zero and trainer.progress_bar_callback is None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start, self._first, self._tokens = time.perf_counter(), trainer.global_step, 0
+        if self._active(trainer):
+            resumed = f", resumed at step {self._first}" if self._first else ""
+            say(f"train: {trainer.max_steps} steps{resumed}")
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self._tokens += int(batch["attention_mask"].sum()) * trainer.world_size
+        step, total = trainer.global_step, trainer.max_steps
+        if not self._active(trainer) or (batch_idx + 1) % trainer.accumulate_grad_batches:
+            return
+        if step % self.every and step != total and step != self._first + 1:
+            return
+        elapsed = max(time.perf_counter() - self._start, 1e-9)
+        loss = trainer.callback_metrics.get("train/loss")
+        eta = elapsed / max(step - self._first, 1) * (total - step)
+        say(f"train: step {step}/{total}, loss {'?' if loss is None else f'{float(loss):.4f}'}, "
+            f"{self._tokens / elapsed:.0f} tokens/s, {duration(elapsed)}, ETA {duration(eta)}")
 
 
 def _all_finite(tensors: list[torch.Tensor]) -> bool:

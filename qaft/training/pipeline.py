@@ -12,6 +12,7 @@ import math
 import os
 import shutil
 import signal
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,6 +25,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from qaft import progress
 from qaft.data import lm_eval_windows, load_lm_texts
 from qaft.data.stream import RunData
 from qaft.deploy.checkpoint import deployed_form, save_merged
@@ -34,7 +36,7 @@ from qaft.methods import gptq_quantize_model
 from qaft.models import load_causal_lm, load_tokenizer
 from qaft.training.config import ConfigError, RunSpec, run_name, validate
 from qaft.training.identity import config_digest, differences, identity_config
-from qaft.training.module import DivergenceGuard, QaftModule, SafeCheckpointIO, TrainingStats
+from qaft.training.module import DivergenceGuard, ProgressLines, QaftModule, SafeCheckpointIO, TrainingStats
 from qaft.training.records import (
     DIVERGED,
     FAILED,
@@ -50,6 +52,7 @@ from qaft.training.records import (
     trim_metrics,
 )
 from qaft.training.run_control import LOCK_FILE, RunLock, SignalGuard, StopOnSignal
+from qaft.training.tracking import track
 
 CHECKPOINTS, LAST, MERGED = "checkpoints", "last.ckpt", "merged_model"
 
@@ -84,10 +87,14 @@ def discard_run_dir(runs_root: str | None = None) -> None:
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, guard: SignalGuard) -> pl.Trainer:
-    """Lightning's Trainer from ``cfg.trainer`` plus qaft's record, safety and checkpoint callbacks, and the
-    config's own ``callbacks`` (``_target_`` nodes, e.g. a profiler or a test's probe)."""
+    """Lightning's Trainer from ``cfg.trainer`` plus qaft's record, safety, progress and checkpoint callbacks, and
+    the config's own ``callbacks`` (``_target_`` nodes, e.g. a profiler or a test's probe).
+
+    Lightning's progress bar is drawn only on a terminal: in a file (a SLURM log) its carriage returns make one
+    unreadable line, so there :class:`ProgressLines` prints a line every ``progress.every_n_steps`` instead."""
     callbacks: list[pl.Callback] = [
         TrainingStats(),
+        ProgressLines(_progress(cfg)["every_n_steps"]),
         DivergenceGuard(cfg.divergence.loss_vs_uniform),
         MetricsRecorder(run_dir),
         StopOnSignal(guard, run_dir / CHECKPOINTS / LAST),
@@ -96,8 +103,14 @@ def build_trainer(cfg: DictConfig, run_dir: Path, guard: SignalGuard) -> pl.Trai
     ]
     callbacks += [instantiate(node) for node in (cfg.get("callbacks") or {}).values() if node]
     logger = instantiate(cfg.logger, save_dir=str(run_dir), name=run_dir.name) if cfg.logger.get("_target_") else False
+    bar = bool(cfg.trainer.get("enable_progress_bar", True)) and sys.stdout.isatty()
     return instantiate(cfg.trainer, callbacks=callbacks, logger=logger, default_root_dir=str(run_dir),
-                       plugins=[SafeCheckpointIO()])
+                       plugins=[SafeCheckpointIO()], enable_progress_bar=bar)
+
+
+def _progress(cfg: DictConfig) -> dict[str, Any]:
+    """``cfg.progress`` with its defaults (a config written before it existed has none)."""
+    return {"every_n_steps": 10, "every_s": 30.0} | dict(cfg.get("progress") or {})
 
 
 def resume_checkpoint(cfg: DictConfig, run_dir: Path, identity: dict[str, Any]) -> str | None:
@@ -200,7 +213,8 @@ def _corpus_perplexity(corpus: DictConfig, deployed: torch.nn.Module, tokenizer:
     windows, while the run trains on instructions), as ``ppl_<name>``."""
     texts = load_lm_texts(corpus.source, corpus.get("config"))[corpus.split]
     windows = lm_eval_windows(tokenizer, texts, int(corpus.seq_len), corpus.get("max_tokens"))
-    return {f"ppl_{corpus.name}": batches_perplexity(deployed, window_batches(windows, int(corpus.batch_size)))}
+    batches = window_batches(windows, int(corpus.batch_size))
+    return {f"ppl_{corpus.name}": batches_perplexity(deployed, batches, f"perplexity [{corpus.name}]")}
 
 
 def _lm_eval(cfg: DictConfig, deployed: torch.nn.Module, tokenizer: Any, form: str) -> dict[str, Any]:
@@ -221,12 +235,14 @@ def _check_finite(metrics: dict[str, Any]) -> None:
 def _run(cfg: DictConfig, spec: RunSpec, run_dir: Path, record: RunRecord, metrics: dict[str, Any],
          guard: SignalGuard, ckpt: str | None) -> dict[str, Any] | None:
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    progress.say(f"run {run_dir.name}: loading model {cfg.model.name_or_path} and data {cfg.data.name}")
     # The data comes first: a method calibrated on training batches (GPTQ) needs them to be built.
     data = RunData(instantiate(cfg.data.datamodule, tokenizer=load_tokenizer(cfg.model.name_or_path)), int(cfg.seed))
     calibration = spec.method.calibration()
     calib = data.calibration_batches(calibration.calib_batches) if calibration is not None else None
     module = QaftModule(cfg, spec.method, calib, identity_config(cfg))
     trainer = build_trainer(cfg, run_dir, guard)
+    track(trainer.logger, record)
     record.lap("load")
     metrics |= _train(cfg, module, data, trainer, ckpt)
     record.lap("train")
@@ -283,6 +299,12 @@ def run(cfg: DictConfig, spec: RunSpec | None = None) -> dict[str, Any] | None:
     """
     spec = spec or validate(cfg)
     run_dir, identity = run_dir_of(cfg), identity_config(cfg)
+    with progress.reporting(rank_zero_only.rank == 0, float(_progress(cfg)["every_s"])):
+        return _owned_run(cfg, spec, run_dir, identity)
+
+
+def _owned_run(cfg: DictConfig, spec: RunSpec, run_dir: Path, identity: dict[str, Any]) -> dict[str, Any] | None:
+    """:func:`run` once the folder is known: under its lock, with its record."""
     lock = RunLock(run_dir).acquire() if rank_zero_only.rank == 0 else None
     try:
         if rank_zero_only.rank == 0 and (done := _finished(run_dir, cfg)) is not None:

@@ -23,8 +23,10 @@ import json
 import platform
 import signal
 import statistics
+import sys
 import time
 import traceback
+from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -143,6 +145,8 @@ class RunRecord:
         self.started = time.time()
         self.timings: dict[str, float] = {}
         self._mark = time.perf_counter()
+        # Called with the record just written, whatever the status (a tracker's copy: qaft.training.tracking).
+        self.mirrors: list[Callable[[dict[str, Any]], None]] = []
 
     @rank_zero_only
     def write_config(self) -> None:
@@ -173,6 +177,14 @@ class RunRecord:
             "identity": self.identity,
         }
 
+    def described(self) -> dict[str, Any]:
+        """What identifies and describes the run before it ends: the record's keys that are not results, the run
+        folder's name and the resolved config (``config``); a tracker's config, so that its runs read back as
+        records (:mod:`qaft.reporting.wandb_runs`)."""
+        keep = [k for k in self.cfg.keys() if k != "hydra"]  # inside a Hydra app it is not there; composed, it is
+        config = OmegaConf.to_container(OmegaConf.masked_copy(self.cfg, keep), resolve=True)
+        return {**self._summary(), "run_dir": self.run_dir.name, "config": config}
+
     def _environment(self) -> dict[str, Any]:
         return {"qaft": version("qaft"), "torch": torch.__version__, "lightning": pl.__version__,
                 "python": platform.python_version(), "cuda": torch.cuda.is_available()}
@@ -191,7 +203,14 @@ class RunRecord:
             record["error"] = f"{type(error).__name__}: {error}"
             if status == FAILED:
                 record["traceback"] = "".join(traceback.format_exception(error))[-4000:]
-        return write_json(self.run_dir / RECORD_FILE, record)
+        path = write_json(self.run_dir / RECORD_FILE, record)
+        for mirror in self.mirrors:
+            try:
+                mirror(record)
+            except Exception as err:  # noqa: BLE001 - a tracker that fails must not hide the run's own outcome
+                print(f"qaft-train: warning: the run's {RECORD_FILE} is written, but its copy in the tracker failed: "
+                      f"{type(err).__name__}: {err}", file=sys.stderr)
+        return path
 
 
 def read_record(run_dir: Path) -> dict[str, Any] | None:

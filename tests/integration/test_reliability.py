@@ -167,6 +167,7 @@ def test_a_finished_run_is_not_run_again(tmp_path):
     again = run_qaft_train([*tiny_run_overrides(root, steps=2), "logger=wandb", "logger.mode=offline"])
     assert again.returncode == 0 and "already finished" in again.stdout
     assert (only_run(root) / "record.json").read_text() == record
+    assert not (only_run(root) / "wandb").exists()  # no wandb run started, so none resumed or overwritten
 
 
 def assert_diverged(proc, run_dir: Path, reason: str) -> None:

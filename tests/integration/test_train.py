@@ -84,6 +84,7 @@ BAD = {
     "DL-QAT phase 1 outlasting the run": ["method=dlqat", "method.quant_steps=1000", "trainer.max_steps=32"],
     "L4Q warm-up outlasting the run": ["method.warmup_steps=32", "trainer.max_steps=32"],
     "divergence limit below a uniform guess": ["divergence.loss_vs_uniform=0.5"],
+    "negative progress interval": ["progress.every_n_steps=-1"],
 }
 BAD_FILES = {
     "empty.jsonl": b"",

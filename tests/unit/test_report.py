@@ -189,6 +189,7 @@ def test_cli_key_value_writes_what_report_writes(store, tmp_path, monkeypatch, c
     (["spec=nowhere/*.yaml"], "spec 'nowhere/*.yaml' matches no file"),
     (["spec=SPEC", "colour=red"], "unknown key 'colour' (keys: spec, runs, out, archive, wandb)"),
     (["SPEC"], "expected key=value, got"),
+    (["spec=SPEC", "runs=", "archive=records.jsonl"], "needs runs="),  # no local store to archive
 ])
 def test_cli_bad_arguments_exit_2_in_one_line(store, tmp_path, capsys, argv, message):
     from qaft.reporting import cli
