@@ -1,7 +1,8 @@
 """``qaft-export``: a finished run folder -> a deployable artifact (packed qaft checkpoint or GGUF).
 
     qaft-export runs/<run> format=qaft  [out=PATH]     # folder: model.safetensors + quantization.json
-    qaft-export runs/<run> format=gguf  [out=PATH]     # one .gguf file (4-bit g%32 layers as Q4_1)
+    qaft-export runs/<run> format=gguf  [out=PATH]     # one .gguf file (<=4-bit g%32 layers as Q4_1)
+                [approximate=true | allow_float=true]   # other layouts: closest GGUF type / F16
 
 Reads the run folder's ``merged_model/`` (:func:`qaft.deploy.checkpoint.load_merged`, safetensors only): an
 integer model as it is, a float-merged one deployed by round-to-nearest PTQ at the run's ``method.bits`` /
@@ -24,7 +25,8 @@ from qaft.models import load_tokenizer
 from qaft.quant.linear import QuantizedLinear
 
 FORMATS = ("qaft", "gguf")
-USAGE = "usage: qaft-export RUN_DIR [format=qaft|gguf] [out=PATH]"
+USAGE = "usage: qaft-export RUN_DIR [format=qaft|gguf] [out=PATH] [approximate=true] [allow_float=true]"
+FLAGS = ("approximate", "allow_float")  # gguf only: how layers with no exact GGUF type are written
 
 
 def load_run(run_dir: Path) -> tuple[torch.nn.Module, object | None]:
@@ -41,11 +43,11 @@ def load_run(run_dir: Path) -> tuple[torch.nn.Module, object | None]:
 
 def parse_args(argv: list[str]) -> tuple[Path, dict[str, str | None]]:
     """``RUN_DIR`` and the ``key=value`` options (``ValueError`` with a one-line reason on anything else)."""
-    options: dict[str, str | None] = {"format": "qaft", "out": None}
+    options: dict[str, str | None] = {"format": "qaft", "out": None, **dict.fromkeys(FLAGS, "false")}
     run_dir, rest = None, list(argv)
     while rest:
         arg = rest.pop(0)
-        match = re.fullmatch(r"(?:--)?(format|out)(?:=(.*))?", arg)
+        match = re.fullmatch(r"(?:--)?(format|out|approximate|allow_float)(?:=(.*))?", arg)
         if match and (match.group(2) is not None or arg.startswith("--")):
             options[match.group(1)] = match.group(2) if match.group(2) is not None else (rest.pop(0) if rest else "")
         elif run_dir is None and not arg.startswith("-"):
@@ -56,6 +58,9 @@ def parse_args(argv: list[str]) -> tuple[Path, dict[str, str | None]]:
         raise ValueError("missing RUN_DIR")
     if options["format"] not in FORMATS:
         raise ValueError(f"format={options['format']!r} must be one of {FORMATS}")
+    for flag in FLAGS:
+        if options[flag] not in ("true", "false"):
+            raise ValueError(f"{flag}={options[flag]!r} must be true or false")
     return run_dir, options
 
 
@@ -72,7 +77,12 @@ def main(argv: list[str] | None = None) -> int:
         written = save_quantized(model, out or run_dir / "export_qaft", tokenizer)
     else:
         from qaft.deploy.gguf_export import export_gguf
-        written = export_gguf(model, out or run_dir / "export.gguf", name=run_dir.name)
+        flags = {flag: options[flag] == "true" for flag in FLAGS}
+        try:
+            written = export_gguf(model, out or run_dir / "export.gguf", tokenizer, name=run_dir.name, **flags)
+        except ValueError as err:  # a layout or architecture GGUF cannot hold: one line, nothing written
+            print(f"qaft-export: {err}", file=sys.stderr)
+            return 2
     print(f"wrote {written}")
     return 0
 

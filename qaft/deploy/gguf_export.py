@@ -214,7 +214,7 @@ def _file_type(model: nn.Module, approximate: bool) -> gguf.LlamaFileType:
     return gguf.LlamaFileType[f"MOSTLY_{max(counts, key=counts.get)}"] if counts else gguf.LlamaFileType.MOSTLY_F16
 
 
-def export_gguf(model: nn.Module, path: str | Path, tokenizer: Any, approximate: bool = False,
+def export_gguf(model: nn.Module, path: str | Path, tokenizer: Any = None, approximate: bool = False,
                 allow_float: bool = False, name: str = "qaft") -> Path:
     """Write a merged llama / mistral / qwen2 model and its HF fast ``tokenizer`` as GGUF; returns ``path``.
 
@@ -222,6 +222,8 @@ def export_gguf(model: nn.Module, path: str | Path, tokenizer: Any, approximate:
     error of the closest type, unless ``approximate`` (write the closest type) or ``allow_float`` (F16).
     """
     spec, config = check_exportable(model), model.config
+    if tokenizer is None:
+        raise ValueError("GGUF export needs the model's tokenizer (a GGUF file carries its vocabulary)")
     vocab_size = model.get_input_embeddings().weight.shape[0]
     vocab = gguf_vocab(tokenizer, vocab_size)
     report = approximation_report(model)
