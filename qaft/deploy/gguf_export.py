@@ -1,11 +1,14 @@
 """GGUF export of a merged LLaMA-family qaft model (llama, mistral, qwen2): how a qaft model reaches llama.cpp.
 
-GGUF's Q4_1 stores per block of 32 weights ``w = d * u + m`` with fp16 ``d``, ``m`` and 4-bit unsigned ``u``. qaft's ``W = s * (u - 2^(n-1)) + b`` (``n``-bit unsigned codes ``u``) maps onto them with ``d = s`` and ``m = b - 2^(n-1) s`` whenever ``n <= 4`` (2- and 3-bit codes fit a nibble too) and the
-group size is a multiple of 32 (every block of a group shares its ``d``, ``m``). The codes carry over unchanged,
-so the only error is the fp16 rounding of ``d`` and ``m``. Other layouts (8 bits, groups not a multiple of 32) have no exact GGUF type: the export refuses with one line naming the closest type and the
-relative weight error ``||W_gguf - W|| / ||W||`` of re-quantizing into it, measured on the model; it writes that
-type with ``approximate=True`` (the error is logged and stored under ``qaft.requantization.relative_error``),
-or F16 with ``allow_float=True``. Other tensors are F16 (matrices) and F32 (norms, biases).
+GGUF's Q4_1 stores per block of 32 weights ``w = d * u + m`` with fp16 ``d``, ``m`` and 4-bit unsigned ``u``.
+qaft's ``W = s * (u - 2^(n-1)) + b`` (``n``-bit unsigned codes ``u``) maps onto it with ``d = s`` and
+``m = b - 2^(n-1) s`` whenever ``n <= 4`` (2- and 3-bit codes fit a nibble too) and the group size is a multiple
+of 32 (every block of a group shares its ``d``, ``m``). The codes carry over unchanged, so the only error is the
+fp16 rounding of ``d`` and ``m``. Other layouts (8 bits, groups not a multiple of 32) have no exact GGUF type:
+the export refuses with one line naming the closest type and the relative weight error ``||W_gguf - W|| / ||W||``
+of re-quantizing into it, measured on the model; it writes that type with ``approximate=True`` (the error is
+logged and stored under ``qaft.requantization.relative_error``), or F16 with ``allow_float=True``. Other
+tensors are F16 (matrices) and F32 (norms, biases).
 
 Architectures follow llama.cpp's converter: Mistral is written as ``llama`` (its sliding window caps the context
 length, within which windowed and full attention agree); llama/mistral ``q_proj``/``k_proj`` rows are permuted

@@ -30,7 +30,7 @@ from qaft.models import build_tiny_llama, load_causal_lm, load_tokenizer
 from qaft.quant.linear import rtn_quantize_linear
 from tests.helpers import fake_run_folder
 
-TEXT = "It is a truth universally acknowledged, in 1811, that a single man — café owner — <|im_start|>user\n must be"
+TEXT = "It is a truth universally acknowledged, in 1811, that a single man — café owner — <|im_start|>user\n"
 ARCHES = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
           "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
 
