@@ -184,8 +184,9 @@ def test_llama_cpp_reads_tiny_export_like_qaft(tmp_path, arch):
         ref = merged(torch.tensor([ids])).logits[0]
     out = torch.from_numpy(np.asarray(llm.scores[:len(ids)]))
     llm.close()
-    # llama.cpp's CPU Q4_1 dot products round the activations to 8 bits: agreement to a few percent of the range
-    torch.testing.assert_close(out, ref, rtol=0, atol=5e-2 * ref.abs().max().item())
+    # llama.cpp's CPU Q4_1 dot products round the activations to 8 bits: max |diff| / max |logit| measured
+    # 0.0046 (llama), 0.0067 (mistral), 0.0057 (qwen2) with llama-cpp-python 0.3.36
+    torch.testing.assert_close(out, ref, rtol=0, atol=2e-2 * ref.abs().max().item())
 
 
 @needs_llama_cpp

@@ -1,6 +1,7 @@
 """GGUF tokenizer metadata from a HF fast tokenizer: the shipped SmolLM2 file's vocabulary reproduced, the
 pre-tokenizer named, and byte-level and SentencePiece-style tokenizers read back by transformers' GGUF reader
 to the same ids."""
+import importlib.util
 import json
 from pathlib import Path
 
@@ -11,8 +12,10 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX as QWEN2_SPLIT
 
 from qaft.data.austen import austen_splits
+from qaft.deploy.gguf_export import export_gguf
 from qaft.deploy.gguf_vocab import byte_level_pre_name, gguf_vocab
-from qaft.models import load_tokenizer
+from qaft.methods import ptq_model
+from qaft.models import build_tiny_llama, load_tokenizer
 from qaft.models.smollm2 import smollm2_gguf_path
 
 SAMPLE = "Mr. Darcy's 10000 pounds a year — café 😀 and\n  two  spaces. <|im_end|>"
@@ -112,3 +115,15 @@ def test_sentencepiece_style_tokenizer_is_read_back_by_transformers(tmp_path):
     ids = tok(SAMPLE).input_ids
     assert ids[0] == 1 and 3 + 0xF0 in ids  # BOS added; the emoji went through byte fallback
     assert back(SAMPLE).input_ids == ids
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python not installed")
+def test_llama_cpp_tokenizes_the_sentencepiece_style_vocabulary_alike(tmp_path):
+    import llama_cpp
+    tok = sentencepiece_style_tokenizer()
+    path = export_gguf(ptq_model(build_tiny_llama(len(tok)), 4, 32), tmp_path / "m.gguf", tok)
+    llm = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+    text = SAMPLE.replace("<|im_end|>", "")
+    # scores -rank make llama.cpp's score-driven merging follow the BPE merge order; BOS added as the tokenizer does
+    assert llm.tokenize(text.encode()) == tok(text).input_ids
+    llm.close()
