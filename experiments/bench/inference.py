@@ -189,7 +189,7 @@ def measure(args: argparse.Namespace) -> dict:
     models, prefill_models, sizes = build_all(args, base, work)
     runs = {k: decoder(m, HARNESSES[k[1]][1]) for k, m in models.items()}
     prefills = {k: (lambda m: lambda ids: prefill(m, ids))(m) for k, m in prefill_models.items()}
-    gguf = export_gguf(qaft.ptq_model(base, 4, 32), work / "int4g32.gguf")
+    gguf = export_gguf(qaft.ptq_model(base, 4, 32), work / "int4g32.gguf", tok)
     sizes[LLAMA_CPP] = gguf.stat().st_size
     if importlib.util.find_spec("llama_cpp") is not None and not args.no_llama_cpp:
         cpp = LlamaCpp(gguf, n_ctx=max(512, args.prefill + args.new_tokens + prompt.shape[1]))

@@ -3,7 +3,8 @@
     qaft-export runs/<run> format=hf    [out=PATH] [dtype=float32|bfloat16|float16]
                                                        # folder transformers loads (torchao), no qaft needed
     qaft-export runs/<run> format=qaft  [out=PATH]     # folder: model.safetensors + quantization.json
-    qaft-export runs/<run> format=gguf  [out=PATH]     # one .gguf file (4-bit g%32 layers as Q4_1)
+    qaft-export runs/<run> format=gguf  [out=PATH]     # one .gguf file (<=4-bit g%32 layers as Q4_1)
+                [approximate=true | allow_float=true]   # other layouts: closest GGUF type / F16
 
 Reads the run folder's ``merged_model/`` (:func:`qaft.deploy.checkpoint.load_merged`, safetensors only): an
 integer model as it is, a float-merged one as the run deployed it (round-to-nearest PTQ at the run's
@@ -34,7 +35,9 @@ from qaft.models import load_tokenizer
 
 FORMATS = ("qaft", "hf", "gguf")
 HF_DTYPES = ("float32", "bfloat16", "float16")
-USAGE = "usage: qaft-export RUN_DIR [format=qaft|hf|gguf] [out=PATH] [dtype=float32|bfloat16|float16 (format=hf)]"
+FLAGS = ("approximate", "allow_float")  # gguf only: how layers with no exact GGUF type are written
+USAGE = ("usage: qaft-export RUN_DIR [format=qaft|hf|gguf] [out=PATH] [dtype=float32|bfloat16|float16 (format=hf)] "
+         "[approximate=true] [allow_float=true] (format=gguf)")
 
 
 def load_run(run_dir: Path) -> tuple[torch.nn.Module, object | None]:
@@ -49,11 +52,12 @@ def load_run(run_dir: Path) -> tuple[torch.nn.Module, object | None]:
 
 def parse_args(argv: list[str]) -> tuple[Path, dict[str, str | None]]:
     """``RUN_DIR`` and the ``key=value`` options (``ValueError`` with a one-line reason on anything else)."""
-    options: dict[str, str | None] = {"format": "qaft", "out": None, "dtype": "float32"}
+    options: dict[str, str | None] = {"format": "qaft", "out": None, "dtype": "float32",
+                                      **dict.fromkeys(FLAGS, "false")}
     run_dir, rest = None, list(argv)
     while rest:
         arg = rest.pop(0)
-        match = re.fullmatch(r"(?:--)?(format|out|dtype)(?:=(.*))?", arg)
+        match = re.fullmatch(r"(?:--)?(format|out|dtype|approximate|allow_float)(?:=(.*))?", arg)
         if match and (match.group(2) is not None or arg.startswith("--")):
             options[match.group(1)] = match.group(2) if match.group(2) is not None else (rest.pop(0) if rest else "")
         elif run_dir is None and not arg.startswith("-"):
@@ -66,6 +70,9 @@ def parse_args(argv: list[str]) -> tuple[Path, dict[str, str | None]]:
         raise ValueError(f"format={options['format']!r} must be one of {FORMATS}")
     if options["dtype"] not in HF_DTYPES:
         raise ValueError(f"dtype={options['dtype']!r} must be one of {HF_DTYPES}")
+    for flag in FLAGS:
+        if options[flag] not in ("true", "false"):
+            raise ValueError(f"{flag}={options[flag]!r} must be true or false")
     return run_dir, options
 
 
@@ -88,7 +95,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{len(zeros)} integer layers as torchao IntxUnpackedToInt8Tensor ({kind} zero point), codes exact")
     else:
         from qaft.deploy.gguf_export import export_gguf
-        written = export_gguf(model, out or run_dir / "export.gguf", name=run_dir.name)
+        flags = {flag: options[flag] == "true" for flag in FLAGS}
+        try:
+            written = export_gguf(model, out or run_dir / "export.gguf", tokenizer, name=run_dir.name, **flags)
+        except ValueError as err:  # a layout or architecture GGUF cannot hold: one line, nothing written
+            print(f"qaft-export: {err}", file=sys.stderr)
+            return 2
     print(f"wrote {written}")
     return 0
 

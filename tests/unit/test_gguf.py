@@ -1,41 +1,112 @@
-"""GGUF export: exact Q4_1 blocks, and transformers' own GGUF loader reading the file without qaft."""
+"""GGUF export: exact Q4_1 blocks, refusal with a measured error elsewhere, and tiny random llama / mistral / qwen2
+models read back by transformers' own GGUF loader (model and tokenizer) without qaft."""
 import importlib.util
 
 import gguf
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 import qaft
-from qaft.deploy.gguf_export import export_gguf, q4_1_bytes, q4_1_exact, rope_permutation
+from qaft.deploy.gguf_export import (
+    ERROR_KEY,
+    affine_blocks,
+    approximation_report,
+    exact_gguf_type,
+    export_gguf,
+    rope_permutation,
+)
 from qaft.models import build_tiny_llama, load_causal_lm, load_tokenizer
 from qaft.quant.linear import rtn_quantize_linear
+from tests.helpers import fake_run_folder
+
+TEXT = "It is a truth universally acknowledged, in 1811, that a single man — café owner — <|im_start|>user\n"
+ARCHES = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
+          "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
 
 
-@pytest.mark.parametrize("group_size", [32, 64, 128])
-def test_q4_1_blocks_reproduce_the_layer_to_fp16(group_size):
-    torch.manual_seed(group_size)
-    layer = rtn_quantize_linear(torch.nn.Linear(256, 24), 4, group_size)
-    assert q4_1_exact(layer)
-    blocks = q4_1_bytes(layer)
+def tiny_model(arch: str) -> torch.nn.Module:
+    """A random two-layer model of ``arch`` with SmolLM2's vocabulary (and nonzero qwen2 q/k/v biases)."""
+    config_cls, model_cls = ARCHES[arch]
+    config = config_cls(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                        rms_norm_eps=1e-5, tie_word_embeddings=arch != "mistral", rope_theta=5e4)
+    if arch == "mistral":
+        config.sliding_window = 128
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        model = model_cls(config).eval()
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.data.normal_(0, 0.5)  # HF initialises them to 0, which would test nothing
+    return model
+
+
+@pytest.mark.parametrize("bits,group_size", [(4, 32), (4, 64), (4, 128), (3, 64), (2, 32)])
+def test_q4_1_blocks_reproduce_the_layer_to_fp16(bits, group_size):
+    torch.manual_seed(group_size + bits)
+    layer = rtn_quantize_linear(torch.nn.Linear(256, 24), bits, group_size)
+    assert exact_gguf_type(layer) == gguf.GGMLQuantizationType.Q4_1
+    blocks = affine_blocks(layer)
     assert blocks.shape == (24, 256 // 32 * 20) and blocks.dtype == np.uint8
     w = gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType.Q4_1)
     ref = layer.dequantize_weight().numpy()
     # d and m are fp16: the only error is their rounding (relative 2^-11 of d*15 + |m|).
     np.testing.assert_allclose(w, ref, rtol=0, atol=2e-3 * np.abs(ref).max())
+    half = 2 ** (bits - 1)
     s16 = layer.scale.half().float().repeat_interleave(group_size, 1)
-    m16 = (layer.offset - 8 * layer.scale).half().float().repeat_interleave(group_size, 1)
-    exact = s16 * (layer.codes().float() + 8) + m16  # what Q4_1 must hold, bit for bit up to fp32 math
+    m16 = (layer.offset - half * layer.scale).half().float().repeat_interleave(group_size, 1)
+    exact = s16 * (layer.codes().float() + half) + m16  # what Q4_1 must hold, bit for bit up to fp32 math
     np.testing.assert_allclose(w, exact.numpy(), rtol=1e-6, atol=1e-7)
 
 
-def test_other_layouts_are_not_q4_1():
+def test_other_layouts_are_refused_with_the_closest_type_and_its_error():
     lin = torch.nn.Linear(64, 8)
-    assert not q4_1_exact(rtn_quantize_linear(lin, 3, 32))
-    assert not q4_1_exact(rtn_quantize_linear(lin, 4, 16))
-    with pytest.raises(ValueError, match="no exact GGUF type"):
-        export_gguf(qaft.ptq_model(build_tiny_llama(), 3, 32), "/tmp/never.gguf")
+    assert exact_gguf_type(rtn_quantize_linear(lin, 8, 32)) is None
+    assert exact_gguf_type(rtn_quantize_linear(lin, 4, 16)) is None
+    tok = load_tokenizer("tiny-llama")
+    with pytest.raises(ValueError, match=r"8-bit groups of 32 .* closest: Q8_0 \(relative weight error \d"):
+        export_gguf(qaft.ptq_model(build_tiny_llama(), 8, 32), "/tmp/never.gguf", tok)
+    with pytest.raises(ValueError, match=r"4-bit groups of 16 .* closest: Q4_1 \(relative weight error \d"):
+        export_gguf(qaft.ptq_model(build_tiny_llama(), 4, 16), "/tmp/never.gguf", tok)
+    gpt2_like = build_tiny_llama()
+    gpt2_like.config.model_type = "gpt2"
+    with pytest.raises(ValueError, match="architectures"):
+        export_gguf(gpt2_like, "/tmp/never.gguf", tok)
+
+
+def test_approximate_export_states_the_error_it_wrote(tmp_path):
+    merged = qaft.ptq_model(build_tiny_llama(), 4, 16)
+    line, error = approximation_report(merged)
+    export_gguf(merged, tmp_path / "m.gguf", load_tokenizer("tiny-llama"), approximate=True)
+    reader = gguf.GGUFReader(str(tmp_path / "m.gguf"))
+    assert float(reader.fields[ERROR_KEY].contents()) == pytest.approx(error, rel=1e-6)
+    # the stated error is the file's: read the Q4_1 tensors back, undo the q/k row order, compare with qaft
+    by_name = {t.name: t for t in reader.tensors}
+    err = ref = 0.0
+    for i, layer in enumerate(merged.model.layers):
+        for gguf_name, hf in (("attn_q", layer.self_attn.q_proj), ("attn_k", layer.self_attn.k_proj),
+                              ("ffn_down", layer.mlp.down_proj)):
+            t = by_name[f"blk.{i}.{gguf_name}.weight"]
+            assert t.tensor_type == gguf.GGMLQuantizationType.Q4_1
+            w = gguf.quants.dequantize(t.data, t.tensor_type).reshape(hf.out_features, hf.in_features)
+            heads = {"attn_q": 4, "attn_k": 2}.get(gguf_name)
+            if heads:
+                w = w[np.argsort(rope_permutation(w.shape[0], heads))]
+            target = hf.dequantize_weight().numpy()
+            err, ref = err + ((w - target) ** 2).sum(), ref + (target ** 2).sum()
+    assert 0.5 * error < (err / ref) ** 0.5 < 2 * error  # a subset of the layers: same order of magnitude
+    assert error > 1e-2  # 4-bit g16 re-blocked into g32 is a real approximation, not fp16 noise
 
 
 def test_rope_permutation_is_undone_by_transformers():
@@ -46,39 +117,84 @@ def test_rope_permutation_is_undone_by_transformers():
     np.testing.assert_array_equal(back, w)
 
 
-def _round_trip(model, tokenizer, tmp_path, seq=24):
-    merged = qaft.ptq_model(model, 4, 64 if model.config.hidden_size % 64 == 0 else 32)
-    export_gguf(merged, tmp_path / "model.gguf")
-    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="model.gguf", dtype=torch.float32)
-    text = "It is a truth universally acknowledged, that a single man in possession of a good fortune"
-    ids = tokenizer(text, return_tensors="pt").input_ids[:, :seq]
-    gguf_tok = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="model.gguf")
-    assert gguf_tok(text).input_ids == tokenizer(text).input_ids
+def _round_trip(merged, tokenizer, folder, path, **kw):
+    loaded = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=path.name, dtype=torch.float32)
+    gguf_tok = AutoTokenizer.from_pretrained(str(folder), gguf_file=path.name)
+    assert gguf_tok(TEXT).input_ids == tokenizer(TEXT).input_ids
+    ids = tokenizer(TEXT, return_tensors="pt").input_ids
     with torch.no_grad():
-        ref, out = merged(ids).logits, loaded(ids).logits
-    return ref, out
+        return merged(ids).logits, loaded(ids).logits, loaded
 
 
-def test_transformers_loads_exported_tiny_llama(tmp_path):
-    ref, out = _round_trip(build_tiny_llama(), load_tokenizer("tiny-llama"), tmp_path)
-    # fp16 d, m and F16 embeddings: fp16-level agreement of the logits.
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+def test_transformers_loads_exported_tiny_model(tmp_path, arch):
+    tok = load_tokenizer("tiny-llama")
+    merged = qaft.ptq_model(tiny_model(arch), 4, 32)
+    path = export_gguf(merged, tmp_path / "model.gguf", tok)
+    ref, out, loaded = _round_trip(merged, tok, tmp_path, path)
+    # Q4_1 d, m and the F16 embeddings / norms-free matrices are fp16: fp16-level agreement of the logits
+    # (measured max |diff| / max |logit|: 0.0006-0.0011 over the three architectures).
     torch.testing.assert_close(out, ref, rtol=0, atol=5e-3 * ref.abs().max().item())
+    assert torch.equal(out.argmax(-1), ref.argmax(-1))
+    meta = gguf.GGUFReader(str(path)).fields
+    arch_name = "qwen2" if arch == "qwen2" else "llama"  # llama.cpp's converter writes Mistral as llama
+    assert meta["general.architecture"].contents() == arch_name
+    # Mistral's window caps the context: within it, windowed and full attention are the same function.
+    assert meta[f"{arch_name}.context_length"].contents() == (128 if arch == "mistral" else 256)
+    assert loaded.config.rope_parameters["rope_theta"] == 5e4
+    assert loaded.config.tie_word_embeddings == (arch != "mistral")
+
+
+def test_qaft_export_cli_writes_gguf_from_a_run_folder(tmp_path):
+    from qaft.deploy.cli import main
+    float_model = build_tiny_llama()
+    fake_run_folder(tmp_path / "run", qaft.ptq_model(float_model, 4, 32), float_model)
+    assert main([str(tmp_path / "run"), "format=gguf", "out=" + str(tmp_path / "m.gguf")]) == 0
+    assert gguf.GGUFReader(str(tmp_path / "m.gguf")).fields["tokenizer.ggml.model"].contents() == "gpt2"
+    assert main([str(tmp_path / "run"), "format=gguf", "approximate=maybe"]) == 2
 
 
 @pytest.mark.slow
 def test_transformers_loads_exported_smollm2(tmp_path):
     model, tok = load_causal_lm("smollm2-135m")
-    ref, out = _round_trip(model, tok, tmp_path)
+    merged = qaft.ptq_model(model, 4, 64)
+    path = export_gguf(merged, tmp_path / "model.gguf", tok)
+    ref, out, _ = _round_trip(merged, tok, tmp_path, path)
     torch.testing.assert_close(out, ref, rtol=0, atol=2e-2 * ref.abs().max().item())
     assert (out.argmax(-1) == ref.argmax(-1)).float().mean() > 0.95
 
 
-@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python not installed")
+needs_llama_cpp = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
+                                     reason="llama-cpp-python not installed")
+
+
+@needs_llama_cpp
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+def test_llama_cpp_reads_tiny_export_like_qaft(tmp_path, arch):
+    import llama_cpp
+    tok = load_tokenizer("tiny-llama")
+    merged = qaft.ptq_model(tiny_model(arch), 4, 32)
+    export_gguf(merged, tmp_path / "m.gguf", tok)
+    llm = llama_cpp.Llama(str(tmp_path / "m.gguf"), n_ctx=64, logits_all=True, verbose=False)
+    text = TEXT.replace("<|im_start|>", "")  # llama.cpp parses special tokens in text only when asked
+    ids = tok(text).input_ids
+    assert llm.tokenize(text.encode(), add_bos=False) == ids
+    llm.eval(ids)
+    with torch.no_grad():
+        ref = merged(torch.tensor([ids])).logits[0]
+    out = torch.from_numpy(np.asarray(llm.scores[:len(ids)]))
+    llm.close()
+    # llama.cpp's CPU Q4_1 dot products round the activations to 8 bits: max |diff| / max |logit| measured
+    # 0.0046 (llama), 0.0067 (mistral), 0.0057 (qwen2) with llama-cpp-python 0.3.36
+    torch.testing.assert_close(out, ref, rtol=0, atol=2e-2 * ref.abs().max().item())
+
+
+@needs_llama_cpp
 def test_llama_cpp_reads_export_like_qaft(tmp_path):
     import llama_cpp
     model, tok = load_causal_lm("smollm2-135m")
     merged = qaft.ptq_model(model, 4, 32)
-    export_gguf(merged, tmp_path / "m.gguf")
+    export_gguf(merged, tmp_path / "m.gguf", tok)
     llm = llama_cpp.Llama(str(tmp_path / "m.gguf"), n_ctx=256, logits_all=True, verbose=False)
     text = "It is a truth universally acknowledged, that a single man in possession of a good fortune, must be"
     ids = tok(text).input_ids
