@@ -149,7 +149,7 @@ class GeneratedDataModule(SplitDataModule):
     ``eval_source``. ``generation_seed``, ``generation_batch_size``: the generator's seed and batch, apart from the
     loaders' ``seed`` and ``batch_size``."""
 
-    def __init__(self, tokenizer: Any, count: int = 1024, seq_len: int = 256, generation_seed: int = 0,
+    def __init__(self, tokenizer: Any, count: int = 128, seq_len: int = 256, generation_seed: int = 0,
                  greedy_tokens: Sequence[int] = (3, 5), top_k: int = 0, generation_batch_size: int = 32,
                  cache_dir: str = "~/.cache/qaft/generated", eval_source: str = "austen",
                  eval_config: str | None = None, max_eval_tokens: int | None = None, batch_size: int = 4,
@@ -176,14 +176,13 @@ class GeneratedDataModule(SplitDataModule):
         ``top_k``, ``generation_batch_size``; others ignored): what config validation calls before any work."""
         names = {"count": "count", "seq_len": "seq_len", "generation_seed": "seed", "greedy_tokens": "greedy_tokens",
                  "top_k": "top_k", "generation_batch_size": "batch_size"}
-        given = {names[k]: (tuple(v) if k == "greedy_tokens" and not isinstance(v, str) else v)
-                 for k, v in fields.items() if k in names}
+        given = {names[k]: v for k, v in fields.items() if k in names}
+        if "greedy_tokens" in given and not isinstance(given["greedy_tokens"], (str, bytes)):
+            try:  # a config's list (a ListConfig when instantiated) becomes the settings' tuple
+                given["greedy_tokens"] = tuple(given["greedy_tokens"])
+            except TypeError:
+                pass  # not a sequence: GenerationSettings says so in one line
         return GenerationSettings(**given)
-
-    @classmethod
-    def check_config(cls, fields: dict[str, Any]) -> None:
-        """Raise ``ValueError`` (one line) on bad generation settings in a datamodule config node's ``fields``."""
-        cls.generation_settings(**fields)
 
     @classmethod
     def check_config(cls, fields: dict[str, Any]) -> None:

@@ -88,6 +88,8 @@ def test_no_model_no_data(tmp_path):
     ({"greedy_tokens": [5, 3]}, r"^greedy_tokens must be \[low, high\] with 0 <= low <= high"),
     ({"greedy_tokens": [3, 11]}, r"1 \+ high < seq_len=12"),
     ({"greedy_tokens": [3]}, r"greedy_tokens must be \[low, high\]"),
+    ({"greedy_tokens": 3}, r"greedy_tokens must be \[low, high\].*got 3$"),
+    ({"count": 2.5}, r"^count must be an integer >= 1, got 2.5$"),
     ({"top_k": -1}, r"^top_k must be an integer >= 0, got -1$"),
     ({"generation_batch_size": 0}, r"^generation batch_size must be an integer >= 1, got 0$"),
 ])

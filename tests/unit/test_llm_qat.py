@@ -28,13 +28,16 @@ def _reference_fake_quant(w: torch.Tensor, bits: int, group: int) -> torch.Tenso
 @pytest.mark.parametrize("group_size", [-1, 32])
 def test_weight_quantizer_matches_the_formula_and_passes_gradients_straight_through(bits, group_size):
     linear = nn.Linear(64, 24, bias=False)
-    torch.nn.init.normal_(linear.weight)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(24, 64, generator=torch.Generator().manual_seed(bits)))
     layer = qaft.config_for("llm_qat", bits=bits, group_size=group_size).make_layer(linear)
     wq = layer.quantized_weight()
     group = 64 if group_size == -1 else group_size
     torch.testing.assert_close(wq.double(), _reference_fake_quant(linear.weight.detach(), bits, group),
                                rtol=1e-6, atol=1e-7)
-    codes = layer.merge().codes()
+    merged = layer.merge()
+    codes = merged.codes()
+    assert not merged.offset.any()  # offset 0: zero is a level (the integer-zero grid with z = 2^(n-1))
     qmax = 2 ** (bits - 1) - 1
     assert codes.abs().max() == qmax and codes.min() >= -qmax  # symmetric: -2^(n-1) is never used
     assert layer.scale().shape == (24, 64 // group)
