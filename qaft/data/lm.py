@@ -107,7 +107,9 @@ def lm_eval_windows(
     return [w for w in ids.split(seq_len) if w.numel() >= 2]
 
 
-class _Blocks(Dataset):
+class TokenRows(Dataset):
+    """Token sequences as training examples: labels equal inputs (the model shifts them), no padding inside."""
+
     def __init__(self, rows: list[torch.Tensor]) -> None:
         self.rows = rows
 
@@ -146,14 +148,14 @@ class LMDataModule(SplitDataModule):
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.max_train_tokens, self.max_eval_tokens = max_train_tokens, max_eval_tokens
         self.collator = PadCollator(tokenizer.pad_token_id)
-        self.splits: dict[str, _Blocks] = {}
+        self.splits: dict[str, TokenRows] = {}
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
             return
         texts = load_lm_texts(self.source, self.config)
         ids = tokenize_texts(self.tokenizer, texts["train"], self.max_train_tokens)
-        self.splits["train"] = _Blocks(list(lm_blocks(ids, self.seq_len)))
+        self.splits["train"] = TokenRows(list(lm_blocks(ids, self.seq_len)))
         for split in ("validation", "test"):
             windows = lm_eval_windows(self.tokenizer, texts[split], self.seq_len, self.max_eval_tokens)
-            self.splits[split] = _Blocks(windows)
+            self.splits[split] = TokenRows(windows)

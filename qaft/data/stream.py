@@ -87,6 +87,10 @@ class RunData(pl.LightningDataModule):
         super().__init__()
         self.inner, self.seed = inner, seed
 
+    def prepare_data(self) -> None:
+        # Lightning calls it once per node before setup: generated data is generated (and cached) here
+        self.inner.prepare_data()
+
     def setup(self, stage: str | None = None) -> None:
         self.inner.setup(stage)
 

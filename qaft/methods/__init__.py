@@ -2,9 +2,10 @@
 
 Shared pieces: :mod:`~qaft.methods.layer` (the base :class:`QaftLinear`, phases, roles, the trainable quantizer,
 LoRA), :mod:`~qaft.methods.frozen_base` (LoRA over a frozen NF4 or integer base), :mod:`~qaft.methods.lowrank_qat`
-(LoRA inside the quantizer) and :mod:`~qaft.methods.gptq_model` (GPTQ for the configs that need calibration data).
+(LoRA inside the quantizer), :mod:`~qaft.methods.gptq_model` (GPTQ for the configs that need calibration data) and
+:mod:`~qaft.methods.distill` (the logit-distillation loss of methods with a teacher, LLM-QAT).
 """
-from qaft.methods import dlqat, l4q, loftq, lora, ptq, qalora, qat, qat_lora, qlora  # noqa: F401  (registration)
+from qaft.methods import dlqat, l4q, llm_qat, loftq, lora, ptq, qalora, qat, qat_lora, qlora  # noqa: F401  (registration)
 from qaft.methods.api import (
     apply_method,
     count_parameters,

@@ -8,11 +8,13 @@ that apply to a method (``bits``, ``group_size``, ``rank``, ``alpha``, ``init``,
 A config builds its layers one at a time (:meth:`MethodConfig.make_layer`), unless it needs calibration data:
 then :meth:`MethodConfig.calibration` returns its GPTQ options and :meth:`MethodConfig.apply_calibrated`
 converts the whole model from the batches (``qaft.apply_method(model, config, calib_batches=...)`` calls it).
+A method trained by distillation from the frozen float model (LLM-QAT) says so with :meth:`MethodConfig.teacher`.
 """
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -76,6 +78,12 @@ class MethodConfig:
         """Convert ``model``'s target layers in place from calibration batches; only where :meth:`calibration`
         is not ``None``. Called by :func:`qaft.methods.api.apply_method`, which validates the layers first."""
         raise NotImplementedError(f"method {self.name!r} needs no calibration data")
+
+    def teacher(self, model: nn.Module) -> AbstractContextManager[Any] | None:
+        """For a method trained by distillation: a context under which ``model`` (this method applied) computes
+        the frozen float teacher's forward, so the loss is :func:`qaft.methods.distill.distilled_loss`. ``None``
+        (the default): the method trains on the labels (``model(**batch).loss``)."""
+        return None
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.name, **dataclasses.asdict(self)}

@@ -180,6 +180,27 @@ def _check_lengths(cfg: DictConfig, shape: dict[str, Any] | None) -> None:
             raise ConfigError(f"{key}={value} exceeds the model's max_position_embeddings={limit}")
 
 
+def _check_datamodule(cfg: DictConfig) -> None:
+    """A DataModule class with a ``check_config(fields)`` (generated data's settings) checks its node first."""
+    node = OmegaConf.select(cfg, "data.datamodule")
+    target = node.get("_target_") if node is not None else None
+    if not target:
+        return
+    from hydra.utils import get_class
+
+    try:
+        cls = get_class(target)
+    except Exception as err:  # noqa: BLE001 - a misspelled class path: one line, not Hydra's traceback
+        raise ConfigError(f"data.datamodule._target_={target!r} cannot be imported ({type(err).__name__})") from None
+    check = getattr(cls, "check_config", None)
+    if check is None:
+        return
+    try:
+        check({k: v for k, v in _fields(node).items() if k != "_target_"})
+    except ValueError as err:
+        raise ConfigError(f"data.datamodule: {err}") from None
+
+
 def _check_data_contents(cfg: DictConfig) -> None:
     """Local data files read and checked, hub datasets looked up (see :mod:`qaft.data.checks`)."""
     from qaft.data.checks import check_data
@@ -259,6 +280,7 @@ def validate(cfg: DictConfig, resources: bool = True) -> RunSpec:
     shape = _read_shape(cfg.model.name_or_path, fetch=resources)
     _check_groups(cfg.model.name_or_path, group_size, model_widths(shape, method.target_modules))
     _check_lengths(cfg, shape)
+    _check_datamodule(cfg)
     _check_optim(cfg)
     _check_trainer(cfg, method)
     _check_resume(cfg)

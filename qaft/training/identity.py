@@ -3,7 +3,8 @@
 Two commands that compute the same thing map to the same run folder (so a rerun resumes its own run and a
 report finds runs by config); two that differ in anything that changes the result never share one. The
 identity is the resolved config minus the keys in :data:`IGNORED` (where runs go, how progress is shown,
-how often checkpoints are written: resume is exact, so it does not change the result), plus the content
+how often checkpoints are written: resume is exact, so it does not change the result; where generated data is
+cached, while the generation settings stay in), plus the content
 digest of every local data file the config names (an edited file is other data). The run folder is the
 readable name followed by the first :data:`DIGEST_CHARS` hex digits of its SHA-256.
 
@@ -22,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 # Keys that do not change what a run computes (dotted paths; a key ignores everything below it).
 IGNORED = ("hydra", "runs_root", "resume", "save_model", "logger", "callbacks", "checkpoint",
            "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.log_every_n_steps",
-           "progress")
+           "progress", "data.datamodule.cache_dir")
 # Config keys that may name a local file or folder whose contents are part of the identity.
 DATA_PATHS = ("data.source", "eval.corpus.source")
 DIGEST_CHARS = 10

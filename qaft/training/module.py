@@ -3,7 +3,10 @@
 The module knows nothing about any particular method: it applies ``config`` through the core API, moves the
 phases at optimizer-step boundaries with :func:`qaft.set_training_step`, and builds AdamW once from
 :func:`qaft.parameter_groups` (one group per role, each with its own lr and weight decay). Methods that need
-calibration data (GPTQ) get it from :meth:`qaft.data.stream.RunData.calibration_batches`.
+calibration data (GPTQ) get it from :meth:`qaft.data.stream.RunData.calibration_batches`. A method with a teacher
+(``method.teacher(model)`` is not ``None``: LLM-QAT) trains on the distillation loss against the frozen float
+model's logits, computed in the same step (:func:`qaft.methods.distill.distilled_loss`); every other method on
+the labels. Validation is always the label loss.
 
 A checkpoint holds only what trains (plus quantizer state), the run's identity and the RNG state, so that a
 resume continues the exact computation; :class:`DivergenceGuard` stops a run at its first non-finite number.
@@ -24,6 +27,7 @@ from qaft.files import atomic_write
 from qaft.methods import apply_method, count_parameters, parameter_groups, set_training_step
 from qaft.methods.api import qaft_layers
 from qaft.methods.config import MethodConfig
+from qaft.methods.distill import distilled_loss
 from qaft.models import load_causal_lm
 from qaft.progress import duration, say
 from qaft.training.config import SCHEDULES
@@ -87,7 +91,8 @@ class QaftModule(pl.LightningModule):
         set_training_step(self.model, self.global_step)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self.model(**batch).loss
+        teacher = self.method.teacher(self.model)
+        loss = self.model(**batch).loss if teacher is None else distilled_loss(self.model, batch, teacher)
         self.last_loss = loss.detach()
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
         return loss

@@ -26,7 +26,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from qaft import progress
-from qaft.data import lm_eval_windows, load_lm_texts
+from qaft.data import NeedsModel, lm_eval_windows, load_lm_texts
 from qaft.data.stream import RunData
 from qaft.deploy.checkpoint import deployed_form, save_merged
 from qaft.evaluation.deployed import end_of_run, format_table
@@ -232,12 +232,29 @@ def _check_finite(metrics: dict[str, Any]) -> None:
         raise Diverged(f"non-finite final metric(s) {bad}: the deployed model's outputs are not finite")
 
 
+def _float_model(cfg: DictConfig) -> torch.nn.Module:
+    """The run's model as loaded, before any method: what generates data-free training data (on the GPU if the
+    run has one)."""
+    model = load_causal_lm(cfg.model.name_or_path, getattr(torch, cfg.model.dtype))[0]
+    on_gpu = torch.cuda.is_available() and str(cfg.trainer.get("accelerator", "auto")) in ("auto", "gpu", "cuda")
+    return model.to("cuda" if on_gpu else "cpu")
+
+
+def _run_data(cfg: DictConfig) -> RunData:
+    """The run's data; a DataModule that generates its data from the float model gets a loader for it."""
+    inner = instantiate(cfg.data.datamodule, tokenizer=load_tokenizer(cfg.model.name_or_path))
+    if isinstance(inner, NeedsModel):
+        inner.use_model(functools.partial(_float_model, cfg),
+                        {"name_or_path": str(cfg.model.name_or_path), "dtype": str(cfg.model.dtype)})
+    return RunData(inner, int(cfg.seed))
+
+
 def _run(cfg: DictConfig, spec: RunSpec, run_dir: Path, record: RunRecord, metrics: dict[str, Any],
          guard: SignalGuard, ckpt: str | None) -> dict[str, Any] | None:
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     progress.say(f"run {run_dir.name}: loading model {cfg.model.name_or_path} and data {cfg.data.name}")
     # The data comes first: a method calibrated on training batches (GPTQ) needs them to be built.
-    data = RunData(instantiate(cfg.data.datamodule, tokenizer=load_tokenizer(cfg.model.name_or_path)), int(cfg.seed))
+    data = _run_data(cfg)
     calibration = spec.method.calibration()
     calib = data.calibration_batches(calibration.calib_batches) if calibration is not None else None
     module = QaftModule(cfg, spec.method, calib, identity_config(cfg))

@@ -85,6 +85,10 @@ BAD = {
     "L4Q warm-up outlasting the run": ["method.warmup_steps=32", "trainer.max_steps=32"],
     "divergence limit below a uniform guess": ["divergence.loss_vs_uniform=0.5"],
     "negative progress interval": ["progress.every_n_steps=-1"],
+    "no generated sequences": ["method=llm_qat", "data=generated", "data.datamodule.count=0"],
+    "generated sequences longer than the model's positions": ["data=generated", "data.datamodule.seq_len=4096"],
+    "greedy tokens leaving none to sample": ["data=generated", "data.datamodule.seq_len=32",
+                                             "data.datamodule.greedy_tokens=[3,31]"],
 }
 BAD_FILES = {
     "empty.jsonl": b"",
@@ -344,3 +348,44 @@ def test_resume_of_a_qalora_gptq_run_rebuilds_the_same_base(tmp_path, monkeypatc
     lines = [line for line in other.stderr.splitlines() if line.startswith("qaft-train:")]
     assert other.returncode == 2 and len(lines) == 1 and "method.percdamp: 0.01 -> 0.5" in lines[0], other.stderr[-2000:]
     assert not records(tmp_path / "other")
+
+
+# --- LLM-QAT: distillation on data the float model generated, cached once, resumed exactly ---
+
+def _llm_qat_args(root: Path, cache: Path) -> list[str]:
+    return ["model=tiny-llama", f"runs_root={root}", "method=llm_qat", "data=generated", "quant=w4a8kv8",
+            "trainer.max_steps=4", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
+            "data.datamodule.seq_len=32", "data.datamodule.count=8", "data.datamodule.batch_size=2",
+            f"data.datamodule.cache_dir={cache}", "data.datamodule.max_eval_tokens=256", "eval.seq_len=32",
+            "eval.max_tokens=256", "eval.baselines=false", "save_model=true", "optim.warmup_steps=1",
+            "checkpoint.every_n_steps=2"]
+
+
+def test_llm_qat_on_generated_data_generates_once_and_resumes_bit_identically(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    cache, clean, resumed = tmp_path / "cache", tmp_path / "clean", tmp_path / "resumed"
+    run_main(_llm_qat_args(clean, cache), monkeypatch)
+    (a,) = records(clean)
+    m = a["metrics"]
+    assert a["status"] == "ok" and a["method"] == "llm_qat" and m["global_step"] == 4
+    assert Path(a["run_dir"]).name.startswith("llm_qat-w4pc-a8kv8-s0-tiny-llama-generated-")
+    assert m["ppl_merged"] == m["ppl_trained"] and "ppl_merged_ptq" not in m  # integer merge, bit for bit
+    (data_file,) = cache.glob("*.safetensors")
+    stamp = data_file.stat().st_mtime_ns
+    killed = signal_at_step(_llm_qat_args(resumed, cache), 3, signal.SIGKILL, tmp_path / "paused")
+    assert killed.returncode == -signal.SIGKILL and not records(resumed)
+    (ckpt,) = resumed.rglob("last.ckpt")
+    saved = torch.load(ckpt, weights_only=True)
+    assert saved["global_step"] == 2 and len(saved["state_dict"]) == 14  # the trained weights; no teacher copy
+    assert all(k.endswith("_proj.weight") for k in saved["state_dict"])
+    run_main(_llm_qat_args(resumed, cache), monkeypatch)
+    (b,) = records(resumed)
+    for key in ("final_train_loss", "ppl_trained", "ppl_merged", "global_step"):
+        assert b["metrics"][key] == m[key], key
+    rows_a, rows_b = (metric_rows(Path(r["run_dir"])) for r in (a, b))
+    assert [r["train/loss"] for r in rows_b] == [r["train/loss"] for r in rows_a]
+    ta, tb = (load_file(Path(r["run_dir"]) / "merged_model" / "model.safetensors") for r in (a, b))
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+    # three processes, one generation: the file was written once and read since
+    assert list(cache.glob("*.safetensors")) == [data_file] and data_file.stat().st_mtime_ns == stamp

@@ -23,7 +23,7 @@ from helpers import tiny_llama, token_batch
 FIELDS = {
     "lora": {}, "qlora": {}, "loftq": {"loftq_iters": 2}, "qat_lora": {"group_size": 32},
     "qalora": {"group_size": 32}, "l4q": {"group_size": 32}, "dlqat": {"group_size": 32, "quant_steps": 2},
-    "ptq": {"group_size": 32}, "qat": {"group_size": 32},
+    "ptq": {"group_size": 32}, "qat": {"group_size": 32}, "llm_qat": {},
 }
 
 

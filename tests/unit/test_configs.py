@@ -12,6 +12,7 @@ from omegaconf import OmegaConf, open_dict
 from qaft.methods import available
 from qaft.training.cli import CONF_DIR
 from qaft.training.config import ConfigError, register_conf, run_name, validate
+from qaft.training.identity import config_digest
 
 CONF = Path(CONF_DIR)
 OPTIONS = sorted((str(p.parent.relative_to(CONF)), p.stem) for p in CONF.rglob("*.yaml") if p.parent != CONF)
@@ -106,6 +107,11 @@ def test_wandb_logger_offline_by_default():
     (["method=lora", "+method.init=mse"], "no field"),
     (["optim.schedule=linear"], "optim.schedule"),
     (["method=ptq", "method.algorithm=smoothquant", "method.smooth_alpha=0"], r"smooth_alpha must be .* \(0, 1\]"),
+    (["data=generated", "data.datamodule.count=0"], r"^data.datamodule: count must be an integer >= 1, got 0$"),
+    (["data=generated", "data.datamodule.greedy_tokens=[5,3]"], r"^data.datamodule: greedy_tokens must be \[low, high\]"),
+    (["model=tiny-llama", "data=generated", "data.datamodule.seq_len=4096"],
+     r"^data.datamodule.seq_len=4096 exceeds the model's max_position_embeddings=2048$"),
+    (["method=llm_qat", "+method.init=mse"], "no field"),
 ])
 def test_validation_rejects(override, words):
     with pytest.raises(ConfigError, match=words):
@@ -131,3 +137,18 @@ def test_w_a_kv_quant_presets_reach_the_method_and_the_run_name():
     assert (lora.act_bits, lora.kv_bits) == (16, 8)
     with pytest.raises(ConfigError, match=r"^act_bits must be one of \[2, 3, 4, 5, 6, 7, 8\] or 16 \(off\), got 1$"):
         validate(_compose(["method.act_bits=1"]), resources=False)
+
+
+def test_llm_qat_on_generated_data_composes_with_its_recipe_and_the_generation_is_in_the_identity():
+    cfg = _compose(["experiment=llm_qat_paper", "model=tiny-llama"])
+    spec = validate(cfg, resources=False)
+    assert (spec.method.name, spec.bits, spec.group_size, spec.method.act_bits, spec.method.kv_bits) == (
+        "llm_qat", 4, -1, 8, 8)
+    assert (cfg.data.name, cfg.optim.lr.weight, cfg.optim.warmup_steps) == ("generated", 2e-5, 0)
+    assert run_name(cfg.method, "tiny-llama", cfg.data.name, 0) == "llm_qat-w4pc-a8kv8-s0-tiny-llama-generated"
+    base = ["method=llm_qat", "data=generated"]
+    digest = config_digest(_compose(base))
+    for override in ["count=64", "generation_seed=1", "greedy_tokens=[2,4]", "top_k=40", "seq_len=128",
+                     "generation_batch_size=8"]:
+        assert config_digest(_compose([*base, f"data.datamodule.{override}"])) != digest, override
+    assert config_digest(_compose([*base, "data.datamodule.cache_dir=/somewhere/else"])) == digest

@@ -11,13 +11,13 @@ from qaft.quant import PerTokenQuantizer
 
 from helpers import tiny_llama, token_batch
 
-INTEGER = ("l4q", "dlqat", "qalora", "ptq", "qat")
+INTEGER = ("l4q", "dlqat", "qalora", "ptq", "qat", "llm_qat")
 FLOAT = ("lora", "qlora", "loftq", "qat_lora")
 # Small group so the tiny model has several groups per row; dlqat gets 2 quantizer steps then LoRA steps.
 FIELDS = {
     "lora": {}, "qlora": {}, "loftq": {"loftq_iters": 2}, "qat_lora": {"group_size": 32},
     "qalora": {"group_size": 32}, "l4q": {"group_size": 32}, "dlqat": {"group_size": 32, "quant_steps": 2},
-    "ptq": {"group_size": 32}, "qat": {"group_size": 32},
+    "ptq": {"group_size": 32}, "qat": {"group_size": 32}, "llm_qat": {},  # llm_qat: per channel, the method's
 }
 
 
@@ -50,7 +50,7 @@ ACT_KV = {"weight-only": {}, "a8kv8": {"act_bits": 8, "kv_bits": 8}}
 # Merges that reproduce the training forward bit for bit. The others agree to float rounding (x (W + BA) is not
 # x W + x A B to the last bit), and with activations quantized a 1e-7 difference that lands on a rounding tie
 # moves one code by a whole step, ~1e-3 in the logits: those are compared layer by layer on the same inputs.
-BIT_EXACT = ("l4q", "ptq", "qat")
+BIT_EXACT = ("l4q", "ptq", "qat", "llm_qat")
 
 
 def _raw_output(module, record):
@@ -89,7 +89,8 @@ def test_merged_model_equals_training_forward(name, act_kv):
     model, _ = _train(_applied(name, **ACT_KV[act_kv]))
     layers = qaft.methods.api.qaft_layers(model)
     if name != "ptq":
-        assert any(layer.lora_B.abs().sum() > 0 for layer in layers if hasattr(layer, "lora_B")) or name == "qat"
+        full_qat = name in ("qat", "llm_qat")  # no adapter: the weights themselves train
+        assert full_qat or any(layer.lora_B.abs().sum() > 0 for layer in layers if hasattr(layer, "lora_B"))
     merged = qaft.merge_model(model)
     deployed = [m for m in merged.modules() if isinstance(m, (QuantizedLinear, nn.Linear))]
     kinds = {type(m) for m in deployed if not isinstance(m, nn.Embedding)}
@@ -109,7 +110,7 @@ def test_merged_model_equals_training_forward(name, act_kv):
         assert QuantizedLinear not in kinds
 
 
-@pytest.mark.parametrize("name", ["l4q", "qat", "dlqat", "qalora"])
+@pytest.mark.parametrize("name", ["l4q", "qat", "dlqat", "qalora", "llm_qat"])
 def test_deployed_weights_are_the_trained_quantized_weights(name):
     """Layer by layer: the integer layer dequantizes to exactly (or to float rounding) the training Wq."""
     model, _ = _train(_applied(name, quant_steps=1) if name == "dlqat" else _applied(name))
@@ -119,7 +120,7 @@ def test_deployed_weights_are_the_trained_quantized_weights(name):
             continue
         deployed = layer.merge()
         with torch.no_grad():
-            exact = name in ("l4q", "qat")
+            exact = name in ("l4q", "qat", "llm_qat")
             tol = dict(rtol=0, atol=0) if exact else dict(rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(deployed(x), layer(x), **tol)
 
@@ -149,6 +150,7 @@ def _trainable(model):
     ("lora", {}, [(0, "train", {"lora_A", "lora_B"})]),
     ("qalora", {}, [(0, "train", {"lora_A", "lora_B"})]),
     ("qat", {}, [(0, "train", {"weight", "scale", "offset"})]),
+    ("llm_qat", {}, [(0, "train", {"weight"})]),
     ("ptq", {}, [(0, "train", set())]),
     ("l4q", {"warmup_steps": 3}, [(0, "warmup", {"lora_A", "lora_B"}), (2, "warmup", {"lora_A", "lora_B"}),
                                    (3, "train", {"lora_A", "lora_B", "scale", "offset"})]),
