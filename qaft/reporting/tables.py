@@ -60,7 +60,15 @@ def _row(record: dict[str, Any]) -> dict[str, Any]:
     deployed = deployed_perplexity(record.get("metrics") or {})
     if deployed is not None:
         row["metrics.deployed"] = deployed
+    row["wakv"] = wakv(row)
     return row
+
+
+def wakv(row: dict[str, Any]) -> str:
+    """The W-A-KV bits of a run, e.g. ``4-8-8`` (16: not quantized); records written before activation and KV
+    quantization existed have no ``act_bits`` / ``kv_bits`` and were weight-only."""
+    act, kv = (row.get(f"method_config.{k}", 16) for k in ("act_bits", "kv_bits"))
+    return f"{row.get('bits')}-{act}-{kv}"
 
 
 def _incomplete(folder: Path, status: str = INCOMPLETE) -> dict[str, Any]:
@@ -74,6 +82,7 @@ def _incomplete(folder: Path, status: str = INCOMPLETE) -> dict[str, Any]:
            "scale": scale.get("name"), "model": (cfg.get("model") or {}).get("name_or_path"),
            "data": (cfg.get("data") or {}).get("name")}
     _flatten("method_config", {k: v for k, v in method.items() if k != "name"}, row)
+    row["wakv"] = wakv(row)
     return row
 
 
