@@ -10,7 +10,8 @@ Two measurements, each built so that its ratios to LoRA hold on a noisy machine:
 
 The ``dlqat-pc`` and ``dlqat-pc-a8kv8`` rows are DL-QAT Table 4's per-channel rows: weight-only, and with the
 8-bit per-token activation and KV-cache quantizers (W/A/KV 4-8-8); their ratio is what quantizing activations and
-the KV cache adds to training.
+the KV cache adds to training. ``llm_qat-a8kv8`` is LLM-QAT's 4-8-8 row (full QAT per channel), its step with the
+teacher forward its logit distillation needs (the loss the shared training module computes).
 
 The ``floor`` row is LoRA plus, in backward, one ``G = grad^T x`` GEMM (out x in) per adapted layer and
 nothing else: the arithmetic any exact backward of LoRA-inside-the-quantizer (L4Q, DL-QAT) must add to
@@ -38,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from memory import _peak_rss_bytes, _reset_peak_rss, _rss_bytes, _warm_up_optimizer  # noqa: E402
 
 import qaft  # noqa: E402
+from qaft.methods.distill import distilled_loss  # noqa: E402
 from qaft.models import load_causal_lm  # noqa: E402
 
 # row -> (method, extra config fields)
@@ -49,6 +51,8 @@ METHODS = {
     # DL-QAT Table 4's per-channel rows: weight-only, and weights + 8-bit activations and KV cache (W/A/KV)
     "dlqat-pc": ("dlqat", {"quant_steps": 0, "group_size": -1}),
     "dlqat-pc-a8kv8": ("dlqat", {"quant_steps": 0, "group_size": -1, "act_bits": 8, "kv_bits": 8}),
+    # LLM-QAT's 4-8-8 row: full QAT, per channel, with its teacher forward (logit distillation) in every step
+    "llm_qat-a8kv8": ("llm_qat", {"group_size": -1, "act_bits": 8, "kv_bits": 8}),
 }
 MODELS = ("smollm2-135m", "wide-llama")
 
@@ -85,8 +89,8 @@ class Trainee:
         self.model = build_model(model_name)
         wanted = {"rank": args.rank, "bits": args.bits, "group_size": args.group_size}
         known = qaft.methods.config.registered(method).field_names()
-        fields = {**{k: v for k, v in wanted.items() if k in known}, **extra}
-        qaft.apply_method(self.model, qaft.config_for(method, **fields))
+        config = qaft.config_for(method, **{**{k: v for k, v in wanted.items() if k in known}, **extra})
+        qaft.apply_method(self.model, config)
         if row == "floor":
             add_weight_gradient_gemm(self.model)
         self.model.train()
@@ -95,10 +99,17 @@ class Trainee:
         self.ids = torch.randint(0, self.model.config.vocab_size, (args.batch, args.seq),
                                  generator=torch.Generator().manual_seed(1))
         self.trainable = qaft.count_parameters(self.model)
+        self.config = config
+
+    def loss(self) -> torch.Tensor:
+        """The training loss the shared Lightning module computes: labels, or distillation where there is a teacher."""
+        batch = {"input_ids": self.ids, "attention_mask": torch.ones_like(self.ids), "labels": self.ids}
+        teacher = self.config.teacher(self.model)
+        return self.model(**batch).loss if teacher is None else distilled_loss(self.model, batch, teacher)
 
     def step(self) -> float:
         t = time.perf_counter()
-        self.model(input_ids=self.ids, labels=self.ids).loss.backward()
+        self.loss().backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         return time.perf_counter() - t
