@@ -158,3 +158,23 @@ def test_w8a8_int_mm_layer_equals_the_fake_quantized_model(symmetric):
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-4 * ref.abs().max().item())
     dequant = prepare_for_inference(copy.deepcopy(merged), torch.float32, "dequant")
     assert not any(isinstance(m, Int8x8Linear) for m in dequant.modules())
+
+
+@pytest.mark.parametrize("out_features,group_size", [(128, 32), (192, 64), (64, 128)])
+def test_int4_prefill_unpacks_the_kernel_layout_exactly(out_features, group_size):
+    """Long inputs take the unpack + dense path: the unpacked weight is the layer's dequantized weight (with the
+    kernel's bf16 scale and zero), and both paths agree to bf16 rounding."""
+    from qaft.deploy.kernels import PREFILL_ROWS
+    from qaft.quant.linear import rtn_quantize_linear
+
+    torch.manual_seed(0)
+    layer = rtn_quantize_linear(torch.nn.Linear(256, out_features, bias=True), 4, group_size)
+    fast = Int4Linear(layer, torch.float32)
+    torch.testing.assert_close(fast.dense_weight(), layer.dequantize_weight(), rtol=0, atol=0)
+    x = torch.randn(PREFILL_ROWS, 256)
+    dense = fast(x)
+    kernel = torch.ops.aten._weight_int4pack_mm_for_cpu(x, fast.weight, group_size, fast.scales_and_zeros) + fast.bias
+    torch.testing.assert_close(dense, kernel, rtol=0, atol=1e-4 * kernel.abs().max().item())
+    bf16 = Int4Linear(layer, torch.bfloat16)
+    y_long, y_short = bf16(x.bfloat16()), torch.cat([bf16(x[i:i + 64].bfloat16()) for i in range(0, PREFILL_ROWS, 64)])
+    torch.testing.assert_close(y_long.float(), y_short.float(), rtol=0, atol=3e-2 * y_short.float().abs().max().item())
