@@ -18,19 +18,21 @@ Paths, each built once from a ``QuantizedLinear`` (weights converted at construc
   (``act_bits=8``), ``torch._int_mm`` multiplies the int8 activation codes by the int8 weight codes with exact
   int32 accumulation: ``y = s_x s_w (c_x · q) + s_x rowsum(c_x) b``. The layer quantizes its input itself (the
   same :func:`~qaft.quant.activation.quantize_per_token`), so the pre-hook is not carried over to it. Measured
-  side by side against the same model fake-quantized with a dense bf16 GEMM (``experiments/bench/inference.py
-  --variants bf16 int4 w8a8 w8a8-dequant --harnesses hf --gemv``, results/bench_inference_w8a8.json, 2 loaded
-  cores): decode 2.11 vs 1.55 tok/s (1.36x), but 512-token prefill 102 vs 122 tok/s (0.84x), and single-token
-  products of mixed sign. So ``backend="auto"`` does not pick it on CPU (:data:`INT_MM_FAST`); CUDA, where
-  ``_int_mm`` runs on int8 tensor cores, was not measured here and stays off until it is; ``backend="kernel"``
-  forces it.
+  side by side against the same model fake-quantized on a dense bf16 GEMM, on 2 quiet cores
+  (``experiments/bench/inference.py --variants bf16 int4 w8a8 w8a8-dequant --harnesses hf compiled+fuse
+  --rounds 3 --no-llama-cpp --new-tokens 32 --prefill 512``, results/bench_inference_w8a8.json): decode 22.6 vs
+  16.0 tok/s (HF generate, 1.41x) and 42.0 vs 29.0 (compiled, fused, 1.45x), 512-token prefill 856 vs 729 tok/s
+  (1.17x; 1.05x dense bf16 without any quantization). So ``backend="auto"`` picks it on CPU for half-precision
+  activations (:func:`_int_mm_is_fast`); with fp32 activations the dense fp32 path stays (int8 x int8 with fp32
+  activations lost to it in 5 of 6 single-product timings, ``--gemv``), and CUDA, where ``_int_mm`` runs on int8 tensor cores, was not measured
+  here and stays off until it is; ``backend="kernel"`` forces it.
 * :class:`DequantLinear`: the weight dequantized once into the compute dtype (dense GEMM; no memory
   saving, but always correct and the fastest choice where the integer kernels are not vectorized).
 
 ``backend="auto"`` uses a kernel only where it is both applicable and measured faster than the dense GEMM.
 On CPU that means half-precision activations only (bf16 measured; fp16 taken to behave alike). With fp32
 activations both CPU kernels lose to dense fp32 on every machine measured. Single-token product, 576x576,
-2-core AVX512 EPYC, torch 2.13 (``experiments/bench/inference.py --gemv``, results/bench_inference.json):
+2-core AVX512 EPYC, torch 2.13 (``experiments/bench/inference.py --gemv``, the earlier run in results/bench_inference.md):
 dense fp32 20 us, int4 kernel with fp32 activations 270 us, int8 kernel with fp32 activations 120 us;
 with bf16 activations the same kernels take 15 us (int4) and 22 us (int8) against 40 us for dense bf16.
 On an earlier AVX2 machine the fp32 int4 path made the whole model 2.4x slower than fp32 (so neither
@@ -60,8 +62,7 @@ INT4_GROUP_SIZES = (32, 64, 128, 256)
 # int4 kernel: 1536x576 in bf16 on 2 loaded cores, kernel vs unpack + dense, ms: 64 rows 0.86 vs 2.09, 128 rows
 # 1.73 vs 2.45, 512 rows 7.32 vs 4.96 (dense bf16 alone 2.97): the crossover lies near 256.
 PREFILL_ROWS = 256
-# Where torch._int_mm (W8A8) beat the fake-quantized dense path it replaces, end to end: see the module docstring.
-INT_MM_FAST: dict[str, bool] = {"cpu": False, "cuda": False}
+
 
 
 def _bias(layer: QuantizedLinear, dtype: torch.dtype) -> torch.Tensor | None:
@@ -222,9 +223,10 @@ def _kernel_is_fast(dtype: torch.dtype, device: torch.device) -> bool:
     return device.type == "cuda" or dtype in (torch.bfloat16, torch.float16)
 
 
-def _int_mm_is_fast(device: torch.device) -> bool:
-    """Where ``torch._int_mm`` beat the fake-quantized dense GEMM it replaces (measured: module docstring)."""
-    return INT_MM_FAST.get(device.type, False)
+def _int_mm_is_fast(dtype: torch.dtype, device: torch.device) -> bool:
+    """Where ``torch._int_mm`` beat the fake-quantized dense GEMM it replaces (measured: module docstring): CPU
+    with half-precision activations."""
+    return device.type == "cpu" and dtype in (torch.bfloat16, torch.float16)
 
 
 def inference_layer(layer: QuantizedLinear, dtype: torch.dtype, backend: Backend = "auto") -> nn.Module:
@@ -234,7 +236,7 @@ def inference_layer(layer: QuantizedLinear, dtype: torch.dtype, backend: Backend
     device = layer.qweight.device
     if backend != "dequant":
         force = backend == "kernel"
-        if int8x8_applicable(layer, device) and (force or _int_mm_is_fast(device)):
+        if int8x8_applicable(layer, device) and (force or _int_mm_is_fast(dtype, device)):
             return Int8x8Linear(layer, dtype)
         if int4_applicable(layer, dtype, device) and (force or _kernel_is_fast(dtype, device)):
             return Int4Linear(layer, dtype)

@@ -158,6 +158,11 @@ def test_w8a8_int_mm_layer_equals_the_fake_quantized_model(symmetric):
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-4 * ref.abs().max().item())
     dequant = prepare_for_inference(copy.deepcopy(merged), torch.float32, "dequant")
     assert not any(isinstance(m, Int8x8Linear) for m in dequant.modules())
+    # auto: int8 x int8 where it measured faster (CPU, half-precision activations), the dense path for fp32
+    auto_bf16 = prepare_for_inference(copy.deepcopy(merged), torch.bfloat16, "auto")
+    auto_fp32 = prepare_for_inference(copy.deepcopy(merged), torch.float32, "auto")
+    assert sum(isinstance(m, Int8x8Linear) for m in auto_bf16.modules()) == 14
+    assert not any(isinstance(m, Int8x8Linear) for m in auto_fp32.modules())
 
 
 @pytest.mark.parametrize("out_features,group_size", [(128, 32), (192, 64), (64, 128)])
