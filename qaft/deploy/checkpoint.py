@@ -71,6 +71,11 @@ def _layer_entries(model: nn.Module) -> dict[str, dict[str, Any]]:
             for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}
 
 
+def is_integer_model(model: nn.Module) -> bool:
+    """Whether a merged model holds integer layers (else it is a float merge, deployed by PTQ)."""
+    return any(isinstance(m, QuantizedLinear) for m in model.modules())
+
+
 def unique_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """The state dict with each shared storage (tied embeddings) kept once, under its first name."""
     seen: set[tuple[int, int]] = set()
@@ -191,7 +196,7 @@ def save_merged(merged: PreTrainedModel, path: str | Path, tokenizer: Any = None
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        if _layer_entries(merged):
+        if is_integer_model(merged):
             save_quantized(merged, tmp, tokenizer)
         else:
             merged.save_pretrained(str(tmp), safe_serialization=True)
@@ -233,7 +238,7 @@ def deployed_form(integer_merge: bool, bits: int, group_size: int) -> dict[str, 
 
 def deploy_merged(merged: PreTrainedModel, bits: int, group_size: int) -> tuple[PreTrainedModel, dict[str, Any]]:
     """The deployed model of a merged one (a float merge is quantized in place) and its :func:`deployed_form`."""
-    form = deployed_form(bool(_layer_entries(merged)), bits, group_size)
+    form = deployed_form(is_integer_model(merged), bits, group_size)
     if "ptq" in form:
         merged = ptq_model(merged, int(bits), int(group_size), FLOAT_MERGE_PTQ["init"], inplace=True,
                            zero_point=FLOAT_MERGE_PTQ["zero_point"])

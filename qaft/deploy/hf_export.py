@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import PreTrainedModel
 
-from qaft.deploy.checkpoint import WEIGHTS_FILE, unique_tensors
+from qaft.deploy.checkpoint import WEIGHTS_FILE, is_integer_model, unique_tensors
 from qaft.methods.act_kv import act_kv_layout, has_act_kv
 from qaft.quant.linear import QuantizedLinear
 
@@ -100,7 +100,7 @@ def check_exportable(model: nn.Module) -> None:
         raise ValueError(f"format=hf: the model quantizes activations/KV cache (act_bits={layout['act_bits']}, "
                          f"kv_bits={layout['kv_bits']}); no format transformers loads applies those quantizers: "
                          "use format=qaft (qaft.deploy.load_quantized)")
-    if not any(isinstance(m, QuantizedLinear) for m in model.modules()):
+    if not is_integer_model(model):
         raise ValueError("format=hf: the model holds no integer layers (merge it with qaft.merge_model first)")
 
 

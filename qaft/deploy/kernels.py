@@ -69,6 +69,13 @@ def _bias(layer: QuantizedLinear, dtype: torch.dtype) -> torch.Tensor | None:
     return None if layer.bias is None else layer.bias.detach().to(dtype).clone()
 
 
+def _channel_offset(layer: QuantizedLinear, dtype: torch.dtype) -> torch.Tensor | None:
+    """A per-channel layer's offset ``b`` in ``dtype``, or None for a symmetric layer (which then skips the
+    ``rowsum(x) * b`` correction entirely: one fewer op per call)."""
+    offset = layer.offset[:, 0]
+    return offset.to(dtype).contiguous() if offset.any() else None
+
+
 def _as_2d(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]).contiguous()
 
@@ -147,9 +154,7 @@ class Int8Linear(nn.Module):
         self.in_features, self.out_features, self.bits = layer.in_features, layer.out_features, layer.bits
         self.register_buffer("weight", layer.codes().contiguous())  # int8, (out, in)
         self.register_buffer("scales", layer.scale[:, 0].to(dtype).contiguous())
-        offset = layer.offset[:, 0]
-        # A symmetric layer skips the correction entirely (one fewer op per call).
-        self.register_buffer("offset", None if not offset.any() else offset.to(dtype).contiguous())
+        self.register_buffer("offset", _channel_offset(layer, dtype))
         self.register_buffer("bias", _bias(layer, dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -176,8 +181,7 @@ class Int8x8Linear(nn.Module):
         self.in_features, self.out_features, self.bits = layer.in_features, layer.out_features, layer.bits
         self.register_buffer("weight_t", layer.codes().T.contiguous())  # int8, (in, out): _int_mm's layout
         self.register_buffer("scales", layer.scale[:, 0].float().contiguous())
-        offset = layer.offset[:, 0]
-        self.register_buffer("offset", None if not offset.any() else offset.float().contiguous())
+        self.register_buffer("offset", _channel_offset(layer, torch.float32))
         self.register_buffer("bias", _bias(layer, dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -14,15 +14,9 @@ from typing import Any
 
 from torch import nn
 
-from qaft.deploy.checkpoint import deploy_merged
+from qaft.deploy.checkpoint import deploy_merged, is_integer_model
 from qaft.evaluation.perplexity import Batch, batches_perplexity
 from qaft.methods import merge_model, ptq_model
-from qaft.quant.linear import QuantizedLinear
-
-
-def is_integer_model(model: nn.Module) -> bool:
-    """Whether the merged model holds integer layers (else it is float and is deployed by PTQ)."""
-    return any(isinstance(m, QuantizedLinear) for m in model.modules())
 
 
 def deployed_key(results: dict[str, Any]) -> str:

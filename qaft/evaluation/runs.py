@@ -13,8 +13,14 @@ import torch
 from torch import nn
 
 from qaft.data import lm_blocks, load_lm_texts, tokenize_texts
-from qaft.deploy.checkpoint import RUN_RECORD, deploy_merged, load_merged, merged_model_dir, read_run
-from qaft.evaluation.deployed import is_integer_model
+from qaft.deploy.checkpoint import (
+    RUN_RECORD,
+    deploy_merged,
+    is_integer_model,
+    load_merged,
+    merged_model_dir,
+    read_run,
+)
 from qaft.files import write_json
 from qaft.methods import DEFAULT_TARGETS, GPTQOptions, gptq_quantize_model, ptq_model
 from qaft.methods.act_kv import install_act_kv
