@@ -40,6 +40,16 @@ AVX2 nor AVX512 is an exception).
 ``backend="kernel"`` forces the kernels wherever they apply (tests, benchmarks); ``backend="dequant"``
 never uses them. For speed on CPU, prepare with ``dtype=torch.bfloat16``.
 
+Why aten's ops and not torchao's (the maintained library this field would reach for): torchao 0.18 has no CPU
+kernel for int4 weights with float activations. Its CPU-tuned int4 tensor (``IntxOpaqueTensor``, from
+``Int8DynamicActivationIntxWeightConfig``) also quantizes the activations to 8 bits on the fly, which is another
+model than the one trained, and needs torchao's C++ kernel library (not loadable from the x86 wheel here); its
+weight-only tensor, ``IntxUnpackedToInt8Tensor`` (what ``qaft-export format=hf`` writes, so that transformers
+loads the codes exactly), dequantizes the weight at every call. Measured as the ``int4-hf`` variant of
+``experiments/bench/inference.py`` (transformers + torchao on the exported folder, results/bench_inference.md):
+it decodes far slower than these layers, and prefills no faster. On CUDA, aten's ``_weight_int4pack_mm`` is
+the tinygemm kernel torchao's own int4 CUDA layout uses.
+
 ``prepare_for_inference(..., fuse=True)`` first fuses q/k/v and gate/up into one layer each
 (:mod:`qaft.deploy.fuse`): one int4 call instead of three or two, which measurably cuts decode time.
 """
@@ -51,6 +61,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qaft.deploy.gemv import one_row_output
 from qaft.methods.act_kv import INPUT
 from qaft.methods.layer import replace_module
 from qaft.quant.activation import PerTokenQuantizer, quantize_per_token
@@ -59,9 +70,10 @@ from qaft.quant.linear import QuantizedLinear
 Backend = Literal["auto", "kernel", "dequant"]
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 # From this many rows (tokens) on, the CPU int4 layer unpacks its weight and runs the dense GEMM instead of the
-# int4 kernel: 1536x576 in bf16 on 2 loaded cores, kernel vs unpack + dense, ms: 64 rows 0.86 vs 2.09, 128 rows
-# 1.73 vs 2.45, 512 rows 7.32 vs 4.96 (dense bf16 alone 2.97): the crossover lies near 256.
-PREFILL_ROWS = 256
+# int4 kernel. bf16, 2 cores, ms, kernel vs unpack + dense (experiments/bench/int4_unpack.py,
+# results/bench_int4_unpack.md), 1536 in x 576 out: 64 rows 0.66 vs 0.72, 128 rows 1.32 vs 0.97, 512 rows 5.27 vs
+# 2.71 (dense alone 2.09); the other SmolLM2 shapes cross over between 64 and 128 rows as well.
+PREFILL_ROWS = 128
 
 
 
@@ -124,12 +136,20 @@ class Int4Linear(nn.Module):
 
     def dense_weight(self) -> torch.Tensor:
         """``W = (u4 - 8) * scale + zero`` unpacked from the CPU kernel's layout ((out/64, in, 32) bytes: row
-        ``64b + j`` in the low nibble, row ``64b + 32 + j`` in the high one), in the scales' dtype."""
+        ``64b + j`` in the low nibble, row ``64b + 32 + j`` in the high one), in the scales' dtype.
+
+        Built as ``W.T`` (in, out) and returned as its transposed view: reading the bytes in their stored order
+        with only whole 32-byte runs moved is ~2.5x faster than transposing them, and the GEMM takes either
+        layout. The arithmetic runs in float32 in place and is rounded once at the end (as the kernel computes):
+        bf16 elementwise ops are slower on CPU. Measured: experiments/bench/int4_unpack.py."""
         n, k = self.out_features, self.in_features
         packed = self.weight.view(n // 64, k, 32)
-        u = torch.cat([packed & 15, packed >> 4], -1).permute(0, 2, 1).reshape(n, k // self.group_size, -1)
-        scale, zero = (self.scales_and_zeros[..., i].T[..., None] for i in (0, 1))
-        return ((u.to(scale.dtype) - 8) * scale + zero).view(n, k)
+        w_t = torch.empty(k, n // 64, 2, 32)
+        w_t[:, :, 0].copy_((packed & 15).transpose(0, 1))
+        w_t[:, :, 1].copy_((packed >> 4).transpose(0, 1))
+        scale, zero = (self.scales_and_zeros[..., i].float()[:, None, :] for i in (0, 1))  # (groups, 1, out)
+        w_t.view(k // self.group_size, self.group_size, n).sub_(8).mul_(scale).add_(zero)
+        return w_t.view(k, n).to(self.scales_and_zeros.dtype).T
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = _as_2d(x.to(self.scales_and_zeros.dtype))
@@ -264,7 +284,8 @@ def prepare_for_inference(model: nn.Module, dtype: torch.dtype | None = None,
     ``dtype``: compute dtype of activations and of every float tensor of the model (default: the model's
     current float dtype). ``fuse``: first merge q/k/v and gate/up into one layer each
     (:func:`qaft.deploy.fuse.fuse_projections`; float models too). The swapped model keeps the same call
-    signature, so ``generate()`` works on it.
+    signature, so ``generate()`` works on it. The output projection becomes a
+    :class:`~qaft.deploy.gemv.OneRowLinear` (the same result; faster one-token steps once compiled).
     """
     dtype = dtype or _float_dtype(model)
     if fuse:
@@ -273,6 +294,7 @@ def prepare_for_inference(model: nn.Module, dtype: torch.dtype | None = None,
     targets = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantizedLinear)]
     for name, layer in targets:  # replace_module: the activation / KV quantizers stay with the position
         replace_module(model, name, inference_layer(layer, dtype, backend))
+    one_row_output(model)
     model.to(dtype)  # floating tensors only: packed codes stay integer
     model.eval()
     return model

@@ -26,7 +26,7 @@ def _results(bench, harnesses: list[str], llama_cpp: bool, monkeypatch) -> tuple
     """Made-up speeds keyed exactly as ``measure`` keys them (its own ``build_all``, with models not built)."""
     monkeypatch.setattr(bench, "build", lambda base, label, fuse, work, merged: (object(), 1000 + len(label)))
     args = argparse.Namespace(variants=["fp32", "bf16", "int4"], harnesses=harnesses)
-    models, prefill_models, sizes = bench.build_all(args, None, None)
+    models, prefill_models, sizes, _ = bench.build_all(args, None, None)
     decode = {key: [10.0 + i] for i, key in enumerate(models)}
     prefill = {key: [100.0 + 7 * i] for i, key in enumerate(prefill_models)}
     sizes[bench.LLAMA_CPP] = 600
@@ -54,7 +54,14 @@ def test_every_harness_subset_reports(monkeypatch, capsys):
                 if kind in kinds:
                     assert ratios[key] == round(pre["int4"][kind] / pre["fp32"][kind], 3)
                     assert (f"{bench.LLAMA_CPP}/fp32 prefill{suffix}" in ratios) == llama_cpp
-            assert set(res["targets"]) == set(subset)
+                # the standard-stack targets: int4 prefill over bf16's, int4 decode over llama.cpp's
+                assert (f"int4/bf16 prefill [{kind}]" in ratios) == (kind in kinds)
+                assert (f"prefill {kind}" in res["targets"]) == (kind in kinds)
+            assert {h for h in res["targets"] if not h.startswith("prefill ")} == set(subset)
+            for h in subset:
+                assert ("int4 >= 1.0x llama.cpp" in res["targets"][h]) == llama_cpp
+                if llama_cpp:
+                    assert ratios[f"int4/llama.cpp decode [{h}]"] == round(res["decode_tok_s"]["int4"][h] / 50.0, 3)
             assert ("| n/a" in capsys.readouterr().out) == (len(kinds) == 1)
 
 

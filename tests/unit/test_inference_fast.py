@@ -121,6 +121,9 @@ def test_compiled_loop_equals_hf_and_falls_back(monkeypatch):
     for model, ref in [*zip(models, refs), *zip(models, refs)]:
         assert torch.equal(greedy_generate(model, ids, 12, compile=True), ref)
         assert decode_mod._STATES[model].compiled
+    # inductor's C++ wrapper: the same tokens, its own compiled step
+    assert torch.equal(greedy_generate(models[0], ids, 12, compile=True, cpp_wrapper=True), refs[0])
+    assert decode_mod._STATES[models[0]].cpp_wrapper
     other = copy.deepcopy(models[0])
 
     def broken_compile(fn, **kwargs):
