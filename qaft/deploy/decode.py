@@ -14,12 +14,13 @@ overhead (profile in results/bench_inference.md). This loop cuts it:
 * dynamo's guards checked on the first step of each call only (:func:`_skip_guards`): 122 -> 130 tok/s;
 * on CPU the compiled steps use transformers' plain (``eager``) attention, matmuls and a softmax that
   inductor compiles with the rest, instead of the SDPA CPU kernel, whose fixed cost per call dominates for
-  one query token (:func:`_step_attention`). SmolLM2 int4, fused, 64 new tokens, 2 cores, timed and profiled
-  side by side: 78.6 -> 95 tok/s; with the profiler on, the 30 SDPA calls had taken 2.4 ms of each token's
-  13.5 ms. Same maths: fp32 logits agree to 4e-5 of 39.
+  one query token (:func:`_step_attention`). SmolLM2 int4, fused, 64 new tokens, 2 cores, side by side:
+  93.0 -> 106.6 tok/s (experiments/bench/decode_ablation.py, results/bench_decode_ablation.md). Same maths:
+  fp32 logits agree to 4e-5 of 39, and the compiled loop gives HF generate's tokens (tests).
   The prompt keeps SDPA (many query tokens), and the model's setting is restored after the loop;
 * the output projection (49152 x 576 for SmolLM2) as one fused multiply-and-sum loop instead of PyTorch's
-  bf16 matrix-vector kernel (:mod:`qaft.deploy.gemv`, set up by ``prepare_for_inference``): 95 -> 105 tok/s.
+  bf16 matrix-vector kernel (:mod:`qaft.deploy.gemv`, set up by ``prepare_for_inference``): 91.0 -> 106.6 tok/s
+  (same benchmark).
 
 The prompt is prefilled eagerly (its length varies, a compiled prefill would recompile per length). The
 compiled step is kept per model with its cache, so a request of a new power-of-two length recompiles once.

@@ -11,8 +11,8 @@ results/bench_inference.md).
 (where the same expression would materialise a float32 copy of the matrix) and for longer inputs it is
 ``F.linear`` on the input flattened to 2-D. That flattening matters too: the prompt's last position, which HF
 passes as a (1, 1, d) view with the prompt's strides, makes ``F.linear`` take a batched path that copies the
-transposed matrix first (SmolLM2 bf16: 59 ms instead of 5 per prompt, i.e. ~0.5 ms per token of a 64-token
-answer). It holds the original parameters, so tied embeddings stay tied.
+transposed matrix first (SmolLM2 bf16: 32.8 ms instead of 3.3 per prompt, about 0.5 ms per token of a 64-token
+answer; experiments/bench/decode_ablation.py). It holds the original parameters, so tied embeddings stay tied.
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def _compiled_matvec(weight: torch.Tensor) -> Callable:
 def one_row_matvec(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``weight @ x`` for a vector ``x`` as its own compiled loop: opaque to an enclosing compiled graph, which would
     otherwise fuse the producer of ``x`` (the final norm) and the consumer of the result (argmax) into the loop
-    over the matrix (profiled in SmolLM2's decode step: 2.9 ms for that kernel instead of 1.8)."""
+    over the matrix (seen in a profile of SmolLM2's decode step: 2.9 ms for that kernel instead of 1.8)."""
     return _compiled_matvec(weight)(x, weight)
 
 
