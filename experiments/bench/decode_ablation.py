@@ -21,6 +21,7 @@ import copy
 import json
 import statistics
 import time
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -32,20 +33,24 @@ from qaft.models import load_causal_lm
 VARIANTS = {"all": (True, True), "sdpa steps": (False, True), "plain output": (True, False), "neither": (False, False)}
 
 
-def build(base: torch.nn.Module, plain_attention: bool,
-          row_output: bool) -> tuple[torch.nn.Module, contextlib.AbstractContextManager]:
-    model = prepare_for_inference(qaft.ptq_model(copy.deepcopy(base), 4, 64), torch.bfloat16, fuse=True)
+def build(quantized: torch.nn.Module, row_output: bool) -> torch.nn.Module:
+    """A prepared copy of the int4 model (each variant keeps its own compiled step)."""
+    model = prepare_for_inference(copy.deepcopy(quantized), torch.bfloat16, fuse=True)
     if not row_output:
         head = model.get_output_embeddings()
         plain = torch.nn.Linear(head.in_features, head.out_features, bias=False)
         plain.weight = head.weight
         model.set_output_embeddings(plain)
-    keep = contextlib.nullcontext() if plain_attention else _sdpa_steps()
-    return model, keep
+    return model
+
+
+def attention_in_steps(plain: bool) -> contextlib.AbstractContextManager:
+    """As shipped (plain attention in the compiled steps), or the compiled steps keeping the model's SDPA."""
+    return contextlib.nullcontext() if plain else _sdpa_steps()
 
 
 @contextlib.contextmanager
-def _sdpa_steps():
+def _sdpa_steps() -> Iterator[None]:
     saved = decode._step_attention
     decode._step_attention = lambda *args: contextlib.nullcontext()
     try:
@@ -80,18 +85,19 @@ def main() -> None:
     args = parser.parse_args()
     base, tok = load_causal_lm("smollm2-135m")
     prompt = tok("The capital of France is", return_tensors="pt").input_ids
+    quantized = qaft.ptq_model(copy.deepcopy(base), 4, 64)
     models, compile_s = {}, {}
     for name, flags in VARIANTS.items():
-        model, ctx = build(base, *flags)
+        model = build(quantized, flags[1])
         start = time.perf_counter()
-        with ctx:
+        with attention_in_steps(flags[0]):
             greedy_generate(model, prompt, args.new_tokens)  # compiles this model's step
         compile_s[name] = round(time.perf_counter() - start, 1)
         models[name] = model, flags
     speeds: dict[str, list[float]] = {name: [] for name in models}
     for _ in range(args.rounds):
         for name, (model, flags) in models.items():
-            with contextlib.nullcontext() if flags[0] else _sdpa_steps():
+            with attention_in_steps(flags[0]):
                 start = time.perf_counter()
                 greedy_generate(model, prompt, args.new_tokens)
                 speeds[name].append(args.new_tokens / (time.perf_counter() - start))

@@ -71,21 +71,28 @@ LINEAR_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_weight_int4pack_mm
 LLAMA_CPP = "llama.cpp-q4_1"
 
 
+def quantization(label: str) -> tuple[int, int, int]:
+    """A variant's (bits, group size, activation bits): variants that share it share one PTQ model."""
+    bits, group = VARIANTS[label][:2]
+    return bits, group, ACT_BITS.get(label, 16)
+
+
 def build(base: torch.nn.Module, label: str, fuse: bool, workdir: Path,
-          merged: dict[str, tuple[torch.nn.Module, int]]) -> tuple[torch.nn.Module, int]:
-    """The variant's model (fused or not, a copy of its own) and its bytes on disk. ``merged`` keeps each
-    integer variant's PTQ model and checkpoint size, so that quantizing and saving happen once per variant."""
+          merged: dict[tuple[int, int, int], tuple[torch.nn.Module, int]]) -> tuple[torch.nn.Module, int]:
+    """The variant's model (fused or not, a copy of its own) and its bytes on disk. ``merged`` keeps each PTQ model
+    and its checkpoint size by :func:`quantization`, so that quantizing and saving happen once per setting."""
     bits, group, dtype, backend = VARIANTS[label]
     if bits is None:
         path = workdir / f"{label}.safetensors"
         if not path.exists():
             save_file(unique_tensors(copy.deepcopy(base).to(dtype)), str(path))
         return prepare_for_inference(copy.deepcopy(base), dtype, fuse=fuse), path.stat().st_size
-    if label not in merged:
+    key = quantization(label)
+    if key not in merged:
         model = qaft.apply_method(copy.deepcopy(base), qaft.config_for(
-            "ptq", bits=bits, group_size=group, act_bits=ACT_BITS.get(label, 16)))
-        merged[label] = model, checkpoint_bytes(save_quantized(model, workdir / label))
-    model, size = merged[label]
+            "ptq", bits=bits, group_size=group, act_bits=key[2]))
+        merged[key] = model, checkpoint_bytes(save_quantized(model, workdir / "-".join(map(str, key))))
+    model, size = merged[key]
     if backend == "hf-export":
         return load_hf_export(model, dtype, workdir / label)
     return prepare_for_inference(copy.deepcopy(model), dtype, backend, fuse=fuse), size
@@ -232,7 +239,8 @@ def measure(args: argparse.Namespace) -> dict:
     runs = {k: decoder(m, HARNESSES[k[1]][1]) for k, m in models.items()}
     prefills = {k: (lambda m: lambda ids: prefill(m, ids))(m) for k, m in prefill_models.items()}
     # the same weights as the int4 variant (its 64-groups are two exact Q4_1 blocks each)
-    int4 = merged["int4"][0] if "int4" in merged else qaft.ptq_model(copy.deepcopy(base), *VARIANTS["int4"][:2])
+    int4 = merged[quantization("int4")][0] if quantization("int4") in merged else qaft.ptq_model(
+        copy.deepcopy(base), *VARIANTS["int4"][:2])
     gguf = export_gguf(copy.deepcopy(int4), work / "int4.gguf", tok)
     sizes[LLAMA_CPP] = gguf.stat().st_size
     if importlib.util.find_spec("llama_cpp") is not None and not args.no_llama_cpp:

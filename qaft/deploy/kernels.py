@@ -76,7 +76,6 @@ INT4_GROUP_SIZES = (32, 64, 128, 256)
 PREFILL_ROWS = 128
 
 
-
 def _bias(layer: QuantizedLinear, dtype: torch.dtype) -> torch.Tensor | None:
     return None if layer.bias is None else layer.bias.detach().to(dtype).clone()
 
