@@ -6,6 +6,7 @@ file is recognisable (:data:`TMP_MARK`) and removed by :func:`remove_stale_tempo
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -31,6 +32,15 @@ def atomic_write(path: Path | str, write: Callable[[IO[bytes]], None]) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def sha256_file(path: Path | str) -> str:
+    """The SHA-256 of a file's contents, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def remove_stale_temporaries(folder: Path) -> list[Path]:

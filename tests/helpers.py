@@ -87,7 +87,7 @@ def fake_run_folder(run_dir: Path, merged: torch.nn.Module, float_model: torch.n
     """A run folder as qaft-train leaves it (merged model, record naming it relative to the folder)."""
     run_dir.mkdir(parents=True)
     (run_dir / "config.yaml").write_text("model: {name_or_path: tiny-llama}\nmethod: {bits: 4, group_size: 32}\n")
-    from qaft.deploy.checkpoint import save_merged
+    from qaft.deploy.merged import save_merged
 
     save_merged(merged if float_model is None else float_model, run_dir / "merged_model")
     (run_dir / "record.json").write_text(json.dumps({"status": "ok", "metrics": {"merged_model_path": "merged_model"}}))

@@ -41,7 +41,7 @@ from safetensors.torch import save_file
 
 import qaft
 from qaft.deploy import backend_counts, export_gguf, greedy_generate, prepare_for_inference, save_quantized
-from qaft.deploy.checkpoint import checkpoint_bytes, unique_tensors
+from qaft.deploy.packed import packed_bytes, unique_tensors
 from qaft.models import load_causal_lm
 
 # label -> (bits, group_size, compute dtype, backend); bits None = the float model itself
@@ -91,7 +91,7 @@ def build(base: torch.nn.Module, label: str, fuse: bool, workdir: Path,
     if key not in merged:
         model = qaft.apply_method(copy.deepcopy(base), qaft.config_for(
             "ptq", bits=bits, group_size=group, act_bits=key[2]))
-        merged[key] = model, checkpoint_bytes(save_quantized(model, workdir / "-".join(map(str, key))))
+        merged[key] = model, packed_bytes(save_quantized(model, workdir / "-".join(map(str, key))))
     model, size = merged[key]
     if backend == "hf-export":
         return load_hf_export(model, dtype, workdir / label)

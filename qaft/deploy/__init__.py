@@ -1,6 +1,5 @@
 """qaft.deploy: fast inference layers, fused projections, a compiled greedy decode loop, packed integer
-checkpoints, Hugging Face (torchao, ``hf_export``) and GGUF export of merged models."""
-from qaft.deploy.checkpoint import load_quantized, save_quantized
+format, Hugging Face (torchao, ``hf_export``) and GGUF export of merged models."""
 from qaft.deploy.decode import greedy_generate
 from qaft.deploy.kernels import (
     DequantLinear,
@@ -11,6 +10,7 @@ from qaft.deploy.kernels import (
     inference_layer,
     prepare_for_inference,
 )
+from qaft.deploy.packed import load_quantized, save_quantized
 
 __all__ = [
     "DequantLinear", "Int4Linear", "Int8Linear", "Int8x8Linear", "backend_counts", "export_gguf", "greedy_generate",

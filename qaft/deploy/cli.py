@@ -1,4 +1,4 @@
-"""``qaft-export``: a finished run folder -> a deployable artifact (Hugging Face, packed qaft checkpoint or GGUF).
+"""``qaft-export``: a finished run folder -> a deployable artifact (Hugging Face, packed qaft folder or GGUF).
 
     qaft-export runs/<run> format=hf    [out=PATH] [dtype=float32|bfloat16|float16]
                                                        # folder transformers loads (torchao), no qaft needed
@@ -6,9 +6,9 @@
     qaft-export runs/<run> format=gguf  [out=PATH]     # one .gguf file (<=4-bit g%32 layers as Q4_1)
                 [approximate=true | allow_float=true]   # other layouts: closest GGUF type / F16
 
-Reads the run folder's ``merged_model/`` (:func:`qaft.deploy.checkpoint.load_merged`, safetensors only): an
-integer model as it is, a float-merged one as the run deployed it (round-to-nearest PTQ at the run's
-``method.bits`` / ``method.group_size`` from ``config.yaml``: :func:`qaft.deploy.checkpoint.deploy_merged`).
+Reads the run folder's ``merged_model/`` (:func:`qaft.deploy.merged.load_merged`, safetensors only): an
+integer model as it is, a float-merged one as the run deployed it (round-to-nearest PTQ at the record's
+``bits`` / ``group_size``: :func:`qaft.deploy.merged.deploy_merged`).
 A folder written by ``save_quantized`` (with ``quantization.json``) is accepted as the run folder too. Options are ``key=value`` (``--key value`` works as well); the first other
 argument is the run folder, whatever characters its name holds.
 """
@@ -19,18 +19,10 @@ import sys
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
-from qaft.deploy.checkpoint import (
-    QUANT_FILE,
-    deploy_merged,
-    load_merged,
-    load_quantized,
-    merged_model_dir,
-    read_run,
-    save_quantized,
-)
 from qaft.deploy.hf_export import check_exportable, export_hf
+from qaft.deploy.merged import load_deployed
+from qaft.deploy.packed import QUANT_FILE, load_quantized, save_quantized
 from qaft.models import load_tokenizer
 
 FORMATS = ("qaft", "hf", "gguf")
@@ -41,13 +33,12 @@ USAGE = ("usage: qaft-export RUN_DIR [format=qaft|hf|gguf] [out=PATH] [dtype=flo
 
 
 def load_run(run_dir: Path) -> tuple[torch.nn.Module, object | None]:
-    """The merged integer model of a run folder and its tokenizer (if it can be found)."""
+    """The deployed model of a run folder (its integer merge, or its float merge after the run's RTN) and its
+    tokenizer; a folder written by ``save_quantized`` is accepted as it is."""
     if (run_dir / QUANT_FILE).is_file():
         return load_quantized(run_dir), load_tokenizer(str(run_dir))
-    cfg = OmegaConf.load(run_dir / "config.yaml")
-    model = load_merged(merged_model_dir(run_dir, read_run(run_dir)))
-    tokenizer = load_tokenizer(cfg.model.name_or_path)
-    return deploy_merged(model, int(cfg.method.bits), int(cfg.method.group_size))[0], tokenizer
+    model, tokenizer, _, _ = load_deployed(run_dir)
+    return model, tokenizer
 
 
 def parse_args(argv: list[str]) -> tuple[Path, dict[str, str | None]]:

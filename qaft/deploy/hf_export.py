@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import PreTrainedModel
 
-from qaft.deploy.checkpoint import WEIGHTS_FILE, is_integer_model, unique_tensors
+from qaft.deploy.packed import WEIGHTS_FILE, is_integer_model, unique_tensors
 from qaft.methods.act_kv import act_kv_layout, has_act_kv
 from qaft.quant.linear import QuantizedLinear
 

@@ -56,7 +56,8 @@ def _perplexity(model: torch.nn.Module, tokenizer: Any, p: DictConfig) -> dict[s
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Everything ``cfg`` asks for, as one JSON-ready dict (also written to ``output`` / the run's record)."""
-    from qaft.evaluation.runs import add_eval_to_record, write_json
+    from qaft.files import write_json
+    from qaft.run_folder import RunFolder
 
     model, tokenizer, about = _model(cfg)
     results: dict[str, Any] = {**about}
@@ -67,10 +68,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         lm = run_tasks(model, tokenizer, list(cfg.tasks), int(cfg.lm_eval.batch_size), int(cfg.lm_eval.max_length),
                        about["form"], cfg.lm_eval.limit)
         results["lm_eval"], results["headline"] = lm, headline(lm)
-    out = Path(cfg.output or (Path(cfg.run_dir) / "eval.json" if cfg.run_dir else "eval_results.json"))
+    out = Path(cfg.output or (RunFolder(cfg.run_dir).eval_path if cfg.run_dir else "eval_results.json"))
     write_json(out, results)
     if cfg.run_dir:
-        add_eval_to_record(cfg.run_dir, about["form"], results)  # keyed by the form scored
+        RunFolder(cfg.run_dir).add_eval(about["form"], results)  # keyed by the form scored
     return results
 
 

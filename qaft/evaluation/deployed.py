@@ -4,78 +4,136 @@ A method merges either into integer layers (L4Q, DL-QAT, QA-LoRA, PTQ, QAT: the 
 one) or into a float model (LoRA, QLoRA, LoftQ, QAT-LoRA), which is deployed by round-to-nearest PTQ at the run's
 bits and group size, the papers' "+PTQ" rows (and, on request, by GPTQ: "+GPTQ"). The merge happens in place:
 the training-time model is scored first, then becomes the merged model layer by layer, so the merge costs about
-one layer of memory instead of a second model. The rule for the "+PTQ" deployment is
-:func:`qaft.deploy.checkpoint.deploy_merged`, which ``qaft-eval run_dir=...`` and ``qaft-export`` apply too.
+one layer of memory instead of a second model. Which form is deployed follows the one rule
+:func:`qaft.deploy.packed.is_integer_model` (:func:`qaft.deploy.merged.deploy_merged`), which ``qaft-eval
+run_dir=...`` and ``qaft-export`` apply too. :func:`end_of_run` returns an :class:`EndOfRun`: the perplexity of
+each :class:`ModelForm` it scored, keyed by the form, and which one is deployed.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
 from typing import Any
 
 from torch import nn
 
-from qaft.deploy.checkpoint import deploy_merged, is_integer_model
+from qaft.deploy.merged import MERGED_FORM, MERGED_PTQ_FORM, deploy_merged, deployed_form
+from qaft.deploy.packed import is_integer_model
 from qaft.evaluation.perplexity import Batch, batches_perplexity
 from qaft.methods import merge_model, ptq_model
 
 
-def deployed_key(results: dict[str, Any]) -> str:
-    """The one rule for which result describes the deployed model: ``merged``, or ``merged_ptq`` where the
-    merge is float (keys as :func:`end_of_run` returns them; records prefix them with ``ppl_``)."""
-    return "merged_ptq" if "merged_ptq" in results else "merged"
+class ModelForm(Enum):
+    """A model scored at the end of a run; the value is its perplexity's key in a run record's ``metrics``."""
+
+    TRAINED = "ppl_trained"  # the training-time model
+    MERGED = "ppl_merged"  # merged (equal to TRAINED up to float rounding for integer methods)
+    MERGED_PTQ = "ppl_merged_ptq"  # a float merge after RTN at the run's bits / group size (the papers' "+PTQ")
+    MERGED_GPTQ = "ppl_merged_gptq"  # a float merge after GPTQ ("+GPTQ", eval.gptq)
+    FLOAT = "ppl_float"  # the untouched model (eval.baselines)
+    PTQ = "ppl_ptq"  # its RTN
+    PTQ_GPTQ = "ppl_ptq_gptq"  # its GPTQ
+
+    @property
+    def key(self) -> str:
+        return self.value
+
+    @property
+    def label(self) -> str:
+        """``merged_ptq``: how progress lines name it."""
+        return self.name.lower()
+
+
+# deployed_form()'s names of the two deployed forms
+DEPLOYED_FORMS = {MERGED_FORM: ModelForm.MERGED, MERGED_PTQ_FORM: ModelForm.MERGED_PTQ}
+
+
+@dataclass
+class EndOfRun:
+    """What :func:`end_of_run` scored (perplexity per form), whether the merge is integer, and the deployed model."""
+
+    perplexity: dict[ModelForm, float]
+    integer_merge: bool
+    deployed: nn.Module
+    bits: int
+    group_size: int
+
+    @property
+    def deployed_form(self) -> ModelForm:
+        return ModelForm.MERGED if self.integer_merge else ModelForm.MERGED_PTQ
+
+    @property
+    def deployment(self) -> dict[str, Any]:
+        """The record's ``metrics.deployed``: ``{"form": "merged"}`` or ``merged+ptq`` and its RTN settings."""
+        return deployed_form(self.integer_merge, self.bits, self.group_size)
+
+    def metrics(self) -> dict[str, float]:
+        """The perplexities under their record keys."""
+        return {form.key: value for form, value in self.perplexity.items()}
+
+    def table(self, method: str) -> str:
+        return format_table(self.perplexity, self.deployed_form, method, self.bits, self.group_size)
 
 
 def deployed_perplexity(metrics: dict[str, Any]) -> float | None:
-    """The deployed model's perplexity from a run record's ``metrics`` (``ppl_`` keys)."""
-    return metrics.get("ppl_" + deployed_key({k[4:]: v for k, v in metrics.items() if k.startswith("ppl_")}))
+    """The deployed model's perplexity from a run record's ``metrics``: the form its ``deployed`` entry names
+    (records written before that entry existed deployed ``merged_ptq`` exactly where they scored it)."""
+    deployed = metrics.get("deployed")
+    name = deployed.get("form") if isinstance(deployed, dict) else None
+    if name in DEPLOYED_FORMS:
+        form = DEPLOYED_FORMS[name]
+    else:
+        form = ModelForm.MERGED_PTQ if ModelForm.MERGED_PTQ.key in metrics else ModelForm.MERGED
+    value = metrics.get(form.key)
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def end_of_run(model: nn.Module, batches: list[Batch], bits: int, group_size: int,
                load_float: Callable[[], nn.Module] | None,
                gptq: Callable[[nn.Module], nn.Module] | None = None,
-               on_merged: Callable[[nn.Module], None] | None = None) -> tuple[dict[str, float], nn.Module]:
+               on_merged: Callable[[nn.Module], None] | None = None) -> EndOfRun:
     """Perplexities at the end of a run and the deployed model; ``model`` is merged in place (consumed).
 
-    ``trained``: the training-time model; ``merged``: the merged one (equal to ``trained`` up to float rounding
-    for integer methods); ``merged_ptq``: a float merge quantized by RTN at ``bits`` / ``group_size`` (the papers'
-    "+PTQ"); ``float`` and ``ptq``: the untouched model and its plain RTN, when ``load_float`` is given.
-    ``gptq`` (a float model in, a quantized copy out) adds the same two deployments by GPTQ: ``merged_gptq`` and
-    ``ptq_gptq``. ``on_merged`` sees the merged model before a float merge is quantized (to save it).
+    Scores :attr:`ModelForm.TRAINED` and ``MERGED``; for a float merge, ``MERGED_PTQ`` (and ``MERGED_GPTQ`` when
+    ``gptq``, a float model in and a quantized copy out, is given); ``FLOAT`` and ``PTQ`` (``PTQ_GPTQ``) when
+    ``load_float`` is given. ``on_merged`` sees the merged model before a float merge is quantized (to save it).
     """
-    def score(name: str, scored: nn.Module) -> None:
-        results[name] = batches_perplexity(scored, batches, f"perplexity [{name}]")
+    def score(form: ModelForm, scored: nn.Module) -> None:
+        results[form] = batches_perplexity(scored, batches, f"perplexity [{form.label}]")
 
-    results: dict[str, float] = {}
-    score("trained", model)
+    results: dict[ModelForm, float] = {}
+    score(ModelForm.TRAINED, model)
     merged = merge_model(model, inplace=True)
-    score("merged", merged)
+    score(ModelForm.MERGED, merged)
     if on_merged is not None:
         on_merged(merged)
+    integer_merge = is_integer_model(merged)
     deployed = merged
-    if not is_integer_model(merged):
+    if not integer_merge:
         if gptq is not None:
-            score("merged_gptq", gptq(merged))
+            score(ModelForm.MERGED_GPTQ, gptq(merged))
         deployed, _ = deploy_merged(merged, bits, group_size)
-        score("merged_ptq", deployed)
+        score(ModelForm.MERGED_PTQ, deployed)
     if load_float is not None:
         base = load_float()
-        score("float", base)
+        score(ModelForm.FLOAT, base)
         if gptq is not None:
-            score("ptq_gptq", gptq(base))
-        score("ptq", ptq_model(base, bits, group_size, inplace=True))
+            score(ModelForm.PTQ_GPTQ, gptq(base))
+        score(ModelForm.PTQ, ptq_model(base, bits, group_size, inplace=True))
         del base
-    return results, deployed
+    return EndOfRun(results, integer_merge, deployed, int(bits), int(group_size))
 
 
-def format_table(results: dict[str, float], method: str, bits: int, group_size: int) -> str:
+def format_table(results: dict[ModelForm, float], deployed: ModelForm, method: str, bits: int, group_size: int) -> str:
     """The short table printed at the end of a run."""
     group = "per-channel" if group_size == -1 else f"g{group_size}"
-    rows = [("float (no quantization)", results.get("float")),
-            (f"PTQ round-to-nearest w{bits} {group}", results.get("ptq")),
-            (f"PTQ GPTQ w{bits} {group}", results.get("ptq_gptq")),
-            (f"{method} merged (deployed) w{bits} {group}", results.get(deployed_key(results))),
-            (f"{method} merged + GPTQ w{bits} {group}", results.get("merged_gptq")),
-            (f"{method} training-time model", results.get("trained"))]
+    rows = [("float (no quantization)", results.get(ModelForm.FLOAT)),
+            (f"PTQ round-to-nearest w{bits} {group}", results.get(ModelForm.PTQ)),
+            (f"PTQ GPTQ w{bits} {group}", results.get(ModelForm.PTQ_GPTQ)),
+            (f"{method} merged (deployed) w{bits} {group}", results.get(deployed)),
+            (f"{method} merged + GPTQ w{bits} {group}", results.get(ModelForm.MERGED_GPTQ)),
+            (f"{method} training-time model", results.get(ModelForm.TRAINED))]
     width = max(len(name) for name, _ in rows)
     lines = [f"{'model'.ljust(width)}  perplexity", f"{'-' * width}  ----------"]
     lines += [f"{name.ljust(width)}  {value:10.3f}" for name, value in rows if value is not None]

@@ -32,13 +32,13 @@ import pandas as pd
 import yaml
 
 from qaft.evaluation.deployed import deployed_perplexity
+from qaft.run_folder import CONFIG_FILE, RECORD_FILE, CorruptRun, RunFolder, Status, check_record
 
-MISSING, FAILED, INCOMPLETE = "missing", "failed", "incomplete"
-DIVERGED, INTERRUPTED, CORRUPT = "diverged", "interrupted", "corrupt"
+MISSING = "missing"  # a cell no run matches (not a run's status)
 NOT_APPLICABLE = "—"
 WANDB_FOLDER = "wandb"  # logger=wandb's files inside a run folder (an online run's files/config.yaml is no run)
 # What a cell without an ok run says, most telling first.
-NOT_OK = (FAILED, DIVERGED, INTERRUPTED, CORRUPT, INCOMPLETE)
+NOT_OK = tuple(s.value for s in (Status.FAILED, Status.DIVERGED, Status.INTERRUPTED, Status.CORRUPT, Status.INCOMPLETE))
 
 
 def warn(message: str) -> None:
@@ -71,48 +71,65 @@ def wakv(row: dict[str, Any]) -> str:
     return f"{row.get('bits')}-{act}-{kv}"
 
 
-def _incomplete(folder: Path, status: str = INCOMPLETE) -> dict[str, Any]:
+def _incomplete(folder: RunFolder, status: Status = Status.INCOMPLETE) -> dict[str, Any]:
     """A run with a config but no (readable) record: the keys a report selects on, from its ``config.yaml``."""
-    if not (folder / "config.yaml").is_file():
-        return {"status": status, "run_dir": str(folder)}
-    cfg = yaml.safe_load((folder / "config.yaml").read_text()) or {}
-    method, scale = cfg.get("method") or {}, cfg.get("scale") or {}
-    row = {"status": status, "run_dir": str(folder), "method": method.get("name"), "bits": method.get("bits"),
-           "group_size": method.get("group_size"), "seed": cfg.get("seed"), "experiment": cfg.get("experiment_name"),
-           "scale": scale.get("name"), "model": (cfg.get("model") or {}).get("name_or_path"),
-           "data": (cfg.get("data") or {}).get("name")}
+    row: dict[str, Any] = {"status": status.value, "run_dir": str(folder.path)}
+    try:
+        cfg = folder.read_config()
+    except CorruptRun as err:
+        warn(f"{err}; its cell is marked {Status.CORRUPT.value!r}")
+        return {**row, "status": Status.CORRUPT.value}
+    if cfg is None:
+        return row
+    nodes = {k: cfg.get(k) if isinstance(cfg.get(k), dict) else {} for k in ("method", "scale", "model", "data")}
+    method = nodes["method"]
+    row |= {"method": method.get("name"), "bits": method.get("bits"), "group_size": method.get("group_size"),
+            "seed": cfg.get("seed"), "experiment": cfg.get("experiment_name"), "scale": nodes["scale"].get("name"),
+            "model": nodes["model"].get("name_or_path"), "data": nodes["data"].get("name")}
     _flatten("method_config", {k: v for k, v in method.items() if k != "name"}, row)
     row["wakv"] = wakv(row)
     return row
 
 
+def _folder_row(folder: RunFolder) -> dict[str, Any]:
+    """A run folder's row: its record (read from here, not where it was written: run folders may be moved), or
+    ``incomplete`` / ``corrupt`` with what its config says."""
+    try:
+        record = folder.read_record()
+    except CorruptRun as err:
+        warn(f"{err}; its cell is marked {Status.CORRUPT.value!r}")
+        return _incomplete(folder, Status.CORRUPT)
+    return _incomplete(folder) if record is None else _row({**record, "run_dir": str(folder.path)})
+
+
 def load_runs(root: str | Path) -> pd.DataFrame:
     """One row per run folder under ``root``: its flattened ``record.json``, or ``status='incomplete'`` with
-    the keys of its ``config.yaml`` when it has no record. ``root`` may also be an archive written by
-    :func:`archive_runs` (a ``.jsonl`` file, one record per line)."""
+    the keys of its ``config.yaml`` when it has no record (``corrupt`` where either cannot be read). ``root`` may
+    also be an archive written by :func:`archive_runs` (a ``.jsonl`` file, one record per line)."""
     if Path(root).is_file():
-        return pd.DataFrame([_row(json.loads(line)) for line in Path(root).read_text().splitlines() if line])
-    rows = []
-    found = {p.parent for p in Path(root).rglob("config.yaml")} | {p.parent for p in Path(root).rglob("record.json")}
-    for folder in sorted(f for f in found if WANDB_FOLDER not in f.relative_to(root).parts):  # wandb's own files
-        if (folder / "record.json").is_file():
-            record = _read(folder / "record.json")
-            # the folder it was read from, not the one it was written in: run folders may be moved
-            rows.append(_row({**record, "run_dir": str(folder)}) if record is not None else _incomplete(folder, CORRUPT))
-        elif folder.name != ".hydra":
-            rows.append(_incomplete(folder))
-    return pd.DataFrame(rows)
+        return pd.DataFrame([_row(r) for r in _archived(Path(root))])
+    found = {p.parent for name in (CONFIG_FILE, RECORD_FILE) for p in Path(root).rglob(name)}
+    folders = sorted(f for f in found if WANDB_FOLDER not in f.relative_to(root).parts and f.name != ".hydra")
+    return pd.DataFrame([_folder_row(RunFolder(f)) for f in folders])
+
+
+def _archived(path: Path) -> list[dict[str, Any]]:
+    """The records of an archive (a line that is not a well-typed record is named on stderr and skipped)."""
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            records.append(check_record(json.loads(line), f"{path} line {number}")) if line else None
+        except (json.JSONDecodeError, CorruptRun) as err:
+            warn(f"{err}: skipped")
+    return records
 
 
 def _read(path: Path) -> dict[str, Any] | None:
-    """A record, or None (with a warning naming the file) where it is not readable JSON."""
+    """A record, or None (with a warning naming the file) where it is not a readable, well-typed record."""
     try:
-        record = json.loads(path.read_text())
-        if isinstance(record, dict):
-            return record
-        raise ValueError("not a JSON object")
-    except (OSError, ValueError) as err:
-        warn(f"{path}: unreadable record ({type(err).__name__}: {err}); its cell is marked {CORRUPT!r}")
+        return RunFolder(path.parent).read_record()
+    except CorruptRun as err:
+        warn(f"{err}; its cell is marked {Status.CORRUPT.value!r}")
         return None
 
 
@@ -120,8 +137,8 @@ def archive_runs(root: str | Path, path: str | Path, where: list[dict[str, Any]]
     """Every ``record.json`` under ``root`` (those matching any of ``where``, flattened-key filters) as one
     JSON-lines file, sorted, so that a report can be rerun from it without the run folders."""
     root = Path(root)
-    records = ([json.loads(line) for line in root.read_text().splitlines() if line] if root.is_file()
-               else [r for p in sorted(root.rglob("record.json")) if (r := _read(p)) is not None])
+    records = (_archived(root) if root.is_file()
+               else [r for p in sorted(root.rglob(RECORD_FILE)) if (r := _read(p)) is not None])
     if where:
         records = [r for r in records if any(all(_row(r).get(k) in (v if isinstance(v, list) else [v])
                                                  for k, v in w.items()) for w in where)]
@@ -172,7 +189,7 @@ def _cell(values: pd.Series, decimals: int) -> str:
 
 
 def _ok(runs: pd.DataFrame) -> pd.DataFrame:
-    return runs[runs["status"] == "ok"] if "status" in runs else runs
+    return runs[runs["status"] == Status.OK.value] if "status" in runs else runs
 
 
 def _not_ok(runs: pd.DataFrame) -> str:

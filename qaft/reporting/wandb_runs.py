@@ -20,14 +20,15 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from qaft.run_folder import Status
 from qaft.training.tracking import SUMMARY_KEYS
 
 HEADER, BLOCK, CHUNK = 7, 32 * 1024, 7
 FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
-INCOMPLETE, FAILED = "incomplete", "failed"
+INCOMPLETE, FAILED = Status.INCOMPLETE.value, Status.FAILED.value
 # wandb's run state -> a record status, for runs whose summary has none (stopped before qaft-train wrote it);
 # any other state, running or finished without one, is a run without a record
-STATES = {"crashed": FAILED, "failed": FAILED, "killed": "interrupted"}
+STATES = {"crashed": FAILED, "failed": FAILED, "killed": Status.INTERRUPTED.value}  # keys: wandb's run states
 
 
 def _chunks(data: bytes) -> Iterator[bytes]:

@@ -18,6 +18,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from qaft.paths import conf_dir
+from qaft.run_folder import RunFolder, Status
 from qaft.training.config import ConfigError, register_conf, validate
 from qaft.training.sweep_cleanup import SweepCleanup
 
@@ -27,7 +28,6 @@ CONF_DIR = str(conf_dir())
 # sweep jobs in other processes (submitit, on a cluster) recomposes each job's config there after unpickling
 # _main, which imports this module but never calls main(). (Importing qaft itself registers nothing.)
 register_conf()
-EXIT_BUSY = 4
 
 
 def _fail(message: str, code: int) -> None:
@@ -50,31 +50,25 @@ def _main(cfg: DictConfig) -> float | None:
         _fail(f"invalid config: {err}", 2)
     # Imported only now: a config error should cost no more than the imports validation needs.
     from qaft.evaluation.deployed import deployed_perplexity
-    from qaft.training.pipeline import run
-    from qaft.training.records import DIVERGED, FAILED, Diverged, RunInterrupted, exit_code
-    from qaft.training.run_control import RunBusy
+    from qaft.training.outcomes import outcome
+    from qaft.training.pipeline import run, run_dir_of
 
     try:
         metrics = run(cfg, spec)
-    except ConfigError as err:  # a checkpoint refused on resume: nothing was written
-        discard_run_dir(cfg.get("runs_root"))
-        if multirun:
+    except Exception as err:  # RunInterrupted too (it is not a KeyboardInterrupt): a sweep stops as a whole then
+        ended = outcome(err)
+        if ended.status is None:  # a checkpoint refused on resume, or the folder busy: nothing was written
+            if isinstance(err, ConfigError):
+                discard_run_dir(cfg.get("runs_root"))
+            if multirun:
+                raise
+            _fail(str(err), ended.exit_code)
+        if multirun and ended.status != Status.INTERRUPTED:
             raise
-        _fail(str(err), 2)
-    except RunBusy as err:
-        if multirun:
-            raise
-        _fail(str(err), EXIT_BUSY)
-    except RunInterrupted as err:  # a sweep stops as a whole when the job is interrupted
-        _fail(f"{err}; rerun the same command to resume", exit_code("interrupted", err))
-    except Exception as err:
-        if multirun:
-            raise
-        from qaft.training.pipeline import run_dir_of
-
-        status = DIVERGED if isinstance(err, Diverged) else FAILED
-        _fail(f"run {status}: {type(err).__name__}: {err} (record: {run_dir_of(cfg) / 'record.json'})",
-              exit_code(status, err))
+        if ended.status == Status.INTERRUPTED:
+            _fail(f"{ended.error}; rerun the same command to resume", ended.exit_code)
+        _fail(f"run {ended.status}: {type(err).__name__}: {err} (record: {RunFolder(run_dir_of(cfg)).record_path})",
+              ended.exit_code)
     return deployed_perplexity(metrics) if metrics else None
 
 

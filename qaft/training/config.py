@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ from qaft.quant.activation import OFF
 from qaft.quant.affine import VALID_BITS
 from qaft.quant.granularity import granularity
 from qaft.training.schemas import method_fields, register_method_schemas
+from qaft.training.spec import RunSpec, run_spec
 
 SCHEDULES = {
     "constant": lambda progress: 1.0,
@@ -45,20 +45,6 @@ _IN_FEATURES = {
 
 class ConfigError(ValueError):
     """A problem with the composed config, reported as one line before anything heavy runs."""
-
-
-@dataclass(frozen=True)
-class RunSpec:
-    """What the validated config means: the method config and the bits / group size it is deployed at.
-
-    ``eval_gptq``: the options of the end-of-run GPTQ deployment (``None`` unless ``eval.gptq``); a method's own
-    calibration is ``method.calibration()``.
-    """
-
-    method: MethodConfig
-    bits: int
-    group_size: int
-    eval_gptq: GPTQOptions | None = None
 
 
 def _fields(node: Any) -> dict[str, Any]:
@@ -151,9 +137,17 @@ def _check_optim(cfg: DictConfig) -> None:
             raise ConfigError(f"optim.lr.{role}={lr!r} must be a finite number >= 0")
 
 
+# Lightning settings that train less than max_steps full batches: a run with them could not be recorded ok.
+SHORTENED = {"fast_dev_run": (False, 0, None), "limit_train_batches": (1.0, None), "overfit_batches": (0, 0.0, None),
+             "max_time": (None,)}
+
+
 def _check_trainer(cfg: DictConfig, method: MethodConfig) -> None:
-    if cfg.trainer.get("fast_dev_run"):
-        return
+    for key, allowed in SHORTENED.items():
+        value = cfg.trainer.get(key)
+        if not any(value is a or (type(value) is type(a) and value == a) for a in allowed):
+            raise ConfigError(f"trainer.{key}={value!r} trains less than the config says, and a run record must "
+                              f"never claim steps that did not happen; for a short run set trainer.max_steps")
     steps = int(cfg.trainer.get("max_steps", -1))
     if steps <= 0:
         raise ConfigError("trainer.max_steps must be a positive number of optimizer steps (runs are step-based)")
@@ -289,7 +283,7 @@ def validate(cfg: DictConfig, resources: bool = True) -> RunSpec:
     _check_callbacks(cfg)
     if resources:
         _check_data_contents(cfg)
-    return RunSpec(method=method, bits=bits, group_size=group_size, eval_gptq=eval_gptq)
+    return run_spec(cfg, method, bits, group_size, eval_gptq)
 
 
 # --- resolvers used by conf/train.yaml -------------------------------------------------------------------

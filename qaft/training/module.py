@@ -30,9 +30,47 @@ from qaft.methods.config import MethodConfig
 from qaft.methods.distill import distilled_loss
 from qaft.models import load_causal_lm
 from qaft.progress import duration, say
-from qaft.training.config import SCHEDULES
+from qaft.training.config import SCHEDULES, ConfigError
 from qaft.training.peak_memory import PeakMemory
 from qaft.training.records import Diverged
+
+
+class CheckpointMismatch(ConfigError):
+    """A checkpoint whose tensors are not the ones this run trains, or whose contents changed since it was saved."""
+
+
+def _digest_into(digest: Any, path: str, value: Any) -> None:
+    if isinstance(value, torch.Tensor):
+        digest.update(f"{path}:{value.dtype}:{tuple(value.shape)}".encode())
+        digest.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(value, dict):
+        for key in sorted(value, key=str):
+            _digest_into(digest, f"{path}/{key}", value[key])
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _digest_into(digest, f"{path}[{i}]", item)
+    else:
+        digest.update(f"{path}={value!r}".encode() if isinstance(value, (int, float, str, bool, type(None)))
+                      else f"{path}:{type(value).__name__}".encode())
+
+
+def checkpoint_digest(checkpoint: dict[str, Any]) -> str:
+    """SHA-256 of everything a checkpoint holds but its own digest (tensors by their bytes), stored in it at save
+    and checked before a resume, so a tensor edited in place is found."""
+    qaft = {k: v for k, v in checkpoint.get("qaft", {}).items() if k != "sha256"}
+    digest = hashlib.sha256()
+    _digest_into(digest, "", {**checkpoint, "qaft": qaft})
+    return digest.hexdigest()
+
+
+def checkpoint_damage(checkpoint: dict[str, Any]) -> str | None:
+    """Why a loaded checkpoint cannot be trusted (no digest, or contents that do not match it), or ``None``."""
+    saved = checkpoint.get("qaft", {}).get("sha256")
+    if saved is None:
+        return "it carries no content digest (written by an older qaft)"
+    if saved != checkpoint_digest(checkpoint):
+        return "its contents changed since it was saved (they do not match the digest it carries)"
+    return None
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str) -> float:
@@ -142,6 +180,23 @@ class QaftModule(pl.LightningModule):
         rng = {"cpu": torch.get_rng_state()} | ({"cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available()
                                                 else {})
         checkpoint["qaft"] = {"identity": self.identity, "base_digest": self.base_digest, "rng": rng}
+        checkpoint["qaft"]["sha256"] = checkpoint_digest(checkpoint)
+
+    def _check_tensors(self, saved: dict[str, torch.Tensor]) -> None:
+        """Loading is strict: every tensor that trains is in the checkpoint, with its shape and dtype, and nothing
+        else is (Lightning's own loading is not strict, since the frozen base is never saved)."""
+        expected, own = self.checkpoint_keys(), self.state_dict()
+        missing, unexpected = sorted(expected - set(saved)), sorted(set(saved) - expected)
+        if missing or unexpected:
+            name = (missing or unexpected)[0]
+            raise CheckpointMismatch(f"resume: the checkpoint {'lacks' if missing else 'has an unexpected'} tensor "
+                                     f"{name!r} ({len(missing)} missing, {len(unexpected)} unexpected); rerun with "
+                                     "resume=never to start over")
+        for name in sorted(expected):
+            if saved[name].shape != own[name].shape or saved[name].dtype != own[name].dtype:
+                raise CheckpointMismatch(f"resume: the checkpoint's tensor {name!r} is {saved[name].dtype} "
+                                         f"{tuple(saved[name].shape)}, the run's is {own[name].dtype} "
+                                         f"{tuple(own[name].shape)}; rerun with resume=never to start over")
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Runs before the state dict loads: trained adapters on a different base would train on silently.
@@ -149,6 +204,7 @@ class QaftModule(pl.LightningModule):
         if saved.get("base_digest") != self.base_digest:
             raise RuntimeError("resume: the GPTQ base rebuilt from the calibration data differs from the one the "
                                "checkpoint was trained on (other data, options or numerics); rerun with resume=never")
+        self._check_tensors(checkpoint["state_dict"])
         # Dropout draws from the global RNG: continue its stream where the checkpoint left it.
         rng = saved.get("rng", {})
         if "cpu" in rng:

@@ -1,17 +1,11 @@
-"""The run record: what every run leaves in its folder, whatever happens after its config is valid.
+"""The run record as training writes it: ``config.yaml`` at the start, a row of ``metrics.jsonl`` per optimizer step,
+``record.json`` at the end, whatever happens after the config is valid (file names, statuses and the reading rules:
+:mod:`qaft.run_folder`; which failure gives which status and exit code: :mod:`qaft.training.outcomes`).
 
-* ``config.yaml``: the resolved config (reruns and reports read this, not the command line);
-* ``metrics.jsonl``: one JSON object per optimizer step (loss, lr per role, tokens/s, peak memory, ...);
-* ``record.json``: the status, method, bits, group size, seed, model, data, the config's identity digest,
-  final metrics and timings. A report reads only ``ok`` records; a config that fails validation writes none.
-
-Statuses (and the exit code of ``qaft-train``):
-
-* ``ok`` (0): trained exactly as configured, to ``max_steps``, every loss, gradient, trained tensor and final
-  metric finite, on the data the config names;
-* ``failed`` (1): an error; ``diverged`` (3): a non-finite loss, gradient, trained tensor or final metric,
-  the run stopped before keeping it (the last good checkpoint stays); ``interrupted`` (128 + signal number):
-  SIGTERM / SIGINT, checkpointed at a step boundary where it arrived during training, resumable.
+``ok`` (0) means trained exactly as configured, to ``max_steps``, every loss, gradient, trained tensor and final
+metric finite, on the data the config names; ``failed`` (1), ``diverged`` (3: a non-finite loss, gradient, trained
+tensor or final metric; the last good checkpoint stays), ``interrupted`` (128 + signal number: SIGTERM / SIGINT,
+checkpointed at a step boundary where it arrived during training, resumable).
 
 Every file is strict JSON, written to a temporary file beside its target and renamed into place: a kill
 leaves the previous version or the new one, never half of one. Non-finite numbers are written as ``null``
@@ -19,7 +13,6 @@ and listed under ``"non_finite"`` with what they were.
 """
 from __future__ import annotations
 
-import json
 import platform
 import signal
 import statistics
@@ -36,12 +29,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
 
-from qaft.files import atomic_write, dumps, finite_json, write_json
-from qaft.training.config import RunSpec
-
-CONFIG_FILE, METRICS_FILE, RECORD_FILE = "config.yaml", "metrics.jsonl", "record.json"
-OK, FAILED, DIVERGED, INTERRUPTED = "ok", "failed", "diverged", "interrupted"
-EXIT_CODES = {OK: 0, FAILED: 1, DIVERGED: 3}
+from qaft.files import finite_json
+from qaft.run_folder import RunFolder, Status
+from qaft.training.spec import RunSpec
 
 
 class Diverged(RuntimeError):
@@ -57,13 +47,6 @@ class RunInterrupted(Exception):
         super().__init__(f"interrupted by {signal.Signals(self.signum).name}{where}")
 
 
-def exit_code(status: str, error: BaseException | None = None) -> int:
-    """The process exit status of a run that ended with ``status``."""
-    if isinstance(error, RunInterrupted):
-        return 128 + error.signum
-    return EXIT_CODES.get(status, 1)
-
-
 def _number(value: Any) -> float | None:
     try:
         return float(value)
@@ -74,12 +57,13 @@ def _number(value: Any) -> float | None:
 class MetricsRecorder(pl.Callback):
     """Appends the step's logged metrics to ``metrics.jsonl``.
 
-    A callback rather than a Lightning logger because ``fast_dev_run`` swaps loggers for a dummy, and every
-    run, a dev run too, must leave its per-step metrics.
+    A callback rather than a Lightning logger because loggers are optional, and every run must leave its
+    per-step metrics.
     """
 
     def __init__(self, run_dir: Path) -> None:
-        self.path = Path(run_dir) / METRICS_FILE
+        self.folder = RunFolder(run_dir)
+        self.final: Status | None = None
 
     def _write(self, trainer: pl.Trainer, prefixes: tuple[str, ...]) -> None:
         if not trainer.is_global_zero:
@@ -88,9 +72,7 @@ class MetricsRecorder(pl.Callback):
         for key, value in trainer.callback_metrics.items():
             if key.startswith(prefixes) and (number := _number(value)) is not None:
                 row[key] = number
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a") as f:
-            f.write(dumps(row) + "\n")
+        self.folder.append_metrics(row)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         self._write(trainer, ("train/", "lr/"))
@@ -100,31 +82,21 @@ class MetricsRecorder(pl.Callback):
             self._write(trainer, ("val/",))
 
 
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """The rows of ``metrics.jsonl`` (a last line cut short by a kill is dropped)."""
-    path = Path(run_dir) / METRICS_FILE
-    rows = []
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
-
-
-def trim_metrics(run_dir: Path, step: int) -> None:
-    """Keep rows up to ``step``: a killed run logged steps its last checkpoint does not hold."""
-    path = Path(run_dir) / METRICS_FILE
-    if path.is_file():
-        text = "".join(dumps(r) + "\n" for r in read_metrics(run_dir) if r["step"] <= step)
-        atomic_write(path, lambda f: f.write(text.encode()))
+def final_training_metrics(run_dir: Path, step: int) -> dict[str, float]:
+    """``final_train_loss`` and the other ``final_<train|val>_*`` metrics: the values logged at ``step``, read from
+    ``metrics.jsonl``, so that a rerun with nothing left to train (killed during evaluation) records them too."""
+    final: dict[str, float] = {}
+    for row in RunFolder(run_dir).read_metrics():
+        if row["step"] == step:
+            final |= {"final_" + k.replace("/", "_"): v for k, v in row.items() if k.startswith(("train/", "val/"))}
+    return final
 
 
 def training_cost(run_dir: Path) -> dict[str, Any]:
     """What training cost, from ``metrics.jsonl``: median seconds per step (the first step excluded: it
     warms up allocators and kernels), the run's peak memory, and the largest trainable-parameter count
     over its phases (per phase as well, where a method has several, e.g. DL-QAT's s, b then m, A, B)."""
-    rows = [r for r in read_metrics(run_dir) if r.get("train/step_s") is not None]
+    rows = [r for r in RunFolder(run_dir).read_metrics() if r.get("train/step_s") is not None]
     if not rows:
         return {}
     timed = rows[1:] or rows
@@ -141,6 +113,8 @@ class RunRecord:
     def __init__(self, run_dir: Path, cfg: DictConfig, spec: RunSpec, identity: str, preset: str | None = None) -> None:
         """``preset``: the ``method`` config option (``loftq_int``, ``ptq_gptq``), when it is not the method's name."""
         self.run_dir, self.cfg, self.spec, self.identity = Path(run_dir), cfg, spec, identity
+        self.folder = RunFolder(run_dir)
+        self.final: Status | None = None
         self.preset = preset or spec.method.name
         self.started = time.time()
         self.timings: dict[str, float] = {}
@@ -150,8 +124,7 @@ class RunRecord:
 
     @rank_zero_only
     def write_config(self) -> None:
-        text = OmegaConf.to_yaml(self.cfg, resolve=True)
-        atomic_write(self.run_dir / CONFIG_FILE, lambda f: f.write(text.encode()))
+        self.folder.write_config(OmegaConf.to_yaml(self.cfg, resolve=True))
 
     def lap(self, name: str) -> None:
         """Record the seconds since the previous lap under ``timings[name + '_s']``."""
@@ -167,11 +140,11 @@ class RunRecord:
             "bits": self.spec.bits,
             "group_size": self.spec.group_size,
             "rank": getattr(method, "rank", None),
-            "seed": int(self.cfg.seed),
-            "model": str(self.cfg.model.name_or_path),
-            "data": str(self.cfg.data.name),
+            "seed": self.spec.seed,
+            "model": self.spec.model,
+            "data": self.spec.data_name,
             "method_config": method.to_dict(),
-            "steps": int(self.cfg.trainer.max_steps),
+            "steps": self.spec.max_steps,
             "experiment": self.cfg.get("experiment_name"),
             "scale": OmegaConf.select(self.cfg, "scale.name"),
             "identity": self.identity,
@@ -190,33 +163,30 @@ class RunRecord:
                 "python": platform.python_version(), "cuda": torch.cuda.is_available()}
 
     @rank_zero_only
-    def finish(self, status: str, metrics: dict[str, Any] | None = None, error: BaseException | None = None) -> Path:
-        """Write ``record.json`` with ``status`` (and the error, with its traceback where it is a bug)."""
+    def finish(self, status: Status, metrics: dict[str, Any] | None = None,
+               error: BaseException | None = None) -> Path:
+        """Write ``record.json`` with ``status`` (and the error, with its traceback where it is a bug); once it
+        said ``ok``, the record is final (a signal that arrives while the final table prints changes nothing)."""
+        if self.final == Status.OK:
+            return self.folder.record_path
         self.timings["total_s"] = round(time.time() - self.started, 3)
         non_finite: dict[str, str] = {}
-        record = {"status": status, **self._summary(), "metrics": finite_json(metrics or {}, "metrics", non_finite),
+        metrics = finite_json(metrics or {}, "metrics", non_finite)
+        record = {"status": status.value, **self._summary(), "metrics": metrics,
                   "timings": self.timings, "environment": self._environment(), "run_dir": str(self.run_dir),
                   "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
         if non_finite:
             record["non_finite"] = non_finite
         if error is not None:
             record["error"] = f"{type(error).__name__}: {error}"
-            if status == FAILED:
+            if status == Status.FAILED:
                 record["traceback"] = "".join(traceback.format_exception(error))[-4000:]
-        path = write_json(self.run_dir / RECORD_FILE, record)
+        path = self.folder.write_record(record)
+        self.final = status
         for mirror in self.mirrors:
             try:
                 mirror(record)
             except Exception as err:  # noqa: BLE001 - a tracker that fails must not hide the run's own outcome
-                print(f"qaft-train: warning: the run's {RECORD_FILE} is written, but its copy in the tracker failed: "
+                print(f"qaft-train: warning: the run's record ({path}) is written, but its copy in the tracker failed: "
                       f"{type(err).__name__}: {err}", file=sys.stderr)
         return path
-
-
-def read_record(run_dir: Path) -> dict[str, Any] | None:
-    """The ``record.json`` of a run folder, or None where there is none (or it cannot be read)."""
-    path = Path(run_dir) / RECORD_FILE
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None

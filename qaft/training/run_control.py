@@ -22,9 +22,9 @@ from typing import Any
 
 import pytorch_lightning as pl
 
+from qaft.run_folder import LOCK_FILE
 from qaft.training.records import RunInterrupted
 
-LOCK_FILE = ".qaft.lock"
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 

@@ -19,7 +19,9 @@ from typing import Any
 
 from pytorch_lightning.loggers import Logger, WandbLogger
 
-from qaft.training.records import RunRecord, exit_code
+from qaft.run_folder import Status
+from qaft.training.outcomes import EXIT_CODES
+from qaft.training.records import RunRecord
 
 # The record's keys that describe the outcome: the summary of the tracker's run (the rest is in its config).
 SUMMARY_KEYS = ("status", "metrics", "timings", "finished", "error", "non_finite")
@@ -38,7 +40,7 @@ def finish_wandb(logger: WandbLogger, record: dict[str, Any]) -> None:
     """The record's outcome into the wandb run's summary; then the run is finished with the run's exit status."""
     run = logger.experiment
     run.summary.update({key: record[key] for key in SUMMARY_KEYS if key in record})
-    run.finish(exit_code=exit_code(record["status"]))
+    run.finish(exit_code=EXIT_CODES.get(Status(record["status"]), 1))
 
 
 __all__ = ["SUMMARY_KEYS", "finish_wandb", "track"]

@@ -273,6 +273,6 @@ def test_a_moved_run_folder_is_scored_with_its_own_model(tmp_path):
     model, _, record = load_run_model(moved)
     assert record["metrics"]["merged_model_path"] == "merged_model" and not any(root.iterdir())
     ids = torch.randint(0, 1000, (1, 8))
-    from qaft.deploy.checkpoint import load_merged
+    from qaft.deploy.merged import load_merged
 
     assert torch.equal(model(ids).logits, load_merged(moved / "merged_model")(ids).logits)

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 import qaft
-from qaft.deploy.checkpoint import load_merged, load_quantized, read_quantization, save_merged, save_quantized
+from qaft.deploy.merged import load_merged, save_merged
+from qaft.deploy.packed import load_quantized, read_quantization, save_quantized
 from qaft.methods.act_kv import INPUT, OUTPUT, install_act_kv
 from qaft.quant.activation import (
     PerTokenQuantizer,

@@ -15,7 +15,7 @@ from qaft.deploy import (
     prepare_for_inference,
     save_quantized,
 )
-from qaft.deploy.checkpoint import QUANT_FILE, read_quantization
+from qaft.deploy.packed import QUANT_FILE, read_quantization
 from qaft.models import build_tiny_llama
 from qaft.quant.linear import QuantizedLinear, rtn_quantize_linear
 
