@@ -37,6 +37,7 @@ from torch import nn
 from qaft.data.instruct import PadCollator
 from qaft.data.lm import TokenRows, lm_eval_windows, load_lm_texts
 from qaft.data.loaders import SplitDataModule
+from qaft.data.local import content_sha256
 from qaft.files import atomic_write
 
 FORMAT = 1  # bump when what a cache file holds changes; part of every file's name
@@ -135,13 +136,13 @@ class NeedsModel(Protocol):
 
 
 def _model_fingerprint(identity: dict[str, Any]) -> dict[str, Any]:
-    """``identity`` plus, for a local model folder, each file's name, size and modification time (an edited
-    checkpoint under the same path is another model; reading the weights to hash them would cost a load)."""
+    """``identity`` plus, for a local model folder, its files' SHA-256 (an edited checkpoint under the same path is
+    another model, even with its old modification times restored; the run identity has hashed the folder in this
+    process already, so this costs no second read)."""
     folder = Path(str(identity.get("name_or_path", ""))).expanduser()
     if not folder.is_dir():
         return dict(identity)
-    files = sorted(p for p in folder.rglob("*") if p.is_file())
-    return {**identity, "files": [[str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns] for p in files]}
+    return {**identity, "files_sha256": content_sha256(folder)}
 
 
 class GeneratedDataModule(SplitDataModule):
@@ -167,6 +168,7 @@ class GeneratedDataModule(SplitDataModule):
         self.seed, self.num_workers = seed, num_workers
         self.collator = PadCollator(tokenizer.pad_token_id)
         self.splits: dict[str, TokenRows] = {}
+        self.texts: dict[str, list[str]] = {}  # eval_source's documents per split, after setup
         self._load: Callable[[], nn.Module] | None = None
         self._identity: dict[str, Any] | None = None
 
@@ -237,7 +239,7 @@ class GeneratedDataModule(SplitDataModule):
             return
         ids, lengths = self.sequences()
         self.splits["train"] = TokenRows([row[:n] for row, n in zip(ids, lengths.tolist())])
-        texts = load_lm_texts(self.eval_source, self.eval_config)
+        self.texts = texts = load_lm_texts(self.eval_source, self.eval_config, read=self.data_sha256)
         for split in ("validation", "test"):
             windows = lm_eval_windows(self.tokenizer, texts[split], self.settings.seq_len, self.max_eval_tokens)
             self.splits[split] = TokenRows(windows)

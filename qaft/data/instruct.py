@@ -7,12 +7,14 @@ set (``qaft.data.quiz``) takes Alpaca's place.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 from datasets import Dataset, DatasetDict, load_dataset
 
 from qaft.data.loaders import SplitDataModule
+from qaft.data.local import JSON_SUFFIXES, json_records, records_dataset, split_files
 from qaft.data.quiz import quiz_items
 
 IGNORE_INDEX = -100
@@ -79,12 +81,29 @@ class PadCollator:
         return {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
 
 
-def load_instruct_source(source: str, seed: int = 0, val_fraction: float = 0.05) -> DatasetDict:
+def _local_splits(source: str, read: dict[str, str] | None) -> DatasetDict:
+    """A local JSON / JSON-lines file (all of it is ``train``), or a folder of such files, one per split
+    (``train`` required; ``valid``/``validation`` and ``test`` optional), parsed here (:mod:`qaft.data.local`)."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        files = split_files(path, JSON_SUFFIXES)
+        if "train" not in files:
+            raise ValueError(f"source={source!r}: no train .json/.jsonl file in the folder")
+    elif path.suffix in JSON_SUFFIXES:
+        files = {"train": path}
+    else:
+        raise ValueError(f"source={source!r}: a local instruction file must be .json or .jsonl")
+    return DatasetDict({split: records_dataset(json_records(file, read)) for split, file in files.items()})
+
+
+def load_instruct_source(source: str, seed: int = 0, val_fraction: float = 0.05,
+                         read: dict[str, str] | None = None) -> DatasetDict:
     """Raw ``instruction``/``input``/``output`` records with train, validation and test splits.
 
-    ``quiz``: train/validation from the quiz train split, test = the held-out questions. Hub or
-    local JSON sources without a validation split get one carved from train by ``seed``; their
-    test split is the validation split when they have none.
+    ``quiz``: train/validation from the quiz train split, test = the held-out questions. A local file or
+    folder is parsed here, never through ``datasets``' cache, and ``read`` (if given) collects ``{path: sha256}``
+    of the files parsed. Hub or local sources without a validation split get one carved from train by ``seed``;
+    their test split is the validation split when they have none.
     """
     from qaft.data import validate_data_source
 
@@ -93,10 +112,7 @@ def load_instruct_source(source: str, seed: int = 0, val_fraction: float = 0.05)
         test = Dataset.from_list(quiz_items("heldout"))
         parts = Dataset.from_list(quiz_items("train")).train_test_split(test_size=val_fraction, seed=seed)
         return DatasetDict(train=parts["train"], validation=parts["test"], test=test)
-    if source.endswith((".json", ".jsonl")):
-        raw = load_dataset("json", data_files=source)
-    else:
-        raw = load_dataset(source)
+    raw = _local_splits(source, read) if Path(source).expanduser().exists() else load_dataset(source)
     if "validation" not in raw:
         parts = raw["train"].train_test_split(test_size=val_fraction, seed=seed)
         raw = DatasetDict(train=parts["train"], validation=parts["test"], **({"test": raw["test"]} if "test" in raw else {}))
@@ -106,7 +122,8 @@ def load_instruct_source(source: str, seed: int = 0, val_fraction: float = 0.05)
 
 
 class InstructDataModule(SplitDataModule):
-    """Alpaca-style instruction data for Lightning, deterministic given ``seed``."""
+    """Alpaca-style instruction data for Lightning, deterministic given ``seed``; after ``setup``, ``raw`` holds
+    the records per split and ``data_sha256`` the digests of the local files they were parsed from."""
 
     def __init__(
         self,
@@ -150,7 +167,7 @@ class InstructDataModule(SplitDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
             return
-        raw = load_instruct_source(self.source, self.seed, self.val_fraction)
+        raw = load_instruct_source(self.source, self.seed, self.val_fraction, read=self.data_sha256)
         self.raw = raw
         self.splits = {
             "train": self._prepare(raw["train"], self.max_train_samples),

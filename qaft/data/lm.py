@@ -16,38 +16,38 @@ from torch.utils.data import Dataset
 from qaft.data.austen import austen_splits
 from qaft.data.instruct import PadCollator
 from qaft.data.loaders import SplitDataModule
+from qaft.data.local import read_text, split_files
 
 BUILTIN_LM = ("austen",)
 LM_SPLITS = ("train", "validation", "test")
 DOC_SEPARATOR = "\n\n"
-_SPLIT_FILES = {"train": "train", "validation": "valid", "test": "test"}
 
 
-def _read_local(source: str) -> dict[str, list[str]]:
+def _read_local(source: str, read: dict[str, str] | None) -> dict[str, list[str]]:
     """A folder with ``train``/``valid(ation)``/``test`` ``.txt`` files, or one text file.
 
     One file is cut 90/5/5 by position (contiguous, so no paragraph is split across sets).
     """
     path = Path(source).expanduser()
     if path.is_dir():
-        out = {}
-        for split, short in _SPLIT_FILES.items():
-            found = [p for p in sorted(path.glob("*.txt")) if short in p.stem or split in p.stem]
-            if not found:
-                raise ValueError(f"source={source!r}: no {split} .txt file in the folder")
-            out[split] = [found[0].read_text(encoding="utf-8")]
-        return out
-    lines = path.read_text(encoding="utf-8").splitlines()
+        files = split_files(path, (".txt",))
+        missing = [split for split in LM_SPLITS if split not in files]
+        if missing:
+            raise ValueError(f"source={source!r}: no {missing[0]} .txt file in the folder")
+        return {split: [read_text(files[split], read)] for split in LM_SPLITS}
+    lines = read_text(path, read).splitlines()
     a, b = int(len(lines) * 0.9), int(len(lines) * 0.95)
     return {"train": ["\n".join(lines[:a])], "validation": ["\n".join(lines[a:b])], "test": ["\n".join(lines[b:])]}
 
 
-def load_lm_texts(source: str = "austen", config: str | None = None) -> dict[str, list[str]]:
+def load_lm_texts(source: str = "austen", config: str | None = None,
+                  read: dict[str, str] | None = None) -> dict[str, list[str]]:
     """Documents per split for ``source``: ``austen``, a local path, or a hub dataset id.
 
-    Hub datasets (e.g. ``wikitext`` with ``wikitext-2-raw-v1``) are read through ``datasets``;
-    their ``text`` column's lines are joined back into one document per split, as the standard
-    WikiText perplexity protocol does.
+    A local file or folder is read here, never through a cache, and ``read`` (if given) collects
+    ``{path: sha256}`` of the files parsed (:mod:`qaft.data.local`). Hub datasets (e.g. ``wikitext`` with
+    ``wikitext-2-raw-v1``) are read through ``datasets``; their ``text`` column's lines are joined back into
+    one document per split, as the standard WikiText perplexity protocol does.
     """
     from qaft.data import validate_data_source
 
@@ -55,7 +55,7 @@ def load_lm_texts(source: str = "austen", config: str | None = None) -> dict[str
     if source == "austen":
         return austen_splits()
     if Path(source).expanduser().exists():
-        return _read_local(source)
+        return _read_local(source, read)
     from datasets import load_dataset
 
     raw = load_dataset(source, config)
@@ -122,7 +122,11 @@ class TokenRows(Dataset):
 
 
 class LMDataModule(SplitDataModule):
-    """Language-modelling blocks for Lightning; labels equal inputs (the model shifts them)."""
+    """Language-modelling blocks for Lightning; labels equal inputs (the model shifts them).
+
+    After ``setup``, ``texts`` holds the documents per split as read (score them rather than reading the source
+    again, which could meet an edited file) and ``data_sha256`` the digests of the local files among them.
+    """
 
     def __init__(
         self,
@@ -149,11 +153,12 @@ class LMDataModule(SplitDataModule):
         self.max_train_tokens, self.max_eval_tokens = max_train_tokens, max_eval_tokens
         self.collator = PadCollator(tokenizer.pad_token_id)
         self.splits: dict[str, TokenRows] = {}
+        self.texts: dict[str, list[str]] = {}
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
             return
-        texts = load_lm_texts(self.source, self.config)
+        self.texts = texts = load_lm_texts(self.source, self.config, read=self.data_sha256)
         ids = tokenize_texts(self.tokenizer, texts["train"], self.max_train_tokens)
         self.splits["train"] = TokenRows(list(lm_blocks(ids, self.seq_len)))
         for split in ("validation", "test"):

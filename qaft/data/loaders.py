@@ -8,9 +8,18 @@ from torch.utils.data import DataLoader
 
 class SplitDataModule(pl.LightningDataModule):
     """Subclasses fill ``self.splits`` (train / validation / test) in ``setup`` and set ``batch_size``,
-    ``eval_batch_size``, ``seed``, ``collator`` and ``num_workers``; training order is seeded."""
+    ``eval_batch_size``, ``seed``, ``collator`` and ``num_workers``; training order is seeded.
+
+    ``data_sha256``: ``{path: sha256}`` of every local file ``setup`` parsed, hashed from the very bytes parsed
+    (:mod:`qaft.data.local`); empty before ``setup`` and for built-in and hub data. A generated training set's
+    cache file is not listed: that data is named by its generation settings, which the run identity holds.
+    """
 
     splits: dict
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.data_sha256: dict[str, str] = {}
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         if not self.splits:

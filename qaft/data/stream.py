@@ -94,6 +94,12 @@ class RunData(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         self.inner.setup(stage)
 
+    @property
+    def data_sha256(self) -> dict[str, str]:
+        """``{path: sha256}`` of the local files the wrapped module parsed (after ``setup``; see
+        :class:`~qaft.data.loaders.SplitDataModule`); empty for a module that does not say."""
+        return dict(getattr(self.inner, "data_sha256", {}))
+
     def calibration_batches(self, n: int) -> list[dict[str, torch.Tensor]]:
         """The first ``n`` batches of the stream a one-process run trains on from step 0 (GPTQ's data).
 

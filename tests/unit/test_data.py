@@ -1,4 +1,6 @@
+import hashlib
 import json
+import os
 
 import pytest
 import torch
@@ -22,6 +24,7 @@ from qaft.data.austen import NOVELS
 from qaft.data.instruct import IGNORE_INDEX, PROMPT_NO_INPUT
 from qaft.data.quiz import HELDOUT_CATEGORIES
 from qaft.models import load_tokenizer
+from qaft.training.identity import FILES_KEY, config_digest, identity_config, unmatched_reads
 
 
 @pytest.fixture(scope="module")
@@ -194,3 +197,100 @@ def test_lm_datamodule(tok, tmp_path):
     local = LMDataModule(tok, source=str(path), seq_len=32)
     local.setup()
     assert len(local.splits["train"]) > 0 and len(local.splits["test"]) > 0
+
+
+# --- local files: what is parsed is what is hashed, and the identity hashes what the config names ---------
+def _sha(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _rewrite_keeping_mtime(path, text: str) -> None:
+    """New contents under the old modification time, as ``cp -p`` and ``rsync -a`` leave them."""
+    st = path.stat()
+    path.write_text(text)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def _qa_lines(word: str, n: int = 20) -> str:
+    return "".join(json.dumps({"instruction": f"Name a {word}, number {i}.", "output": word}) + "\n" for i in range(n))
+
+
+def test_a_local_instruct_file_is_parsed_afresh_and_its_digest_is_of_the_bytes_parsed(tok, tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text(_qa_lines("cat"))
+    first = InstructDataModule(tok, source=str(path), max_length=64)
+    first.setup()
+    _rewrite_keeping_mtime(path, _qa_lines("owl"))  # datasets' json cache (path + mtime) would serve "cat" again
+    second = InstructDataModule(tok, source=str(path), max_length=64)
+    second.setup()
+    assert all(set(second.raw[split]["output"]) == {"owl"} for split in ("train", "validation", "test"))
+    assert second.data_sha256 == {str(path): _sha(path)} and first.data_sha256 != second.data_sha256
+    (tmp_path / "rows.json").write_text(json.dumps([{"instruction": "Hi?", "output": "Hello", "extra": 1},
+                                                    {"instruction": "Bye?", "input": "now", "output": "Bye"}]))
+    raw = InstructDataModule(tok, source=str(tmp_path / "rows.json"), max_length=64)
+    raw.setup()
+    rows = list(raw.raw["train"]) + list(raw.raw["validation"])
+    assert sorted(r["output"] for r in rows) == ["Bye", "Hello"] and {"input", "extra"} <= set(rows[0])
+
+
+def test_local_folders_of_split_files_record_each_file_read(tok, tmp_path):
+    lm, qa = tmp_path / "corpus", tmp_path / "qa"
+    lm.mkdir(), qa.mkdir()
+    for split in ("train", "valid", "test"):
+        (lm / f"{split}.txt").write_text(" ".join(f"{split} word {i}." for i in range(200)))
+    (qa / "train.jsonl").write_text(_qa_lines("cat"))
+    (qa / "test.jsonl").write_text(_qa_lines("dog", 4))
+    dm = LMDataModule(tok, source=str(lm), seq_len=16, max_eval_tokens=64)
+    dm.setup()
+    assert dm.data_sha256 == {str(lm / f"{s}.txt"): _sha(lm / f"{s}.txt") for s in ("train", "valid", "test")}
+    assert dm.texts["validation"] == [(lm / "valid.txt").read_text()]
+    inst = InstructDataModule(tok, source=str(qa), max_length=64)
+    inst.setup()
+    assert set(inst.raw["test"]["output"]) == {"dog"} and len(inst.raw["train"]) + len(inst.raw["validation"]) == 20
+    assert set(inst.data_sha256) == {str(qa / "train.jsonl"), str(qa / "test.jsonl")}
+    # the identity hashes the folders' files, and the data read matches it
+    identity = identity_config({"data": {"source": str(lm)}, "eval": {"corpus": {"source": str(qa)}}})
+    assert unmatched_reads(identity, dm.data_sha256 | inst.data_sha256) == []
+
+
+def test_the_identity_hashes_every_local_file_any_config_value_names(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name, word in (("x.jsonl", "cat"), ("other.jsonl", "dog")):
+        (tmp_path / name).write_text(_qa_lines(word))
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text('{"hidden_size": 64}')
+    for bare in ("austen", "test"):  # bare words are built-in or option names, never these folders
+        (tmp_path / bare).mkdir()
+        (tmp_path / bare / "a.txt").write_text("not data")
+    cfg = {"data": {"source": "x.jsonl", "datamodule": {"_target_": "qaft.data.InstructDataModule",
+                                                        "source": "other.jsonl"}},
+           "model": {"name_or_path": "./model"}, "eval": {"split": "test", "corpus": {"source": "austen"}},
+           "runs_root": "runs"}
+    tree = identity_config(cfg)
+    assert tree[FILES_KEY] == {"x.jsonl": _sha(tmp_path / "x.jsonl"), "other.jsonl": _sha(tmp_path / "other.jsonl"),
+                               "./model": {"config.json": _sha(tmp_path / "model" / "config.json")}}
+    digest = config_digest(cfg)
+    assert config_digest(tree) == digest  # an identity is its own identity
+    (tmp_path / "austen" / "a.txt").write_text("still not data")
+    assert config_digest(cfg) == digest
+    _rewrite_keeping_mtime(tmp_path / "other.jsonl", _qa_lines("owl"))  # same size, same mtime, other data
+    assert config_digest(cfg) != digest
+    digest = config_digest(cfg)
+    _rewrite_keeping_mtime(tmp_path / "model" / "config.json", '{"hidden_size": 32}')
+    assert config_digest(cfg) != digest
+
+
+def test_unmatched_reads_names_data_read_other_than_the_identity_promises(tok, tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text(_qa_lines("cat"))
+    identity = identity_config({"data": {"source": str(path)}})
+    dm = InstructDataModule(tok, source=str(path), max_length=64)
+    dm.setup()
+    assert unmatched_reads(identity, dm.data_sha256) == []
+    _rewrite_keeping_mtime(path, _qa_lines("owl"))  # edited between the identity and the read
+    late = InstructDataModule(tok, source=str(path), max_length=64)
+    late.setup()
+    (line,) = unmatched_reads(identity, late.data_sha256)
+    assert line.startswith(f"{path}: read with sha256 {_sha(path)[:12]}") and "changed after" in line
+    (line,) = unmatched_reads(identity_config({"data": {"source": "quiz"}}), late.data_sha256)
+    assert "no config value names it" in line
