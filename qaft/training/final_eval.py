@@ -25,7 +25,9 @@ from qaft.training.spec import CorpusSpec, RunSpec
 
 
 def _lm_batches(spec: RunSpec, tokenizer: Any, data: RunData) -> list[Batch]:
-    texts = load_lm_texts(spec.data_source, spec.data_config)[spec.eval.split]
+    data.setup("test")  # a run that trained has read its data already; one that did not (PTQ) reads it now
+    # the documents the data module parsed (and digested), not a second read that could meet an edited file
+    texts = data.inner.texts[spec.eval.split]
     windows = lm_eval_windows(tokenizer, texts, spec.eval.seq_len, spec.eval.max_tokens)
     return window_batches(windows, spec.eval.batch_size)
 
@@ -71,10 +73,12 @@ def evaluate(spec: RunSpec, module: QaftModule, data: RunData,
     return result, tokens, saved
 
 
-def corpus_perplexity(corpus: CorpusSpec, deployed: torch.nn.Module, tokenizer: Any) -> dict[str, float]:
+def corpus_perplexity(corpus: CorpusSpec, deployed: torch.nn.Module, tokenizer: Any,
+                      read: dict[str, str]) -> dict[str, float]:
     """``eval.corpus``: the deployed model's perplexity on a second corpus (the papers' WikiText-2, 2048-token
-    windows, while the run trains on instructions), as ``ppl_<name>``."""
-    texts = load_lm_texts(corpus.source, corpus.config)[corpus.split]
+    windows, while the run trains on instructions), as ``ppl_<name>``; ``read`` collects the digests of the local
+    files it parsed."""
+    texts = load_lm_texts(corpus.source, corpus.config, read=read)[corpus.split]
     windows = lm_eval_windows(tokenizer, texts, corpus.seq_len, corpus.max_tokens)
     batches = window_batches(windows, corpus.batch_size)
     return {f"ppl_{corpus.name}": batches_perplexity(deployed, batches, f"perplexity [{corpus.name}]")}

@@ -31,7 +31,7 @@ from qaft.models import load_causal_lm, load_tokenizer
 from qaft.run_folder import LOCK_FILE, MERGED_MODEL, RunFolder, Status
 from qaft.training.config import ConfigError, run_name, validate
 from qaft.training.final_eval import check_finite, corpus_perplexity, evaluate, lm_eval
-from qaft.training.identity import config_digest, identity_config
+from qaft.training.identity import config_digest, identity_config, unmatched_reads
 from qaft.training.module import DivergenceGuard, ProgressLines, QaftModule, SafeCheckpointIO, TrainingStats
 from qaft.training.outcomes import outcome
 from qaft.training.records import MetricsRecorder, RunRecord, final_training_metrics, training_cost
@@ -163,14 +163,16 @@ class _Attempt:
         staged = folder.pending_merged_path if spec.save_model else None  # kept only if the run ends ok
         result, tokens, saved = evaluate(spec, module, data, staged)
         self.metrics |= result.metrics() | {"eval_tokens": tokens}
+        reads = data.data_sha256
         if spec.eval.corpus is not None:
-            self.metrics |= corpus_perplexity(spec.eval.corpus, result.deployed, module.tokenizer)
+            self.metrics |= corpus_perplexity(spec.eval.corpus, result.deployed, module.tokenizer, reads)
+        self.metrics["data_sha256"] = reads
         self.metrics["deployed"] = result.deployment
         if spec.eval.tasks:
             self.metrics["lm_eval"] = lm_eval(spec, result.deployed, module.tokenizer, result.deployment["form"])
         self.record.lap("eval")
         check_finite({k: v for k, v in self.metrics.items() if k.startswith("ppl_")})
-        if missing := _evidence(spec, self.metrics, module.trains):
+        if missing := _evidence(spec, self.metrics, module.trains) + unmatched_reads(module.identity, reads):
             raise RuntimeError(f"the run cannot be recorded ok: {'; '.join(missing)}")
         if staged is not None:
             shutil.rmtree(folder.merged_path, ignore_errors=True)
@@ -216,11 +218,11 @@ def _owned_run(cfg: DictConfig, spec: RunSpec, folder: RunFolder, identity: dict
     """:func:`run` once the folder is known: under its lock, with its record."""
     lock = RunLock(folder.path).acquire() if rank_zero_only.rank == 0 else None
     try:
+        rank_zero_only(folder.remove_debris)()  # under the lock: no writer of this folder is alive
         if rank_zero_only.rank == 0 and (done := _finished(folder, spec)) is not None:
             return done
         with SignalGuard() as guard:
             ckpt = resume_checkpoint(spec.resume, folder, identity)  # a refused checkpoint costs no model load
-            rank_zero_only(folder.remove_debris)()
             record = RunRecord(folder.path, cfg, spec, config_digest(identity), _preset())
             record.write_config()
             attempt = _Attempt(cfg, spec, folder, record, guard, ckpt)
