@@ -106,7 +106,7 @@ def destination(run_dir: Path, options: dict[str, str | None]) -> Path:
     for kept in _kept(run_dir):
         kept = kept.resolve()
         if target == kept or kept in target.parents or target in kept.parents:
-            raise ValueError(f"out={out} would replace or hold {kept} (what the export reads), even with "
+            raise ValueError(f"out={out} would overwrite {kept}, the run's own, which is refused even with "
                              "overwrite=true: choose another path")
     if run in target.parents and target.relative_to(run).parts[0] not in SLOTS.values() and not overwrite:
         raise ValueError(f"out={out} is in the run folder but is not an export slot ({', '.join(SLOTS.values())}); "
