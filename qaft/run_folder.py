@@ -31,7 +31,7 @@ from typing import Any
 
 import yaml
 
-from qaft.files import TMP_MARK, atomic_write, dumps, write_json
+from qaft.files import atomic_write, dumps, remove_stale_temporaries, write_json
 
 RECORD_FILE = "record.json"
 CONFIG_FILE = "config.yaml"
@@ -161,14 +161,12 @@ class RunFolder:
     def remove_debris(self) -> list[Path]:
         """Delete what killed writers left (temporary files and folders, the staged merged model of a run that did
         not end ok); call it only while holding the folder's lock, when no writer of this folder is alive."""
-        found = [p for folder in (self.path, self.path / CHECKPOINTS) if folder.is_dir()
-                 for p in folder.glob(f".*{TMP_MARK}*")]
-        found += [p for p in [self.path / f".{MERGED_MODEL}{PENDING}"] if p.exists()]
-        for path in found:
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                path.unlink(missing_ok=True)
+        found = [p for folder in (self.path, self.path / CHECKPOINTS)
+                 for p in remove_stale_temporaries(folder, owned=True)]
+        pending = self.path / f".{MERGED_MODEL}{PENDING}"
+        if pending.is_dir() and not pending.is_symlink():
+            shutil.rmtree(pending)
+            found.append(pending)
         return found
 
     def has_record(self) -> bool:

@@ -5,15 +5,25 @@
     qaft-export runs/<run> format=qaft  [out=PATH]     # folder: model.safetensors + quantization.json
     qaft-export runs/<run> format=gguf  [out=PATH]     # one .gguf file (<=4-bit g%32 layers as Q4_1)
                 [approximate=true | allow_float=true]   # other layouts: closest GGUF type / F16
+                [overwrite=true]                        # replace an existing export / out=PATH
 
 Reads the run folder's ``merged_model/`` (:func:`qaft.deploy.merged.load_merged`, safetensors only): an
 integer model as it is, a float-merged one as the run deployed it (round-to-nearest PTQ at the record's
 ``bits`` / ``group_size``: :func:`qaft.deploy.merged.deploy_merged`).
-A folder written by ``save_quantized`` (with ``quantization.json``) is accepted as the run folder too. Options are ``key=value`` (``--key value`` works as well); the first other
-argument is the run folder, whatever characters its name holds.
+A folder written by ``save_quantized`` (with ``quantization.json``) is accepted as the run folder too. Options
+are ``key=value`` (``--key value`` works as well); the first other argument is the run folder, whatever
+characters its name holds.
+
+An export is written whole or not at all (:func:`qaft.files.atomic_folder` / :func:`~qaft.files.atomic_file`):
+killed midway, it leaves the previous export or none, and its debris is removed by the next export of the run.
+The destination is checked before the model is loaded: an existing one (the default ``export_*`` slot or
+``out=``), or a path in the run folder that is not an export slot (``checkpoints/``, ``config.yaml``, ...), is
+refused in one line (exit 2) unless ``overwrite=true``; the run's record and merged model, and any folder holding
+them, are refused even then.
 """
 from __future__ import annotations
 
+import os
 import re
 import sys
 from pathlib import Path
@@ -22,14 +32,18 @@ import torch
 
 from qaft.deploy.hf_export import check_exportable, export_hf
 from qaft.deploy.merged import load_deployed
-from qaft.deploy.packed import QUANT_FILE, load_quantized, save_quantized
+from qaft.deploy.packed import QUANT_FILE, WEIGHTS_FILE, load_quantized, save_quantized
+from qaft.files import atomic_folder, remove_stale_temporaries
 from qaft.models import load_tokenizer
+from qaft.run_folder import RunFolder
 
-FORMATS = ("qaft", "hf", "gguf")
+SLOTS = {"qaft": "export_qaft", "hf": "export_hf", "gguf": "export.gguf"}  # each format's place in the run folder
+FORMATS = tuple(SLOTS)
 HF_DTYPES = ("float32", "bfloat16", "float16")
 FLAGS = ("approximate", "allow_float")  # gguf only: how layers with no exact GGUF type are written
-USAGE = ("usage: qaft-export RUN_DIR [format=qaft|hf|gguf] [out=PATH] [dtype=float32|bfloat16|float16 (format=hf)] "
-         "[approximate=true] [allow_float=true] (format=gguf)")
+SWITCHES = (*FLAGS, "overwrite")
+USAGE = ("usage: qaft-export RUN_DIR [format=qaft|hf|gguf] [out=PATH] [overwrite=true] "
+         "[dtype=float32|bfloat16|float16 (format=hf)] [approximate=true] [allow_float=true] (format=gguf)")
 
 
 def load_run(run_dir: Path) -> tuple[torch.nn.Module, object | None]:
@@ -44,11 +58,11 @@ def load_run(run_dir: Path) -> tuple[torch.nn.Module, object | None]:
 def parse_args(argv: list[str]) -> tuple[Path, dict[str, str | None]]:
     """``RUN_DIR`` and the ``key=value`` options (``ValueError`` with a one-line reason on anything else)."""
     options: dict[str, str | None] = {"format": "qaft", "out": None, "dtype": "float32",
-                                      **dict.fromkeys(FLAGS, "false")}
+                                      **dict.fromkeys(SWITCHES, "false")}
     run_dir, rest = None, list(argv)
     while rest:
         arg = rest.pop(0)
-        match = re.fullmatch(r"(?:--)?(format|out|dtype|approximate|allow_float)(?:=(.*))?", arg)
+        match = re.fullmatch(r"(?:--)?(format|out|dtype|approximate|allow_float|overwrite)(?:=(.*))?", arg)
         if match and (match.group(2) is not None or arg.startswith("--")):
             options[match.group(1)] = match.group(2) if match.group(2) is not None else (rest.pop(0) if rest else "")
         elif run_dir is None and not arg.startswith("-"):
@@ -61,37 +75,72 @@ def parse_args(argv: list[str]) -> tuple[Path, dict[str, str | None]]:
         raise ValueError(f"format={options['format']!r} must be one of {FORMATS}")
     if options["dtype"] not in HF_DTYPES:
         raise ValueError(f"dtype={options['dtype']!r} must be one of {HF_DTYPES}")
-    for flag in FLAGS:
+    for flag in SWITCHES:
         if options[flag] not in ("true", "false"):
             raise ValueError(f"{flag}={options[flag]!r} must be true or false")
     return run_dir, options
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Console entry point; 0 on success, 2 on a usage error or an unreadable run folder."""
-    try:
-        run_dir, options = parse_args(sys.argv[1:] if argv is None else argv)
-        model, tokenizer = load_run(run_dir)
-        if options["format"] == "hf":
-            check_exportable(model)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"qaft-export: {err}\n{USAGE}", file=sys.stderr)
-        return 2
-    out = Path(options["out"]) if options["out"] else None
+def _kept(run_dir: Path) -> list[Path]:
+    """What an export never replaces: the run's record and merged model (or a packed folder's own model)."""
+    if (run_dir / QUANT_FILE).is_file():
+        return [run_dir / QUANT_FILE, run_dir / WEIGHTS_FILE]
+    folder = RunFolder(run_dir)
+    return [folder.record_path, folder.merged_model()]
+
+
+def destination(run_dir: Path, options: dict[str, str | None]) -> Path:
+    """Where the export goes (``out=`` or the format's slot in the run folder); ``ValueError`` (one line) for a
+    destination it may not replace. Checked before the model is loaded."""
+    out = Path(options["out"]) if options["out"] else run_dir / SLOTS[str(options["format"])]
+    target, run, overwrite = out.resolve(), run_dir.resolve(), options["overwrite"] == "true"
+    for kept in _kept(run_dir):
+        kept = kept.resolve()
+        if target == kept or kept in target.parents or target in kept.parents:
+            raise ValueError(f"out={out} would overwrite {kept}, the run's own, which is refused even with "
+                             "overwrite=true: choose another path")
+    if run in target.parents and target.relative_to(run).parts[0] not in SLOTS.values() and not overwrite:
+        raise ValueError(f"out={out} is in the run folder but is not an export slot ({', '.join(SLOTS.values())}); "
+                         "pass overwrite=true to write there anyway")
+    if os.path.lexists(out) and not overwrite:
+        raise ValueError(f"{out} exists; pass overwrite=true to replace it")
+    return out
+
+
+def export(model: torch.nn.Module, tokenizer: object | None, run_dir: Path, out: Path,
+           options: dict[str, str | None]) -> Path:
+    """Write the export, whole or not at all, after removing what killed exports of this run left behind."""
+    remove_stale_temporaries(run_dir, SLOTS.values())
+    remove_stale_temporaries(out.parent, [out.name])
     if options["format"] == "qaft":
-        written = save_quantized(model, out or run_dir / "export_qaft", tokenizer)
+        with atomic_folder(out) as tmp:
+            save_quantized(model, tmp, tokenizer)
     elif options["format"] == "hf":
-        written, zeros = export_hf(model, out or run_dir / "export_hf", tokenizer, getattr(torch, options["dtype"]))
+        zeros = export_hf(model, out, tokenizer, getattr(torch, str(options["dtype"])))[1]
         kind = "integer" if all(zeros.values()) else "float" if not any(zeros.values()) else "integer/float"
         print(f"{len(zeros)} integer layers as torchao IntxUnpackedToInt8Tensor ({kind} zero point), codes exact")
     else:
         from qaft.deploy.gguf_export import export_gguf
-        flags = {flag: options[flag] == "true" for flag in FLAGS}
-        try:
-            written = export_gguf(model, out or run_dir / "export.gguf", tokenizer, name=run_dir.name, **flags)
-        except ValueError as err:  # a layout or architecture GGUF cannot hold: one line, nothing written
-            print(f"qaft-export: {err}", file=sys.stderr)
-            return 2
+        export_gguf(model, out, tokenizer, name=run_dir.name, **{flag: options[flag] == "true" for flag in FLAGS})
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point; 0 on success, 2 on a usage error, an unreadable run folder or a refused ``out=``."""
+    try:
+        run_dir, options = parse_args(sys.argv[1:] if argv is None else argv)
+    except ValueError as err:
+        print(f"qaft-export: {err}\n{USAGE}", file=sys.stderr)
+        return 2
+    try:
+        out = destination(run_dir, options)
+        model, tokenizer = load_run(run_dir)
+        if options["format"] == "hf":
+            check_exportable(model)
+        written = export(model, tokenizer, run_dir, out, options)
+    except (ValueError, FileNotFoundError) as err:  # a layout GGUF cannot hold too: one line, nothing written
+        print(f"qaft-export: {err}", file=sys.stderr)
+        return 2
     print(f"wrote {written}")
     return 0
 

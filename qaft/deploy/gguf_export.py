@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from qaft.deploy.gguf_vocab import gguf_vocab
+from qaft.files import atomic_file
 from qaft.methods.act_kv import has_act_kv
 from qaft.quant.linear import QuantizedLinear
 
@@ -217,12 +218,27 @@ def _file_type(model: nn.Module, approximate: bool) -> gguf.LlamaFileType:
     return gguf.LlamaFileType[f"MOSTLY_{max(counts, key=counts.get)}"] if counts else gguf.LlamaFileType.MOSTLY_F16
 
 
+def _add_tensors(writer: gguf.GGUFWriter, model: nn.Module, spec: GGUFArch, approximate: bool) -> None:
+    config = model.config
+    names = gguf.get_tensor_name_map(spec.arch, config.num_hidden_layers)
+    with torch.no_grad():
+        for hf_name, array, raw_dtype in _tensor_entries(model, approximate):
+            gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+            if gguf_name is None:
+                raise ValueError(f"no GGUF name for tensor {hf_name}")
+            if spec.rope_permute and (".q_proj." in hf_name or ".k_proj." in hf_name):
+                heads = config.num_attention_heads if ".q_proj." in hf_name else config.num_key_value_heads
+                array = np.ascontiguousarray(array[rope_permutation(array.shape[0], heads)])
+            writer.add_tensor(gguf_name, array, raw_dtype=raw_dtype)
+
+
 def export_gguf(model: nn.Module, path: str | Path, tokenizer: Any = None, approximate: bool = False,
                 allow_float: bool = False, name: str = "qaft") -> Path:
     """Write a merged llama / mistral / qwen2 model and its HF fast ``tokenizer`` as GGUF; returns ``path``.
 
     Integer layers become exact Q4_1 blocks; a layer with no exact type is refused with the measured
     error of the closest type, unless ``approximate`` (write the closest type) or ``allow_float`` (F16).
+    The file is written whole or not at all (it replaces a file already at ``path``).
     """
     spec, config = check_exportable(model), model.config
     if tokenizer is None:
@@ -233,26 +249,17 @@ def export_gguf(model: nn.Module, path: str | Path, tokenizer: Any = None, appro
     if report is not None and not (approximate or allow_float):
         raise ValueError(f"{report[0]}; pass approximate=True to write the closest type, allow_float=True for F16")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    names = gguf.get_tensor_name_map(spec.arch, config.num_hidden_layers)
-    writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[spec.arch])
-    _add_metadata(writer, config, name, vocab_size)
-    writer.add_file_type(_file_type(model, approximate))
-    if report is not None and approximate:
-        logger.warning("GGUF export re-quantizes: %s", report[0])
-        writer.add_float32(ERROR_KEY, report[1])
-    vocab.add_to(writer)
-    with torch.no_grad():
-        for hf_name, array, raw_dtype in _tensor_entries(model, approximate):
-            gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-            if gguf_name is None:
-                raise ValueError(f"no GGUF name for tensor {hf_name}")
-            if spec.rope_permute and (".q_proj." in hf_name or ".k_proj." in hf_name):
-                heads = config.num_attention_heads if ".q_proj." in hf_name else config.num_key_value_heads
-                array = np.ascontiguousarray(array[rope_permutation(array.shape[0], heads)])
-            writer.add_tensor(gguf_name, array, raw_dtype=raw_dtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    with atomic_file(path) as tmp:  # a killed export leaves the previous file or none, never an unreadable one
+        writer = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[spec.arch])
+        _add_metadata(writer, config, name, vocab_size)
+        writer.add_file_type(_file_type(model, approximate))
+        if report is not None and approximate:
+            logger.warning("GGUF export re-quantizes: %s", report[0])
+            writer.add_float32(ERROR_KEY, report[1])
+        vocab.add_to(writer)
+        _add_tensors(writer, model, spec, approximate)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
     return path

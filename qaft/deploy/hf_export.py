@@ -31,6 +31,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from qaft.deploy.packed import WEIGHTS_FILE, is_integer_model, unique_tensors
+from qaft.files import atomic_folder
 from qaft.methods.act_kv import act_kv_layout, has_act_kv
 from qaft.quant.linear import QuantizedLinear
 
@@ -106,7 +107,8 @@ def check_exportable(model: nn.Module) -> None:
 
 def export_hf(model: PreTrainedModel, path: str | Path, tokenizer: Any = None,
               dtype: torch.dtype = torch.float32) -> tuple[Path, dict[str, bool]]:
-    """Write ``model`` (integer layers as ``QuantizedLinear``; it is modified in place) as a torchao folder.
+    """Write ``model`` (integer layers as ``QuantizedLinear``; it is modified in place) as a torchao folder,
+    whole or not at all (it replaces a folder already at ``path``).
 
     ``dtype`` is the compute dtype the folder loads in (transformers applies its config's ``dtype``; torchao
     weights keep the one they were written with): float tensors are stored in it, and integer layers
@@ -119,15 +121,15 @@ def export_hf(model: PreTrainedModel, path: str | Path, tokenizer: Any = None,
     path = Path(path)
     zeros = _replace_layers(model, dtype)
     tensors, metadata = flatten_tensor_state_dict(unique_tensors(model))
-    path.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path / WEIGHTS_FILE),
-              metadata={**metadata, "format": "pt"})
-    model.config.quantization_config = quantization_config(model, list(zeros))
-    model.config.dtype = dtype
-    model.config.save_pretrained(str(path))
-    del model.config.quantization_config
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(path))
-    (path / "qaft_export.json").write_text(json.dumps(
-        {"format": "torchao IntxUnpackedToInt8Tensor", "integer_zero_point": zeros}, indent=1))
+    with atomic_folder(path) as tmp:  # a killed export leaves the previous folder or none, never half of one
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS_FILE),
+                  metadata={**metadata, "format": "pt"})
+        model.config.quantization_config = quantization_config(model, list(zeros))
+        model.config.dtype = dtype
+        model.config.save_pretrained(str(tmp))
+        del model.config.quantization_config
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        (tmp / "qaft_export.json").write_text(json.dumps(
+            {"format": "torchao IntxUnpackedToInt8Tensor", "integer_zero_point": zeros}, indent=1))
     return path, zeros

@@ -14,8 +14,6 @@ a folder whose files changed since.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +21,7 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from qaft.deploy.packed import QUANT_FILE, is_integer_model, load_quantized, save_quantized
-from qaft.files import sha256_file
+from qaft.files import atomic_folder, sha256_file
 from qaft.methods import ptq_model
 from qaft.methods.act_kv import act_kv_layout, has_act_kv, restore_act_kv
 from qaft.models import load_tokenizer
@@ -50,10 +48,7 @@ def save_merged(merged: PreTrainedModel, path: str | Path, tokenizer: Any = None
     """Write a merged model as a folder (packed for an integer model, ``save_pretrained`` for a float one),
     beside ``path`` and renamed into place, so a kill never leaves a half-written model; returns
     :func:`folder_digests` of what was written."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_folder(path) as tmp:
         if is_integer_model(merged):
             save_quantized(merged, tmp, tokenizer)
         else:
@@ -63,10 +58,6 @@ def save_merged(merged: PreTrainedModel, path: str | Path, tokenizer: Any = None
             if tokenizer is not None:
                 tokenizer.save_pretrained(str(tmp))
         digests = folder_digests(tmp)
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return digests
 
 
