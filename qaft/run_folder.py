@@ -102,7 +102,7 @@ def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CorruptRun(f"{path}: unreadable ({type(err).__name__}: {err})") from None
+        raise CorruptRun(f"{path}: unreadable record ({type(err).__name__}: {err})") from None
 
 
 class RunFolder:
