@@ -32,7 +32,9 @@ from qaft.deploy.checkpoint import (
 )
 from qaft.deploy.hf_export import check_exportable, export_hf
 from qaft.models import load_tokenizer
+from qaft.quiet import silence_third_party_noise
 
+silence_third_party_noise()  # known library noise out of the output (qaft.quiet)
 FORMATS = ("qaft", "hf", "gguf")
 HF_DTYPES = ("float32", "bfloat16", "float16")
 FLAGS = ("approximate", "allow_float")  # gguf only: how layers with no exact GGUF type are written
