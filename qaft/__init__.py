@@ -6,18 +6,21 @@ models, and one training pipeline.
 """
 from importlib.metadata import version
 
-from qaft import methods, quant
-from qaft.deploy import load_quantized, prepare_for_inference, save_quantized
-from qaft.methods import (
-    apply_method,
-    available,
-    config_for,
-    count_parameters,
-    merge_model,
-    parameter_groups,
-    ptq_model,
-    set_training_step,
-)
+from qaft.quiet import quiet_imports
+
+with quiet_imports():  # through qaft.deploy, transformers imports torchao, whose import logs noise (qaft.quiet)
+    from qaft import methods, quant
+    from qaft.deploy import load_quantized, prepare_for_inference, save_quantized
+    from qaft.methods import (
+        apply_method,
+        available,
+        config_for,
+        count_parameters,
+        merge_model,
+        parameter_groups,
+        ptq_model,
+        set_training_step,
+    )
 
 __version__ = version("qaft")
 __all__ = [

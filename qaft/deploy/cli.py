@@ -35,8 +35,10 @@ from qaft.deploy.merged import load_deployed
 from qaft.deploy.packed import QUANT_FILE, WEIGHTS_FILE, load_quantized, save_quantized
 from qaft.files import atomic_folder, remove_stale_temporaries
 from qaft.models import load_tokenizer
+from qaft.quiet import silence_third_party_noise
 from qaft.run_folder import RunFolder
 
+silence_third_party_noise()  # known library noise out of the output (qaft.quiet)
 SLOTS = {"qaft": "export_qaft", "hf": "export_hf", "gguf": "export.gguf"}  # each format's place in the run folder
 FORMATS = tuple(SLOTS)
 HF_DTYPES = ("float32", "bfloat16", "float16")

@@ -18,12 +18,14 @@ from qaft.confstore import store_schema
 from qaft.evaluation.harness import EvalError, dequantized_once, headline, run_tasks
 from qaft.paths import conf_dir
 from qaft.quant.gptq import GPTQOptions
+from qaft.quiet import silence_third_party_noise
 
 CONF_DIR = str(conf_dir())
 PTQ_ALGORITHMS = ("rtn", "gptq", "smoothquant")
 # conf/eval.yaml's ptq.gptq node: GPTQ's options and defaults from their one definition. At import, not in main:
 # a launcher that rebuilds the config in another process imports this module without calling main.
 store_schema("schema", "gptq", GPTQOptions)
+silence_third_party_noise()  # known library noise out of the log (qaft.quiet)
 
 
 def _model(cfg: DictConfig) -> tuple[torch.nn.Module, Any, dict[str, Any]]:

@@ -17,7 +17,9 @@ from pathlib import Path
 import yaml
 
 from qaft.paths import experiments_dir
+from qaft.quiet import silence_third_party_noise
 
+silence_third_party_noise()  # known library noise out of the output (qaft.quiet)
 USAGE = ("usage: qaft-report spec=PATTERN[,PATTERN...] [runs=runs] [out=results] [archive=FILE.jsonl] "
          "[wandb=ENTITY/PROJECT|FOLDER]")
 KEYS = {

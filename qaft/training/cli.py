@@ -18,6 +18,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from qaft.paths import conf_dir
+from qaft.quiet import silence_third_party_noise
 from qaft.run_folder import RunFolder, Status
 from qaft.training.config import ConfigError, register_conf, validate
 from qaft.training.sweep_cleanup import SweepCleanup
@@ -28,6 +29,7 @@ CONF_DIR = str(conf_dir())
 # sweep jobs in other processes (submitit, on a cluster) recomposes each job's config there after unpickling
 # _main, which imports this module but never calls main(). (Importing qaft itself registers nothing.)
 register_conf()
+silence_third_party_noise()  # known library noise out of the log (qaft.quiet); here for the same reason
 
 
 def _fail(message: str, code: int) -> None:

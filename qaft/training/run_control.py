@@ -116,7 +116,9 @@ class StopOnSignal(pl.Callback):
         # Every rank takes part, so that all stop at the same step and the checkpoint is collective.
         if not trainer.strategy.reduce_boolean_decision(self.guard.pending is not None, all=False):
             return
-        trainer.save_checkpoint(self.last)
+        # The full state (optimizers, loops) a resume needs, said explicitly: left unset, Lightning logs that it
+        # defaulted weights_only to False, which reads like an unpickling warning in an interrupted run's log.
+        trainer.save_checkpoint(self.last, weights_only=False)
         self.guard.training = False
         raise RunInterrupted(self.guard.pending or signal.SIGTERM, trainer.global_step)
 
