@@ -21,6 +21,7 @@ another status (``resume=never`` removes it first, on purpose).
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -41,6 +42,7 @@ MERGED_MODEL = "merged_model"
 CHECKPOINTS = "checkpoints"
 LAST_CHECKPOINT = "last.ckpt"
 LOCK_FILE = ".qaft.lock"
+EXIT_BUSY = 4  # the exit status of a qaft-* command refused because another process holds the run folder
 PENDING = ".pending"  # suffix of a folder staged in the run folder until the run ends ok
 
 
@@ -103,6 +105,47 @@ def _read_json(path: Path) -> Any:
         return json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CorruptRun(f"{path}: unreadable record ({type(err).__name__}: {err})") from None
+
+
+class RunBusy(RuntimeError):
+    """Another process holds the run folder."""
+
+
+class RunLock:
+    """An exclusive, non-blocking ``flock`` on ``<run_dir>/.qaft.lock`` (holds the owner's pid): one process per
+    run folder (training, or ``qaft-eval`` adding to its record). The kernel releases it when its holder dies, even by
+    SIGKILL, so whoever holds it knows that no other writer of the folder is alive."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = Path(run_dir) / LOCK_FILE
+        self._fd: int | None = None
+
+    def acquire(self) -> RunLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise RunBusy(f"run folder {self.path.parent} is in use by process {owner} (the same run, already "
+                          "running); wait for it to finish, or change the config") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 class RunFolder:
@@ -168,6 +211,10 @@ class RunFolder:
             shutil.rmtree(pending)
             found.append(pending)
         return found
+
+    def lock(self) -> RunLock:
+        """The folder's lock (not yet acquired; ``with folder.lock():``)."""
+        return RunLock(self.path)
 
     def has_record(self) -> bool:
         return self.record_path.is_file()
@@ -287,6 +334,7 @@ class RunFolder:
 
 
 __all__ = [
-    "CHECKPOINTS", "CONFIG_FILE", "CorruptRun", "EVAL_FILE", "LAST_CHECKPOINT", "LOCK_FILE", "MERGED_MODEL",
-    "METRICS_FILE", "RECORDED", "RECORD_FILE", "RunFolder", "Status", "check_record",
+    "CHECKPOINTS", "CONFIG_FILE", "CorruptRun", "EVAL_FILE", "EXIT_BUSY", "LAST_CHECKPOINT", "LOCK_FILE",
+    "MERGED_MODEL", "METRICS_FILE", "RECORDED", "RECORD_FILE", "RunBusy", "RunFolder", "RunLock", "Status",
+    "check_record",
 ]

@@ -19,6 +19,7 @@ from qaft.evaluation.harness import EvalError, dequantized_once, headline, run_t
 from qaft.paths import conf_dir
 from qaft.quant.gptq import GPTQOptions
 from qaft.quiet import silence_third_party_noise
+from qaft.run_folder import EXIT_BUSY, RunBusy
 
 CONF_DIR = str(conf_dir())
 PTQ_ALGORITHMS = ("rtn", "gptq", "smoothquant")
@@ -56,11 +57,7 @@ def _perplexity(model: torch.nn.Module, tokenizer: Any, p: DictConfig) -> dict[s
             "tokens": sum(w.numel() for w in windows), "value": perplexity(model, windows, int(p.batch_size))}
 
 
-def evaluate(cfg: DictConfig) -> dict[str, Any]:
-    """Everything ``cfg`` asks for, as one JSON-ready dict (also written to ``output`` / the run's record)."""
-    from qaft.files import write_json
-    from qaft.run_folder import RunFolder
-
+def _scores(cfg: DictConfig) -> dict[str, Any]:
     model, tokenizer, about = _model(cfg)
     results: dict[str, Any] = {**about}
     if cfg.perplexity.source:
@@ -70,10 +67,26 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         lm = run_tasks(model, tokenizer, list(cfg.tasks), int(cfg.lm_eval.batch_size), int(cfg.lm_eval.max_length),
                        about["form"], cfg.lm_eval.limit)
         results["lm_eval"], results["headline"] = lm, headline(lm)
-    out = Path(cfg.output or (RunFolder(cfg.run_dir).eval_path if cfg.run_dir else "eval_results.json"))
-    write_json(out, results)
-    if cfg.run_dir:
-        RunFolder(cfg.run_dir).add_eval(about["form"], results)  # keyed by the form scored
+    return results
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Everything ``cfg`` asks for, as one JSON-ready dict (also written to ``output`` / the run's record). A run
+    folder is held under its lock meanwhile (a rerun of its training waits its turn) and cleared of what killed
+    writers left first."""
+    from qaft.files import write_json
+    from qaft.run_folder import RunFolder
+
+    if not cfg.run_dir:
+        results = _scores(cfg)
+        write_json(Path(cfg.output or "eval_results.json"), results)
+        return results
+    folder = RunFolder(cfg.run_dir)
+    with folder.lock():
+        folder.remove_debris()
+        results = _scores(cfg)
+        write_json(Path(cfg.output) if cfg.output else folder.eval_path, results)
+        folder.add_eval(results["form"], results)  # keyed by the form scored
     return results
 
 
@@ -85,6 +98,9 @@ def main(cfg: DictConfig) -> None:
     except (EvalError, FileNotFoundError, ValueError) as err:
         print(f"qaft-eval: {err}", file=sys.stderr)
         sys.exit(2)
+    except RunBusy as err:
+        print(f"qaft-eval: {err}", file=sys.stderr)
+        sys.exit(EXIT_BUSY)
     ppl = results.get("perplexity", {}).get("value")
     print(f"qaft-eval: {results['model']} ({results['form']}) perplexity={ppl}")
     for key, value in results.get("headline", {}).items():

@@ -18,12 +18,11 @@ from dataclasses import dataclass
 
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from qaft.run_folder import Status
+from qaft.run_folder import EXIT_BUSY, RunBusy, Status
 from qaft.training.config import ConfigError
 from qaft.training.records import Diverged, RunInterrupted
-from qaft.training.run_control import RunBusy
 
-EXIT_CONFIG, EXIT_BUSY = 2, 4
+EXIT_CONFIG = 2
 EXIT_CODES = {Status.OK: 0, Status.FAILED: 1, Status.DIVERGED: 3}  # interrupted: 128 + the signal's number
 
 

@@ -3,7 +3,7 @@
 ``qaft.training.cli`` validates and calls :func:`run`; everything here assumes :func:`qaft.training.config.validate`
 has passed, so an exception from here on is a run that did not finish, recorded with its status
 (:mod:`qaft.training.records`): ``failed``, ``diverged`` or ``interrupted``. A run folder belongs to one process at a
-time (:class:`qaft.training.run_control.RunLock`); a finished ``ok`` run is not run again (``resume=never`` forces it).
+time (:class:`qaft.run_folder.RunLock`); a finished ``ok`` run is not run again (``resume=never`` forces it).
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ from qaft.training.module import DivergenceGuard, ProgressLines, QaftModule, Saf
 from qaft.training.outcomes import outcome
 from qaft.training.records import MetricsRecorder, RunRecord, final_training_metrics, training_cost
 from qaft.training.resume import ResumeRefused, resume_checkpoint
-from qaft.training.run_control import RunLock, SignalGuard, StopOnSignal
+from qaft.training.run_control import SignalGuard, StopOnSignal
 from qaft.training.spec import RunSpec
 from qaft.training.tracking import track
 
@@ -216,7 +216,7 @@ def run(cfg: DictConfig, spec: RunSpec | None = None) -> dict[str, Any] | None:
 
 def _owned_run(cfg: DictConfig, spec: RunSpec, folder: RunFolder, identity: dict[str, Any]) -> dict[str, Any] | None:
     """:func:`run` once the folder is known: under its lock, with its record."""
-    lock = RunLock(folder.path).acquire() if rank_zero_only.rank == 0 else None
+    lock = folder.lock().acquire() if rank_zero_only.rank == 0 else None
     try:
         rank_zero_only(folder.remove_debris)()  # under the lock: no writer of this folder is alive
         if rank_zero_only.rank == 0 and (done := _finished(folder, spec)) is not None:

@@ -1,8 +1,6 @@
-"""What keeps a run folder honest while a run owns it: an exclusive lock, and SIGTERM / SIGINT handling.
+"""SIGTERM / SIGINT while a run owns its folder (the folder's lock, one process per run folder:
+:class:`qaft.run_folder.RunLock`).
 
-* :class:`RunLock`: one process per run folder. Two identical commands started together would otherwise
-  interleave ``metrics.jsonl`` and overwrite each other's checkpoints; the second is refused with one line.
-  It is an ``flock``, so the kernel releases it when its holder dies, even by SIGKILL.
 * :class:`SignalGuard`: schedulers stop jobs with SIGTERM (SLURM, Kubernetes), people with Ctrl-C. During
   training the signal is noted and the run stops at the end of the current optimizer step, after a checkpoint
   (:class:`StopOnSignal`), so a rerun resumes from exactly there; anywhere else (loading, evaluation) the run
@@ -11,8 +9,6 @@
 """
 from __future__ import annotations
 
-import fcntl
-import os
 import signal
 import sys
 import threading
@@ -22,49 +18,9 @@ from typing import Any
 
 import pytorch_lightning as pl
 
-from qaft.run_folder import LOCK_FILE
 from qaft.training.records import RunInterrupted
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-
-class RunBusy(RuntimeError):
-    """Another process holds the run folder."""
-
-
-class RunLock:
-    """An exclusive, non-blocking ``flock`` on ``<run_dir>/.qaft.lock`` (holds the owner's pid)."""
-
-    def __init__(self, run_dir: Path) -> None:
-        self.path = Path(run_dir) / LOCK_FILE
-        self._fd: int | None = None
-
-    def acquire(self) -> "RunLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise RunBusy(f"run folder {self.path.parent} is in use by process {owner} (the same run, already "
-                          "running); wait for it to finish, or change the config") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._fd = fd
-        return self
-
-    def release(self) -> None:
-        if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
-
-    def __enter__(self) -> "RunLock":
-        return self.acquire()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.release()
 
 
 class SignalGuard:
@@ -123,4 +79,4 @@ class StopOnSignal(pl.Callback):
         raise RunInterrupted(self.guard.pending or signal.SIGTERM, trainer.global_step)
 
 
-__all__ = ["RunBusy", "RunLock", "SignalGuard", "StopOnSignal"]
+__all__ = ["SignalGuard", "StopOnSignal"]

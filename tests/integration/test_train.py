@@ -38,9 +38,9 @@ def metric_rows(run_dir: Path) -> list[dict]:
 
 
 @pytest.mark.parametrize("method", available())
-def test_every_method_fast_dev_run(method, tmp_path, monkeypatch):
+def test_every_method_runs_end_to_end(method, tmp_path, monkeypatch):
     root = tmp_path / "runs"
-    run_main([*tiny_run_overrides(root), f"method={method}", "trainer.fast_dev_run=true", "save_model=true"], monkeypatch)
+    run_main([*tiny_run_overrides(root, steps=2), f"method={method}", "save_model=true"], monkeypatch)
     (record,) = records(root)
     assert record["status"] == "ok" and record["method"] == method
     assert (record["bits"], record["group_size"], record["model"], record["data"]) == (4, 64, "tiny-llama", "austen")
@@ -49,7 +49,7 @@ def test_every_method_fast_dev_run(method, tmp_path, monkeypatch):
     assert (run_dir / "config.yaml").is_file() and (run_dir / record["metrics"]["merged_model_path"]).is_dir()
     ppl = record["metrics"]
     if method != "ptq":
-        assert ppl["global_step"] == 1 and metric_rows(run_dir)[0]["step"] == 1
+        assert ppl["global_step"] == 2 and [r["step"] for r in metric_rows(run_dir)] == [1, 2]
     if "ppl_merged_ptq" not in ppl:  # integer methods: the deployed model is the trained one
         assert ppl["ppl_merged"] == pytest.approx(ppl["ppl_trained"], rel=1e-3)
 
@@ -127,7 +127,7 @@ def test_bad_config_exit_status_from_the_console_script(tmp_path):
 
 def test_sweep_names_each_run_from_its_config(tmp_path):
     root = tmp_path / "runs"
-    proc = run_qaft_train(["-m", *tiny_run_overrides(root), "trainer.fast_dev_run=true", "method.bits=4,3"])
+    proc = run_qaft_train(["-m", *tiny_run_overrides(root, steps=2), "method.bits=4,3"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     names = sorted(Path(r["run_dir"]).name for r in records(root))
     assert len(names) == 2 and names[0].startswith("l4q-w3g64-r16-s0") and names[1].startswith("l4q-w4g64-r16-s0")
@@ -147,7 +147,7 @@ def test_real_smollm2_trains_a_few_steps(tmp_path, monkeypatch):
 def test_end_of_run_lm_eval_on_the_merged_model(tmp_path, monkeypatch):
     """eval.tasks runs lm-eval on the deployed model at the end of a run and records the harness settings."""
     root = tmp_path / "runs"
-    run_main([*tiny_run_overrides(root), "method=l4q", "trainer.fast_dev_run=true",
+    run_main([*tiny_run_overrides(root, steps=2), "method=l4q",
               "eval.tasks=[quiz_mc]", "eval.lm_eval.limit=4", "eval.lm_eval.batch_size=4"], monkeypatch)
     (record,) = records(root)
     result = record["metrics"]["lm_eval"]
