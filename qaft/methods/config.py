@@ -9,11 +9,19 @@ A config builds its layers one at a time (:meth:`MethodConfig.make_layer`), unle
 then :meth:`MethodConfig.calibration` returns its GPTQ options and :meth:`MethodConfig.apply_calibrated`
 converts the whole model from the batches (``qaft.apply_method(model, config, calib_batches=...)`` calls it).
 A method trained by distillation from the frozen float model (LLM-QAT) says so with :meth:`MethodConfig.teacher`.
+
+What a method *is* (merges to integer or float layers, bit for bit or to float rounding, what trains, ...) is its
+:class:`MethodTraits`, declared once on the config class as ``traits = MethodTraits(...)``; the traits the class
+itself implies (an adapter from :class:`LoRAFields`, a teacher from overriding :meth:`MethodConfig.teacher`, ...)
+are filled in by :func:`register`, so they cannot disagree with the code. ``example_fields`` is a small valid
+config of the method. Both feed the shared test matrix (``tests/method_matrix.py``): adding a method is its file
+(registered with ``@register``; :mod:`qaft.methods` imports every module of the package) plus its preset
+``conf/method/<name>.yaml``.
 """
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -28,6 +36,51 @@ from qaft.quant.init import parse_init, parse_zero_point
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 TRAIN = "train"  # the phase name of single-phase methods
+INTEGER, FLOAT = "integer", "float"  # what a merge deploys (MethodTraits.merges_to)
+
+
+@dataclass(frozen=True)
+class MethodTraits:
+    """What a method is, declared once on its config class (``traits = MethodTraits(...)``).
+
+    Declared, because only a built and trained model shows them:
+
+    * ``merges_to``: :data:`INTEGER` (``merge()`` deploys integer :class:`~qaft.quant.linear.QuantizedLinear`
+      layers) or :data:`FLOAT` (a float model; deploying it at n bits is a PTQ afterwards).
+    * ``bit_exact``: the merged model computes the training forward bit for bit (else to float rounding).
+    * ``trains_quantizer``: the layer's quantizer (``s, b`` or ``s, z``) is a trained submodule, ``quantizer``.
+    * ``trains_weights``: the full weights ``W`` train (full QAT, no adapter).
+    * ``starts_at_ptq``: before its first step the model is exactly the RTN PTQ model with the same ``init``.
+
+    Derived by :func:`register` from the class (declaring one is a ``TypeError``):
+
+    * ``adapter``: LoRA ``A, B`` train (the config has :class:`LoRAFields`).
+    * ``teacher``: trained by distillation from the float model (the config overrides :meth:`MethodConfig.teacher`).
+    * ``zero_point``: takes ``zero_point="int"`` (the config has the field; :attr:`MethodConfig.int_zero_fields`
+      says what else that needs).
+    * ``act_kv``: takes ``act_bits`` / ``kv_bits``.
+    * ``calibration``: needs calibration data in some setting (the config has :class:`GPTQFields`;
+      :attr:`MethodConfig.calibrated_fields` names the settings).
+    """
+
+    merges_to: str
+    bit_exact: bool = False
+    trains_quantizer: bool = False
+    trains_weights: bool = False
+    starts_at_ptq: bool = False
+    adapter: bool | None = None
+    teacher: bool | None = None
+    zero_point: bool | None = None
+    act_kv: bool | None = None
+    calibration: bool | None = None
+
+    def __post_init__(self) -> None:
+        choice("merges_to", self.merges_to, (INTEGER, FLOAT))
+
+    @property
+    def trains(self) -> bool:
+        """Whether anything trains (every method but PTQ)."""
+        return bool(self.adapter or self.trains_quantizer or self.trains_weights)
 
 
 @dataclass(kw_only=True)
@@ -40,6 +93,13 @@ class MethodConfig:
     """
 
     name: ClassVar[str] = ""
+    traits: ClassVar[MethodTraits]  # declared by every registered class; register() completes it
+    # A small valid config on a model 64 wide (tests' tiny LLaMA): several groups per row, a short first phase.
+    example_fields: ClassVar[Mapping[str, Any]] = {}
+    # What else zero_point="int" needs beside example_fields (LoftQ: its integer base; NF4 has no zero point).
+    int_zero_fields: ClassVar[Mapping[str, Any]] = {}
+    # The settings in which the method needs calibration data (traits.calibration), one example each.
+    calibrated_fields: ClassVar[tuple[Mapping[str, Any], ...]] = ()
     target_modules: tuple[str, ...] = DEFAULT_TARGETS
     act_bits: int = OFF
     kv_bits: int = OFF
@@ -200,7 +260,26 @@ def choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
 _REGISTRY: dict[str, type[MethodConfig]] = {}
 
 
+def _derived_traits(cls: type[MethodConfig]) -> dict[str, bool]:
+    fields = set(cls.field_names())
+    return {"adapter": issubclass(cls, LoRAFields), "teacher": cls.teacher is not MethodConfig.teacher,
+            "zero_point": "zero_point" in fields, "act_kv": {"act_bits", "kv_bits"} <= fields,
+            "calibration": issubclass(cls, GPTQFields)}
+
+
 def register(cls: type[MethodConfig]) -> type[MethodConfig]:
+    """Class decorator: ``cls`` becomes method ``cls.name``, its declared traits completed by the derived ones.
+
+    A class without its own ``traits``, or declaring a derived one, is a ``TypeError`` at import: a subclass
+    must not inherit what another method is, nor state what its code already says."""
+    declared = vars(cls).get("traits")
+    if not isinstance(declared, MethodTraits):
+        raise TypeError(f"{cls.__name__} must declare its traits: traits = MethodTraits(merges_to=..., ...)")
+    derived = _derived_traits(cls)
+    stated = sorted(key for key in derived if getattr(declared, key) is not None)
+    if stated:
+        raise TypeError(f"{cls.__name__}.traits: {stated} follow from the class; do not declare them")
+    cls.traits = dataclasses.replace(declared, **derived)
     _REGISTRY[cls.name] = cls
     return cls
 
@@ -217,6 +296,11 @@ def registered(name: str) -> type[MethodConfig]:
     return _REGISTRY[name]
 
 
+def traits(name: str) -> MethodTraits:
+    """The traits of method ``name`` (declared and derived)."""
+    return registered(name).traits
+
+
 def config_for(name: str, **fields: Any) -> MethodConfig:
     """The config of method ``name`` with ``fields`` set; unknown names or fields raise ``ValueError``."""
     cls = registered(name)
@@ -226,4 +310,5 @@ def config_for(name: str, **fields: Any) -> MethodConfig:
     return cls(**fields)
 
 
-__all__ = ["DEFAULT_TARGETS", "GPTQFields", "MethodConfig", "available", "config_for", "register", "field"]
+__all__ = ["DEFAULT_TARGETS", "FLOAT", "INTEGER", "GPTQFields", "MethodConfig", "MethodTraits", "available",
+           "config_for", "field", "register", "registered", "traits"]

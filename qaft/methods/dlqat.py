@@ -22,11 +22,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from qaft.methods.config import TRAIN, QuantLoRAMethodConfig, choice, non_negative, register
+from qaft.methods.config import INTEGER, TRAIN, MethodTraits, QuantLoRAMethodConfig, choice, non_negative, register
 from qaft.methods.layer import QUANTIZER, QaftLinear, add_lora, make_quantizer
 from qaft.methods.lowrank_qat import lowrank_codes, lowrank_fake_quant_linear, lowrank_minmax
 from qaft.quant.linear import QuantizedLinear
@@ -81,6 +82,8 @@ class DLQATLinear(QaftLinear):
 @dataclass(kw_only=True)
 class DLQATConfig(QuantLoRAMethodConfig):
     name = "dlqat"
+    traits = MethodTraits(merges_to=INTEGER, bit_exact=True, trains_quantizer=True, starts_at_ptq=True)
+    example_fields: ClassVar = {"group_size": 32, "quant_steps": 2}  # two quantizer steps, then LoRA steps
     quant_steps: int = 1000
     magnitude: bool = True
     clipping: str = "learned_fixed"

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from qaft.methods.config import TRAIN, QuantLoRAMethodConfig, non_negative, register
+from qaft.methods.config import INTEGER, TRAIN, MethodTraits, QuantLoRAMethodConfig, non_negative, register
 from qaft.methods.layer import QUANTIZER, QaftLinear, add_lora, lora_output, make_quantizer, recomputed_linear
 from qaft.methods.lowrank_qat import lowrank_codes, lowrank_fake_quant_linear
 from qaft.quant.affine import rtn_weight
@@ -64,6 +65,8 @@ class L4QLinear(QaftLinear):
 @dataclass(kw_only=True)
 class L4QConfig(QuantLoRAMethodConfig):
     name = "l4q"
+    traits = MethodTraits(merges_to=INTEGER, bit_exact=True, trains_quantizer=True, starts_at_ptq=True)
+    example_fields: ClassVar = {"group_size": 32}
     init: str = "l4q"
     warmup_steps: int = 0
     memory_efficient: bool = True

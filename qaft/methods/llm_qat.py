@@ -32,13 +32,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from qaft.methods.act_kv import float_activations
-from qaft.methods.config import TRAIN, MethodConfig, register
+from qaft.methods.config import INTEGER, TRAIN, MethodConfig, MethodTraits, register
 from qaft.methods.layer import QaftLinear
 from qaft.quant.affine import check_bits, dequantize, quantize
 from qaft.quant.granularity import granularity, grouped
@@ -128,6 +129,8 @@ class LLMQATConfig(MethodConfig):
     The weight quantizer has no other setting (always symmetric min-max, recomputed every step)."""
 
     name = "llm_qat"
+    traits = MethodTraits(merges_to=INTEGER, bit_exact=True, trains_weights=True)
+    example_fields: ClassVar = {}  # per output channel, the method's own
     bits: int = 4
     group_size: int = -1
 

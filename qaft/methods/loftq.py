@@ -9,11 +9,12 @@ than plain quantization. ``quant`` is NF4 (QLoRA's base) or the integer quantize
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from qaft.methods.config import QuantLoRAMethodConfig, choice, register
+from qaft.methods.config import FLOAT, MethodTraits, QuantLoRAMethodConfig, choice, register
 from qaft.methods.frozen_base import FrozenBaseLoRALinear, IntBaseLoRALinear
 from qaft.quant.affine import dequantize
 from qaft.quant.linear import rtn_quantize
@@ -49,6 +50,9 @@ class LoftQConfig(QuantLoRAMethodConfig):
     """LoftQ over NF4 (``base='nf4'``: QLoRA's layer, ``bits`` must be 4) or an integer base (``base='int'``)."""
 
     name = "loftq"
+    traits = MethodTraits(merges_to=FLOAT)
+    example_fields: ClassVar = {"loftq_iters": 2}
+    int_zero_fields: ClassVar = {"base": "int"}
     rank: int = 64  # as QLoRA, whose initialisation it is
     base: str = "nf4"
     loftq_iters: int = 1

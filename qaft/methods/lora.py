@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qaft.methods.config import TRAIN, LoRAMethodConfig, register
+from qaft.methods.config import FLOAT, TRAIN, LoRAMethodConfig, MethodTraits, register
 from qaft.methods.layer import QaftLinear, add_lora, float_linear, lora_delta, lora_output
 
 
@@ -38,6 +38,7 @@ class LoRALinear(QaftLinear):
 @dataclass(kw_only=True)
 class LoRAConfig(LoRAMethodConfig):
     name = "lora"
+    traits = MethodTraits(merges_to=FLOAT)
 
     def make_layer(self, linear: nn.Linear) -> LoRALinear:
         return LoRALinear(linear, self)

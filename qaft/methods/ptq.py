@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import nn
 
-from qaft.methods.config import GPTQFields, QuantMethodConfig, choice, register
+from qaft.methods.config import INTEGER, GPTQFields, MethodTraits, QuantMethodConfig, choice, register
 from qaft.methods.gptq_model import gptq_quantize_with
 from qaft.methods.smoothquant import check_alpha, smoothquant_quantize_model
 from qaft.quant.gptq import GPTQOptions
@@ -31,6 +31,9 @@ class PTQConfig(QuantMethodConfig, GPTQFields):
     ``'smoothquant'``."""
 
     name = "ptq"
+    traits = MethodTraits(merges_to=INTEGER, bit_exact=True)  # nothing trains: the layer is the deployed one
+    example_fields: ClassVar = {"group_size": 32}
+    calibrated_fields: ClassVar = ({"algorithm": "gptq"}, {"algorithm": "smoothquant"})
     algorithm: str = "rtn"       # rtn | gptq | smoothquant
     smooth_alpha: float = 0.5
 

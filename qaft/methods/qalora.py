@@ -24,12 +24,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from qaft.methods.config import TRAIN, GPTQFields, QuantLoRAMethodConfig, choice, register
+from qaft.methods.config import INTEGER, TRAIN, GPTQFields, MethodTraits, QuantLoRAMethodConfig, choice, register
 from qaft.methods.gptq_model import gptq_quantize_with
 from qaft.methods.layer import QaftLinear, add_lora, lora_delta, lora_output, recomputed_linear, replace_module
 from qaft.quant.affine import dequantize
@@ -96,6 +96,9 @@ class QALoRAConfig(QuantLoRAMethodConfig, GPTQFields):
     """QA-LoRA; ``calib_batches``, ``act_order`` and ``percdamp`` apply with ``base_quant='gptq'``."""
 
     name = "qalora"
+    traits = MethodTraits(merges_to=INTEGER, starts_at_ptq=True)  # the offsets absorb B A to float rounding
+    example_fields: ClassVar = {"group_size": 32}
+    calibrated_fields: ClassVar = ({"base_quant": "gptq"},)
     rank: int = 64  # the paper's r (alpha 16)
     base_quant: str = "rtn"  # rtn | gptq (GPTQ on calibration data: see calibration())
     # zero_point (QuantFields) sets the base's grid; the merge moves the offsets off it (see the module doc).

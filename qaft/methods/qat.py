@@ -8,12 +8,13 @@ DL-QAT are measured against (full weight gradients and optimizer state). Merge: 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qaft.methods.config import TRAIN, QuantMethodConfig, register
+from qaft.methods.config import INTEGER, TRAIN, MethodTraits, QuantMethodConfig, register
 from qaft.methods.layer import QUANTIZER, QaftLinear, make_quantizer
 from qaft.quant.affine import quantize
 from qaft.quant.linear import QuantizedLinear
@@ -41,6 +42,9 @@ class QATLinear(QaftLinear):
 @dataclass(kw_only=True)
 class QATConfig(QuantMethodConfig):
     name = "qat"
+    traits = MethodTraits(merges_to=INTEGER, bit_exact=True, trains_quantizer=True, trains_weights=True,
+                          starts_at_ptq=True)
+    example_fields: ClassVar = {"group_size": 32}
 
     def make_layer(self, linear: nn.Linear) -> QATLinear:
         return QATLinear(linear, self)

@@ -8,10 +8,11 @@ that deploys it has its own ``zero_point``. The layer is :class:`~qaft.methods.f
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from torch import nn
 
-from qaft.methods.config import QuantLoRAMethodConfig, register
+from qaft.methods.config import FLOAT, MethodTraits, QuantLoRAMethodConfig, register
 from qaft.methods.frozen_base import IntBaseLoRALinear
 
 
@@ -19,6 +20,8 @@ from qaft.methods.frozen_base import IntBaseLoRALinear
 @dataclass(kw_only=True)
 class QATLoRAConfig(QuantLoRAMethodConfig):
     name = "qat_lora"
+    traits = MethodTraits(merges_to=FLOAT, starts_at_ptq=True)
+    example_fields: ClassVar = {"group_size": 32}
 
     def make_layer(self, linear: nn.Linear) -> IntBaseLoRALinear:
         return IntBaseLoRALinear(linear, self)

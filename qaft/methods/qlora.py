@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from qaft.methods.config import LoRAMethodConfig, register
+from qaft.methods.config import FLOAT, LoRAMethodConfig, MethodTraits, register
 from qaft.methods.frozen_base import FrozenBaseLoRALinear
 
 
@@ -21,6 +21,7 @@ class QLoRAConfig(LoRAMethodConfig):
     """QLoRA: NF4 base (4 bits, blocks of 64)."""
 
     name = "qlora"
+    traits = MethodTraits(merges_to=FLOAT)
     rank: int = 64  # the paper's r (alpha 16)
     double_quant: bool = True  # the paper's setting: absmax constants in bitsandbytes' dynamic 8-bit map
 

@@ -10,6 +10,7 @@ from torch import nn
 import qaft
 from qaft.deploy.merged import load_merged, save_merged
 from qaft.deploy.packed import load_quantized, read_quantization, save_quantized
+from qaft.methods import FLOAT, INTEGER
 from qaft.methods.act_kv import INPUT, OUTPUT, install_act_kv
 from qaft.quant.activation import (
     PerTokenQuantizer,
@@ -19,13 +20,7 @@ from qaft.quant.activation import (
 )
 
 from helpers import tiny_llama, token_batch
-
-# Methods and the fields that fit the tiny model (as the shared matrix in test_methods.py).
-FIELDS = {
-    "lora": {}, "qlora": {}, "loftq": {"loftq_iters": 2}, "qat_lora": {"group_size": 32},
-    "qalora": {"group_size": 32}, "l4q": {"group_size": 32}, "dlqat": {"group_size": 32, "quant_steps": 2},
-    "ptq": {"group_size": 32}, "qat": {"group_size": 32}, "llm_qat": {},
-}
+from method_matrix import applied, calibrated_cases, config, methods
 
 
 def reference(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -173,11 +168,11 @@ def test_activation_quantizer_sits_at_every_target_input_only():
     assert not any(n.endswith(OUTPUT) for n, _ in model.named_modules())  # kv_bits=16: no KV quantizer
 
 
-@pytest.mark.parametrize("name", sorted(FIELDS))
+@pytest.mark.parametrize("name", methods(act_kv=True))
 def test_sixteen_bits_is_the_weight_only_model_bit_for_bit(name):
     ids = token_batch()
-    weight_only = qaft.apply_method(tiny_llama(), qaft.config_for(name, **FIELDS[name]))
-    explicit = qaft.apply_method(tiny_llama(), qaft.config_for(name, act_bits=16, kv_bits=16, **FIELDS[name]))
+    weight_only = applied(name)
+    explicit = applied(name, act_bits=16, kv_bits=16)
     assert weight_only.state_dict().keys() == explicit.state_dict().keys()
     assert not any(isinstance(m, PerTokenQuantizer) for m in explicit.modules())
     with torch.no_grad():
@@ -195,11 +190,10 @@ def test_act_kv_changes_the_forward_but_not_the_state_dict():
 
 
 def _merged(name: str) -> nn.Module:
-    model = qaft.apply_method(tiny_llama(), qaft.config_for(name, act_bits=8, kv_bits=8, **FIELDS[name]))
-    return qaft.merge_model(model)
+    return qaft.merge_model(applied(name, act_bits=8, kv_bits=8))
 
 
-@pytest.mark.parametrize("name", ["l4q", "qalora"])
+@pytest.mark.parametrize("name", methods(merges_to=INTEGER))
 def test_packed_checkpoint_records_and_restores_act_kv(name, tmp_path):
     merged = _merged(name)
     save_quantized(merged, tmp_path / "ckpt")
@@ -220,8 +214,9 @@ def test_weight_only_checkpoint_stays_version_1(tmp_path):
     assert meta["version"] == 1 and "activations" not in meta
 
 
-def test_float_merged_model_keeps_act_kv_through_save_merged_and_ptq(tmp_path):
-    merged = _merged("qlora")
+@pytest.mark.parametrize("name", methods(merges_to=FLOAT))
+def test_float_merged_model_keeps_act_kv_through_save_merged_and_ptq(name, tmp_path):
+    merged = _merged(name)
     save_merged(merged, tmp_path / "float")
     loaded = load_merged(tmp_path / "float")
     ids = token_batch(seed=4)
@@ -240,11 +235,10 @@ def test_install_is_idempotent():
     assert q.input_quantizer.bits == 4 and len(q._forward_pre_hooks) == 1
 
 
-@pytest.mark.parametrize("name, fields", [("ptq", {"algorithm": "gptq"}), ("qalora", {"base_quant": "gptq"}),
-                                          ("ptq", {"algorithm": "smoothquant"})])
+@pytest.mark.parametrize("name, fields", calibrated_cases())
 def test_calibrated_methods_keep_the_quantizers_through_merge(name, fields):
-    config = qaft.config_for(name, group_size=32, act_bits=8, kv_bits=8, calib_batches=2, **fields)
-    model = qaft.apply_method(tiny_llama(), config, calib_batches=[token_batch(seed=s) for s in (1, 2)])
+    calibrated = config(name, act_bits=8, kv_bits=8, calib_batches=2, **fields)
+    model = qaft.apply_method(tiny_llama(), calibrated, calib_batches=[token_batch(seed=s) for s in (1, 2)])
     merged = qaft.merge_model(model)
     for m in (model, merged):
         assert sum(n.endswith(INPUT) for n, _ in m.named_modules()) == 14

@@ -18,6 +18,7 @@ from qaft.quant.gptq import HessianAccumulator, gptq_quantize_weight, layer_outp
 from qaft.quant.linear import QuantizedLinear  # noqa: E402
 
 from helpers import tiny_llama, token_batch  # noqa: E402
+from method_matrix import calibrated_cases, methods  # noqa: E402
 
 
 def _correlated_inputs(n: int = 2048, d: int = 128, seed: int = 0) -> torch.Tensor:
@@ -143,15 +144,14 @@ def test_ptq_config_gptq_and_qalora_gptq_base():
         torch.testing.assert_close(qaft.merge_model(model)(test).logits, model(test).logits, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("name, switch", [("ptq", {"algorithm": "gptq"}), ("qalora", {"base_quant": "gptq"}),
-                                          ("ptq", {"algorithm": "smoothquant"})])
+@pytest.mark.parametrize("name, switch", calibrated_cases())
 def test_a_config_that_needs_calibration_says_so_and_carries_the_gptq_options(name, switch):
     fields = {"calib_batches": 3, "act_order": True, "percdamp": 0.05}
     assert qaft.config_for(name, **fields).calibration() is None  # RTN: no data needed
     config = qaft.config_for(name, **fields, **switch)
     assert config.calibration() == GPTQOptions(**fields)
     assert {"calib_batches", "act_order", "percdamp"} <= set(config.to_dict())
-    for other in set(qaft.available()) - {"ptq", "qalora"}:
+    for other in methods(calibration=False):
         assert qaft.config_for(other).calibration() is None, other
     with pytest.raises(ValueError, match="calib_batches must be an integer >= 1, got 0"):
         qaft.config_for(name, calib_batches=0, **switch)

@@ -14,6 +14,7 @@ from qaft.methods.llm_qat import LLMQATLinear, absmax_scale
 from qaft.quant import PerTokenQuantizer
 
 from helpers import tiny_llama, token_batch
+from method_matrix import methods
 
 
 def _reference_fake_quant(w: torch.Tensor, bits: int, group: int) -> torch.Tensor:
@@ -161,7 +162,7 @@ def test_distilled_training_lowers_the_loss():
 
 
 def test_other_methods_have_no_teacher():
-    for name in set(qaft.available()) - {"llm_qat"}:
+    for name in methods(teacher=False):
         assert qaft.config_for(name).teacher(tiny_llama()) is None, name
 
 

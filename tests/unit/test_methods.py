@@ -1,28 +1,63 @@
-"""One matrix over every method: merge equivalence, PTQ at init, phases, training, save/load, bad input."""
+"""One matrix over every method: merge equivalence, PTQ at init, phases, training, save/load, bad input.
+
+Which methods each check runs on comes from their traits (``method_matrix``); the first tests below check that
+the matrix holds every registered method and that every trait some method has is checked somewhere.
+"""
 import copy
+import dataclasses
 
 import pytest
 import torch
 from torch import nn
 
 import qaft
-from qaft.methods import QuantizedLinear
+from qaft.methods import INTEGER, MethodTraits, QuantizedLinear, registered, traits
+from qaft.methods.config import MethodConfig, register
 from qaft.quant import PerTokenQuantizer
 
 from helpers import tiny_llama, token_batch
-
-INTEGER = ("l4q", "dlqat", "qalora", "ptq", "qat", "llm_qat")
-FLOAT = ("lora", "qlora", "loftq", "qat_lora")
-# Small group so the tiny model has several groups per row; dlqat gets 2 quantizer steps then LoRA steps.
-FIELDS = {
-    "lora": {}, "qlora": {}, "loftq": {"loftq_iters": 2}, "qat_lora": {"group_size": 32},
-    "qalora": {"group_size": 32}, "l4q": {"group_size": 32}, "dlqat": {"group_size": 32, "quant_steps": 2},
-    "ptq": {"group_size": 32}, "qat": {"group_size": 32}, "llm_qat": {},  # llm_qat: per channel, the method's
-}
+from method_matrix import CHECKS, EVERY_METHOD, TRAITS, applied, methods, parametrized_methods
 
 
-def test_registry_lists_every_method():
-    assert qaft.available() == sorted(FIELDS)
+@pytest.mark.parametrize("check", EVERY_METHOD)
+def test_the_matrix_holds_every_registered_method(check):
+    assert parametrized_methods(check) == set(qaft.available())
+
+
+@pytest.mark.parametrize("name", methods())
+def test_every_method_declares_its_traits_and_a_small_example(name):
+    """Its own traits (none inherited), completed at registration, and an example config the tiny model takes."""
+    cls = registered(name)
+    assert isinstance(vars(cls).get("traits"), MethodTraits) and all(getattr(cls.traits, t) is not None for t in TRAITS)
+    assert bool(qaft.methods.api.qaft_layers(applied(name))) == traits(name).trains
+    assert bool(cls.calibrated_fields) == traits(name).calibration
+
+
+def test_every_trait_a_method_has_is_checked_on_every_such_method():
+    missing, unchecked = [], {}
+    for trait in TRAITS:
+        for value in {getattr(traits(name), trait) for name in methods()} - {False}:
+            if (trait, value) not in CHECKS:
+                missing.append((trait, value))
+                continue
+            holders = set(methods(**{trait: value}))
+            per_check = [parametrized_methods(check) for check in CHECKS[trait, value]]
+            assert all(covered & holders for covered in per_check), f"a check of {trait}={value!r} runs on none"
+            if not holders <= set().union(*per_check):
+                unchecked[trait, value] = sorted(holders - set().union(*per_check))
+    assert not missing, f"trait values no test checks (add them to method_matrix.CHECKS): {missing}"
+    assert not unchecked, f"methods a trait's checks do not run on: {unchecked}"
+
+
+def test_a_method_declares_its_own_traits_and_only_what_its_code_does_not_say():
+    with pytest.raises(TypeError, match="must declare its traits"):
+        register(type("Undeclared", (MethodConfig,), {"name": "undeclared"}))
+    stated = dataclasses.replace(traits("lora"), teacher=None, zero_point=None, act_kv=None, calibration=None)
+    with pytest.raises(TypeError, match=r"\['adapter'\] follow from the class"):
+        register(type("Overstated", (MethodConfig,), {"name": "overstated", "traits": stated}))
+    with pytest.raises(ValueError, match="merges_to must be one of"):
+        MethodTraits(merges_to="int4")
+    assert "undeclared" not in qaft.available() and "overstated" not in qaft.available()
 
 
 def _train(model, steps=6, lr=1e-2):
@@ -41,16 +76,12 @@ def _train(model, steps=6, lr=1e-2):
     return model.eval(), losses
 
 
-def _applied(name, seed=0, **extra):
-    return qaft.apply_method(tiny_llama(seed), qaft.config_for(name, **{**FIELDS[name], **extra}))
-
-
 # W-A-KV: the per-token activation and KV quantizers (qaft.methods.act_kv), which the merge keeps.
 ACT_KV = {"weight-only": {}, "a8kv8": {"act_bits": 8, "kv_bits": 8}}
-# Merges that reproduce the training forward bit for bit. The others agree to float rounding (x (W + BA) is not
-# x W + x A B to the last bit), and with activations quantized a 1e-7 difference that lands on a rounding tie
-# moves one code by a whole step, ~1e-3 in the logits: those are compared layer by layer on the same inputs.
-BIT_EXACT = ("l4q", "ptq", "qat", "llm_qat")
+# Merges of bit-exact methods (traits.bit_exact) reproduce the training forward bit for bit. The others agree to
+# float rounding (x (W + BA) is not x W + x A B to the last bit), and with activations quantized a 1e-7 difference
+# that lands on a rounding tie moves one code by a whole step, ~1e-3 in the logits: those are compared layer by
+# layer on the same inputs.
 
 
 def _raw_output(module, record):
@@ -84,61 +115,85 @@ def _teacher_forced(model, merged, ids):
 
 
 @pytest.mark.parametrize("act_kv", sorted(ACT_KV))
-@pytest.mark.parametrize("name", sorted(FIELDS))
+@pytest.mark.parametrize("name", methods())
 def test_merged_model_equals_training_forward(name, act_kv):
-    model, _ = _train(_applied(name, **ACT_KV[act_kv]))
-    layers = qaft.methods.api.qaft_layers(model)
-    if name != "ptq":
-        full_qat = name in ("qat", "llm_qat")  # no adapter: the weights themselves train
-        assert full_qat or any(layer.lora_B.abs().sum() > 0 for layer in layers if hasattr(layer, "lora_B"))
+    model, _ = _train(applied(name, **ACT_KV[act_kv]))
+    if traits(name).adapter:  # the adapter trained, so the merge has something to fold
+        assert any(layer.lora_B.abs().sum() > 0 for layer in qaft.methods.api.qaft_layers(model))
     merged = qaft.merge_model(model)
     deployed = [m for m in merged.modules() if isinstance(m, (QuantizedLinear, nn.Linear))]
     kinds = {type(m) for m in deployed if not isinstance(m, nn.Embedding)}
     ids = token_batch(seed=7)
     with torch.no_grad():
-        if not ACT_KV[act_kv] or name in BIT_EXACT:
+        if traits(name).bit_exact:
+            torch.testing.assert_close(merged(ids).logits, model(ids).logits, rtol=0, atol=0)
+        elif not ACT_KV[act_kv]:
             torch.testing.assert_close(merged(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
         else:
             for trained, deployed_out in _teacher_forced(model, merged, ids):
                 torch.testing.assert_close(deployed_out, trained, rtol=1e-5, atol=1e-5)
     quantizers = sorted(n.rpartition(".")[2] for n, m in merged.named_modules() if isinstance(m, PerTokenQuantizer))
     assert quantizers == ([] if not ACT_KV[act_kv] else ["input_quantizer"] * 14 + ["output_quantizer"] * 4)
-    if name in INTEGER:
+    if traits(name).merges_to == INTEGER:
         assert sum(isinstance(m, QuantizedLinear) for m in merged.modules()) == 14
         assert not qaft.methods.api.qaft_layers(merged)
     else:
         assert QuantizedLinear not in kinds
 
 
-@pytest.mark.parametrize("name", ["l4q", "qat", "dlqat", "qalora", "llm_qat"])
+@pytest.mark.parametrize("name", methods(merges_to=INTEGER, trains=True))
 def test_deployed_weights_are_the_trained_quantized_weights(name):
-    """Layer by layer: the integer layer dequantizes to exactly (or to float rounding) the training Wq."""
-    model, _ = _train(_applied(name, quant_steps=1) if name == "dlqat" else _applied(name))
+    """Layer by layer: the integer layer dequantizes to exactly (bit-exact methods) or to float rounding the
+    training Wq."""
+    model, _ = _train(applied(name))
     x = torch.randn(3, 64)
+    tol = dict(rtol=0, atol=0) if traits(name).bit_exact else dict(rtol=1e-5, atol=1e-6)
     for layer in qaft.methods.api.qaft_layers(model):
         if layer.in_features != 64:
             continue
         deployed = layer.merge()
         with torch.no_grad():
-            exact = name in ("l4q", "qat", "llm_qat")
-            tol = dict(rtol=0, atol=0) if exact else dict(rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(deployed(x), layer(x), **tol)
 
 
-@pytest.mark.parametrize("name", ["l4q", "dlqat", "qalora"])
+@pytest.mark.parametrize("name", methods(starts_at_ptq=True))
 @pytest.mark.parametrize("init", ["minmax", "l4q", "mse"])
 def test_at_init_equals_ptq_with_the_same_init(name, init):
     ids = token_batch()
-    method = _applied(name, init=init)
-    ptq = _applied("ptq", init=init)
+    method = applied(name, init=init)
+    ptq = applied("ptq", init=init)
     with torch.no_grad():
         torch.testing.assert_close(method(ids).logits, ptq(ids).logits, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", sorted(set(FIELDS) - {"ptq"}))
+@pytest.mark.parametrize("name", methods(trains=True))
 def test_a_few_steps_lower_the_loss(name):
-    _, losses = _train(_applied(name), steps=8)
+    _, losses = _train(applied(name), steps=8)
     assert losses[-1] < losses[0] - 0.05, losses
+
+
+@pytest.mark.parametrize("name", methods())
+def test_the_trained_members_are_the_declared_ones(name):
+    """The parameter roles that train are the traits': ``lora`` for an adapter, ``quant`` for a trained quantizer
+    (a ``quantizer`` submodule), ``weight`` for full QAT; nothing for PTQ."""
+    t, model = traits(name), applied(name)
+    roles = {role for role, on in (("lora", t.adapter), ("quant", t.trains_quantizer), ("weight", t.trains_weights))
+             if on}
+    assert set(qaft.parameter_groups(model)) == roles and t.trains == bool(roles)
+    assert all(hasattr(layer, "quantizer") == t.trains_quantizer for layer in qaft.methods.api.qaft_layers(model))
+
+
+@pytest.mark.parametrize("name", methods())
+def test_a_teacher_computes_the_float_model(name):
+    """A method with a teacher computes, under ``config.teacher(model)``, the float model it was built from (its
+    activation and KV quantizers off); the others have none."""
+    model = applied(name, act_bits=8, kv_bits=8)
+    teacher = model.qaft_config.teacher(model)
+    assert (teacher is not None) == traits(name).teacher
+    if teacher is not None:
+        ids = token_batch(seed=2)
+        with teacher, torch.no_grad():
+            torch.testing.assert_close(model(ids).logits, tiny_llama()(ids).logits, rtol=0, atol=0)
 
 
 def _trainable(model):
@@ -161,7 +216,7 @@ def _trainable(model):
     ("dlqat", {"clipping": "dynamic", "magnitude": False}, [(0, "train", {"lora_A", "lora_B"})]),
 ])
 def test_trainable_parameters_per_phase(name, fields, phases):
-    model = _applied(name, **fields)
+    model = applied(name, **fields)
     for step, phase, expected in phases:
         assert qaft.set_training_step(model, step) == phase
         assert _trainable(model) == expected
@@ -170,7 +225,7 @@ def test_trainable_parameters_per_phase(name, fields, phases):
 
 
 def test_l4q_warmup_trains_lora_outside_the_quantizer_then_inside():
-    model = _applied("l4q", warmup_steps=3)
+    model = applied("l4q", warmup_steps=3)
     _train(model, steps=3)
     layer = qaft.methods.api.qaft_layers(model)[0]
     assert layer.phase == "warmup" and layer.lora_B.abs().sum() > 0
@@ -186,7 +241,7 @@ def test_l4q_warmup_trains_lora_outside_the_quantizer_then_inside():
 @pytest.mark.parametrize("clipping", ["learned_fixed", "learned", "dynamic"])
 @pytest.mark.parametrize("magnitude", [True, False])
 def test_dlqat_table3_variants_train_and_merge(clipping, magnitude):
-    model, losses = _train(_applied("dlqat", clipping=clipping, magnitude=magnitude, quant_steps=2))
+    model, losses = _train(applied("dlqat", clipping=clipping, magnitude=magnitude, quant_steps=2))
     assert losses[-1] < losses[0]
     merged = qaft.merge_model(model)
     ids = token_batch(seed=5)
@@ -194,10 +249,11 @@ def test_dlqat_table3_variants_train_and_merge(clipping, magnitude):
         torch.testing.assert_close(merged(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["l4q", "dlqat"])
+@pytest.mark.parametrize("name", methods(adapter=True, trains_quantizer=True))
 def test_lowrank_qat_layer_merges_bit_exactly(name):
-    """With m folded into the group parameters, the merged layer dequantizes to exactly the trained Wq."""
-    model, _ = _train(_applied(name))
+    """LoRA inside a trained quantizer (L4Q, DL-QAT): with m folded into the group parameters, the merged layer
+    dequantizes to exactly the trained Wq."""
+    model, _ = _train(applied(name))
     for layer in qaft.methods.api.qaft_layers(model):
         x = torch.randn(3, layer.in_features)
         if getattr(layer, "magnitude", None) is not None:
@@ -206,10 +262,10 @@ def test_lowrank_qat_layer_merges_bit_exactly(name):
             torch.testing.assert_close(layer.merge()(x), layer(x), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("name", sorted(FIELDS))
+@pytest.mark.parametrize("name", methods())
 def test_save_and_load_reproduce_the_model(name):
-    model, _ = _train(_applied(name))
-    fresh = _applied(name, seed=0)
+    model, _ = _train(applied(name))
+    fresh = applied(name, seed=0)
     fresh.load_state_dict(model.state_dict())
     ids = token_batch(seed=3)
     with torch.no_grad():
@@ -224,7 +280,7 @@ def test_save_and_load_reproduce_the_model(name):
 
 
 def test_ptq_after_float_merge_gives_integer_layers():
-    model, _ = _train(_applied("qlora"))
+    model, _ = _train(applied("qlora"))
     deployed = qaft.ptq_model(qaft.merge_model(model), bits=4, group_size=32)
     layers = [m for m in deployed.modules() if isinstance(m, QuantizedLinear)]
     assert len(layers) == 14 and {m.bits for m in layers} == {4}

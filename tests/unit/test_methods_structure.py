@@ -17,18 +17,12 @@ from qaft.quant import AffineQuantizer
 from qaft.quant.affine import in_range, scale_grad_term, ste_terms
 from qaft.quant.linear import rtn_quantize_linear
 
-from helpers import tiny_llama, token_batch
-
-FIELDS = {
-    "lora": {}, "qlora": {}, "loftq": {"loftq_iters": 2}, "qat_lora": {"group_size": 32},
-    "qalora": {"group_size": 32}, "l4q": {"group_size": 32}, "dlqat": {"group_size": 32, "quant_steps": 2},
-    "ptq": {"group_size": 32}, "qat": {"group_size": 32}, "llm_qat": {},
-}
-TRAINED_QUANTIZER = ("l4q", "dlqat", "qat")
+from helpers import token_batch
+from method_matrix import applied, int_zero_fields, methods
 
 
 def _trained(name: str, steps: int = 3, **extra) -> nn.Module:
-    model = qaft.apply_method(tiny_llama(), qaft.config_for(name, **{**FIELDS[name], **extra}))
+    model = applied(name, **extra)
     params = [p for group in qaft.parameter_groups(model).values() for p in group]
     opt = torch.optim.AdamW(params, lr=1e-2) if params else None
     ids = token_batch()
@@ -42,7 +36,7 @@ def _trained(name: str, steps: int = 3, **extra) -> nn.Module:
     return model.eval()
 
 
-@pytest.mark.parametrize("name", sorted(FIELDS))
+@pytest.mark.parametrize("name", methods())
 def test_in_place_merge_equals_the_copying_merge(name):
     model = _trained(name)
     ids = token_batch(seed=7)
@@ -53,7 +47,7 @@ def test_in_place_merge_equals_the_copying_merge(name):
         torch.testing.assert_close(in_place(ids).logits, copied, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("name", ["l4q", "qlora", "qalora"])
+@pytest.mark.parametrize("name", methods(trains=True))
 def test_in_place_merge_frees_each_layer_as_it_replaces_it(name, monkeypatch):
     model = _trained(name, steps=1)
     layers = qaft.methods.api.qaft_layers(model)
@@ -78,7 +72,7 @@ def test_in_place_merge_frees_each_layer_as_it_replaces_it(name, monkeypatch):
         gc.enable()
 
 
-@pytest.mark.parametrize("name", TRAINED_QUANTIZER)
+@pytest.mark.parametrize("name", methods(trains_quantizer=True))
 @pytest.mark.parametrize("quant", [{}, {"zero_point": "int"}, {"symmetric": True}])
 def test_the_quantizer_is_a_submodule_and_its_state_is_named_under_it(name, quant):
     model = _trained(name, steps=1, **quant)
@@ -93,20 +87,22 @@ def test_the_quantizer_is_a_submodule_and_its_state_is_named_under_it(name, quan
     assert any(p is layer.quantizer.scale for p in qaft.parameter_groups(model)["quant"])
 
 
-@pytest.mark.parametrize("name, expected", [("qalora", ["scale", "offset"]), ("qat_lora", ["scale", "offset"]),
-                                            ("qlora", []), ("lora", [])])
-def test_frozen_bases_keep_their_group_parameters_in_checkpoints(name, expected):
-    layer = qaft.methods.api.qaft_layers(qaft.apply_method(tiny_llama(), qaft.config_for(name, **FIELDS[name])))[0]
+@pytest.mark.parametrize("name", methods(adapter=True, trains_quantizer=False))
+def test_frozen_bases_keep_their_group_parameters_in_checkpoints(name):
+    """LoRA over a frozen base: an integer base (the methods with a zero point, LoftQ on its integer base) keeps
+    its per-group scale and offset in training checkpoints; a float or NF4 base keeps nothing."""
+    layer = qaft.methods.api.qaft_layers(applied(name, **int_zero_fields(name)))[0]
+    expected = ["scale", "offset"] if qaft.methods.traits(name).zero_point else []
     assert layer.state_buffers() == expected and not hasattr(layer, "quantizer")
 
 
-@pytest.mark.parametrize("name", TRAINED_QUANTIZER)
+@pytest.mark.parametrize("name", methods(trains_quantizer=True))
 def test_state_dicts_with_the_old_flat_quantizer_names_still_load(name):
     """Checkpoints written before the quantizer became a submodule name its tensors ``<layer>.scale``."""
     trained = _trained(name)
     old = {k.replace(".quantizer.", "."): v for k, v in trained.state_dict().items()}
     assert any(k.endswith("q_proj.scale") for k in old)
-    fresh = qaft.apply_method(tiny_llama(), qaft.config_for(name, **FIELDS[name]))
+    fresh = applied(name)
     fresh.load_state_dict(old)  # strict: every old key lands in a new one
     ids = token_batch(seed=3)
     with torch.no_grad():

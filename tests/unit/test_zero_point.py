@@ -7,16 +7,16 @@ import torch
 from torch import nn
 
 import qaft
-from qaft.methods import QuantizedLinear
+from qaft.methods import FLOAT, QuantizedLinear
 from qaft.quant import dequantize, fake_quantize, init_scale_offset, qrange, quantize
 from qaft.quant.affine import _v, offset_of_zero
 from qaft.quant.gptq import HessianAccumulator, gptq_quantize_weight
 from qaft.quant.init import init_scale_zero
 
-from helpers import tiny_llama, token_batch
+from helpers import token_batch
+from method_matrix import applied, int_zero_fields, methods
 
-QUANT_METHODS = ("ptq", "qalora", "l4q", "dlqat", "qat", "qat_lora", "loftq")
-FIELDS = {"loftq": {"base": "int"}, "dlqat": {"quant_steps": 2}}
+QUANT_METHODS = methods(zero_point=True)
 
 
 def _weights(out=48, inp=256, seed=0, dtype=torch.float32) -> torch.Tensor:
@@ -77,16 +77,16 @@ def test_rtn_int_zero_keeps_the_zero_level_at_two_bits():
 
 @pytest.mark.parametrize("name", QUANT_METHODS)
 def test_every_quantizer_method_takes_the_option(name):
-    config = qaft.config_for(name, zero_point="int", **FIELDS.get(name, {}))
+    config = qaft.config_for(name, **int_zero_fields(name, zero_point="int"))
     assert config.zero_point == "int" and qaft.config_for(name).zero_point == "float"
     with pytest.raises(ValueError, match=r"zero_point must be one of \['float', 'int'\], got 'integer'"):
         qaft.config_for(name, zero_point="integer")
 
 
-def test_methods_without_an_integer_quantizer_reject_the_field():
-    for name in ("lora", "qlora"):
-        with pytest.raises(ValueError, match=r"has no field\(s\) \['zero_point'\]"):
-            qaft.config_for(name, zero_point="int")
+@pytest.mark.parametrize("name", methods(zero_point=False))
+def test_methods_without_an_integer_quantizer_reject_the_field(name):
+    with pytest.raises(ValueError, match=r"has no field\(s\) \['zero_point'\]"):
+        qaft.config_for(name, zero_point="int")
 
 
 def _train(model, steps=6, lr=2e-2):
@@ -105,8 +105,8 @@ def _train(model, steps=6, lr=2e-2):
 
 
 def _applied(name, **extra):
-    fields = {"group_size": 32, "zero_point": "int", **FIELDS.get(name, {}), **extra}
-    return qaft.apply_method(tiny_llama(), qaft.config_for(name, **fields))
+    """The method on the integer grid (groups of 32), from its example config."""
+    return applied(name, **int_zero_fields(name, group_size=32, zero_point="int", **extra))
 
 
 @pytest.mark.parametrize("name", QUANT_METHODS)
@@ -122,9 +122,11 @@ def test_the_integer_base_starts_on_the_integer_grid(name):
         _assert_on_integer_grid(state.scale.detach(), offset.detach(), bits)
 
 
-@pytest.mark.parametrize("name, extra", [
-    ("l4q", {}), ("l4q", {"init": "minmax", "warmup_steps": 2}), ("qat", {}), ("dlqat", {}),
-    ("dlqat", {"clipping": "learned"}), ("dlqat", {"clipping": "dynamic"}), ("dlqat", {"magnitude": False}),
+# Every bit-exact method with a trained quantizer, and the variants of L4Q's and DL-QAT's own settings.
+@pytest.mark.parametrize("name, extra", [(name, {}) for name in methods(trains_quantizer=True, bit_exact=True,
+                                                                        zero_point=True)] + [
+    ("l4q", {"init": "minmax", "warmup_steps": 2}), ("dlqat", {"clipping": "learned"}),
+    ("dlqat", {"clipping": "dynamic"}), ("dlqat", {"magnitude": False}),
 ])
 def test_merged_equals_trained_bit_for_bit(name, extra):
     model = _train(_applied(name, **extra))
@@ -141,7 +143,7 @@ def test_merged_equals_trained_bit_for_bit(name, extra):
             deployed = layer.merge()
             torch.testing.assert_close(deployed(x), layer(x), rtol=0, atol=0)
             # DL-QAT deploys (m s, m b): m s (2^(n-1) - z) is (m s)(2^(n-1) - z) up to one float rounding
-            exact = name != "dlqat" or not extra.get("magnitude", True)
+            exact = getattr(layer, "magnitude", None) is None
             _assert_on_integer_grid(deployed.scale, deployed.offset, layer.config.bits, exact_zero=exact)
     merged = qaft.merge_model(model)
     ids = token_batch(seed=7)
@@ -174,7 +176,7 @@ def test_qalora_int_base_merges_to_float_offsets_exactly():
     assert torch.equal(deployed.codes(), layer.codes)
 
 
-@pytest.mark.parametrize("name", ["qat_lora", "loftq"])
+@pytest.mark.parametrize("name", methods(zero_point=True, merges_to=FLOAT))
 def test_float_merged_methods_on_an_integer_base_merge_exactly(name):
     """QAT-LoRA / LoftQ over an integer-zero base: the float merge ``deq(Q) + alpha B A`` is the trained model
     (deploying it at n bits is a PTQ, with its own ``zero_point``)."""
@@ -251,9 +253,8 @@ def test_float_zero_point_is_todays_quantizer(bits, group_size):
 @pytest.mark.parametrize("name", QUANT_METHODS)
 def test_float_zero_point_models_are_unchanged(name):
     ids = token_batch(seed=4)
-    fields = {"group_size": 32, **FIELDS.get(name, {})}
-    default = qaft.apply_method(tiny_llama(), qaft.config_for(name, **fields))
-    explicit = qaft.apply_method(tiny_llama(), qaft.config_for(name, zero_point="float", **fields))
+    default = applied(name, **int_zero_fields(name, group_size=32))
+    explicit = applied(name, **int_zero_fields(name, group_size=32, zero_point="float"))
     assert not any(n.endswith(".zero") for n, _ in explicit.named_parameters())
     with torch.no_grad():
         torch.testing.assert_close(explicit(ids).logits, default(ids).logits, rtol=0, atol=0)
