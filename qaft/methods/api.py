@@ -44,11 +44,11 @@ def apply_method(model: nn.Module, config: MethodConfig, calib_batches: Iterable
     below 16 install the per-token quantizers on the float layers first (:mod:`qaft.methods.act_kv`), so GPTQ
     calibrates on the quantized inputs the layers will see, and every replacement keeps them.
 
-    A config that needs calibration data (``config.calibration()`` is not ``None``: GPTQ or SmoothQuant PTQ,
-    QA-LoRA on a GPTQ base) converts the model from ``calib_batches`` (token tensors ``[B, T]`` or dicts with ``input_ids`` and
-    ``attention_mask``); other methods ignore them. Returns the same model, set to the phase of step 0.
+    A config that needs calibration data (``config.calibration_options()`` is not ``None``: GPTQ or SmoothQuant
+    PTQ, QA-LoRA on a GPTQ base) converts the model from ``calib_batches`` (token tensors ``[B, T]`` or dicts with
+    ``input_ids`` and ``attention_mask``); other methods ignore them. Returns the same model, set to the phase of step 0.
     """
-    options = config.calibration()
+    options = config.calibration_options()
     if options is not None and calib_batches is None:
         raise ValueError(f"method {config.name!r} needs calibration data ({options.calib_batches} "
                          "batches by its calib_batches): call apply_method(model, config, calib_batches=batches)")

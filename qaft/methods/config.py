@@ -6,7 +6,7 @@ that apply to a method (``bits``, ``group_size``, ``rank``, ``alpha``, ``init``,
 ``percdamp``, ...) and rejects the rest with a ``ValueError``.
 
 A config builds its layers one at a time (:meth:`MethodConfig.make_layer`), unless it needs calibration data:
-then :meth:`MethodConfig.calibration` returns its GPTQ options and :meth:`MethodConfig.apply_calibrated`
+then :meth:`MethodConfig.calibration_options` returns its GPTQ options and :meth:`MethodConfig.apply_calibrated`
 converts the whole model from the batches (``qaft.apply_method(model, config, calib_batches=...)`` calls it).
 A method trained by distillation from the frozen float model (LLM-QAT) says so with :meth:`MethodConfig.teacher`.
 
@@ -129,13 +129,15 @@ class MethodConfig:
     def make_layer(self, linear: nn.Linear) -> nn.Module:
         raise NotImplementedError
 
-    def calibration(self) -> GPTQOptions | None:
-        """The GPTQ options of a config that needs calibration data to be applied; ``None`` (the default) when
-        :meth:`make_layer` builds every layer from its weights alone."""
+    def calibration_options(self) -> GPTQOptions | None:
+        """How a config that needs calibration data to be applied takes it: :class:`GPTQOptions`, whose
+        ``calib_batches`` says how many training batches (GPTQ's other settings apply to GPTQ only; SmoothQuant
+        takes just the count); ``None`` (the default) when :meth:`make_layer` builds every layer from its
+        weights alone."""
         return None
 
     def apply_calibrated(self, model: nn.Module, calib_batches: Iterable[Any]) -> None:
-        """Convert ``model``'s target layers in place from calibration batches; only where :meth:`calibration`
+        """Convert ``model``'s target layers in place from calibration batches; only where :meth:`calibration_options`
         is not ``None``. Called by :func:`qaft.methods.api.apply_method`, which validates the layers first."""
         raise NotImplementedError(f"method {self.name!r} needs no calibration data")
 

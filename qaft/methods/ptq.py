@@ -5,7 +5,7 @@ GPTQ (``algorithm="gptq"``, from calibration data; see :mod:`qaft.methods.gptq_m
 
 Nothing trains; the layer is already the deployable :class:`~qaft.quant.linear.QuantizedLinear`.
 ``zero_point="int"`` quantizes on the integer-zero grid of GPTQ / AutoGPTQ (``b = s (2^(n-1) - z)``), RTN and
-GPTQ alike. With GPTQ or SmoothQuant the config asks for calibration data (:meth:`PTQConfig.calibration`) and
+GPTQ alike. With GPTQ or SmoothQuant the config asks for calibration data (:meth:`PTQConfig.calibration_options`) and
 ``qaft.apply_method(model, config, calib_batches=...)`` quantizes the whole model from it.
 """
 from __future__ import annotations
@@ -43,7 +43,7 @@ class PTQConfig(QuantMethodConfig, GPTQFields):
         check_alpha(self.smooth_alpha)
         self.gptq_options()
 
-    def calibration(self) -> GPTQOptions | None:
+    def calibration_options(self) -> GPTQOptions | None:
         # SmoothQuant reads only calib_batches from these options: one definition of how much data to take.
         return self.gptq_options() if self.algorithm in ("gptq", "smoothquant") else None
 

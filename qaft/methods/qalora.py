@@ -15,7 +15,7 @@ training runs on it. The merge cannot keep that: adding ``(alpha / g) (B A)[o, k
 fractional multiples of the scale by design (it is how the adapter folds into an integer layer at all), so the
 merged layer has float offsets whatever ``zero_point`` is. It stays exact: same codes, same scales.
 
-``base_quant="gptq"``: GPTQ needs calibration data, so the config says so (:meth:`QALoRAConfig.calibration`)
+``base_quant="gptq"``: GPTQ needs calibration data, so the config says so (:meth:`QALoRAConfig.calibration_options`)
 and ``qaft.apply_method(model, config, calib_batches=...)`` GPTQ-quantizes the float model first
 (:func:`qaft.methods.gptq_model.gptq_quantize_model`) and builds each QA-LoRA layer on the resulting codes with
 :meth:`QALoRALinear.from_quantized`.
@@ -100,7 +100,7 @@ class QALoRAConfig(QuantLoRAMethodConfig, GPTQFields):
     example_fields: ClassVar = {"group_size": 32}
     calibrated_fields: ClassVar = ({"base_quant": "gptq"},)
     rank: int = 64  # the paper's r (alpha 16)
-    base_quant: str = "rtn"  # rtn | gptq (GPTQ on calibration data: see calibration())
+    base_quant: str = "rtn"  # rtn | gptq (GPTQ on calibration data: see calibration_options())
     # zero_point (QuantFields) sets the base's grid; the merge moves the offsets off it (see the module doc).
 
     def validate(self) -> None:
@@ -108,7 +108,7 @@ class QALoRAConfig(QuantLoRAMethodConfig, GPTQFields):
         choice("base_quant", self.base_quant, ("rtn", "gptq"))
         self.gptq_options()
 
-    def calibration(self) -> GPTQOptions | None:
+    def calibration_options(self) -> GPTQOptions | None:
         return self.gptq_options() if self.base_quant == "gptq" else None
 
     def apply_calibrated(self, model: nn.Module, calib_batches: Iterable[Any]) -> None:

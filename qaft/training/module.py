@@ -87,7 +87,7 @@ class QaftModule(pl.LightningModule):
     def __init__(self, cfg: DictConfig, method: MethodConfig,
                  calib_batches: list[dict[str, torch.Tensor]] | None = None,
                  identity: dict[str, Any] | None = None) -> None:
-        """``calib_batches``: the calibration data of a method that needs it (``method.calibration()``);
+        """``calib_batches``: the calibration data of a method that needs it (``method.calibration_options()``);
         ``identity``: the run's identity config (:mod:`qaft.training.identity`), stored in every checkpoint."""
         super().__init__()
         self.cfg, self.method, self.identity = cfg, method, identity or {}
@@ -99,7 +99,7 @@ class QaftModule(pl.LightningModule):
             torch.manual_seed(cfg.seed)  # adapter init depends on the seed only, so a resume rebuilds it
             apply_method(self.model, method, calib_batches=calib_batches)
         # A calibrated (GPTQ) base is rebuilt, not stored: its fingerprint lets a resume prove it rebuilt the same.
-        self.base_digest = self._frozen_digest() if method.calibration() is not None else None
+        self.base_digest = self._frozen_digest() if method.calibration_options() is not None else None
         if cfg.optim.gradient_checkpointing:
             self.model.config.use_cache = False
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -146,7 +146,7 @@ class _Attempt:
         progress.say(f"run {self.folder.path.name}: loading model {spec.model} and data {spec.data_name}")
         # The data comes first: a method calibrated on training batches (GPTQ) needs them to be built.
         data = _run_data(self.cfg, spec)
-        calibration = spec.method.calibration()
+        calibration = spec.method.calibration_options()
         calib = data.calibration_batches(calibration.calib_batches) if calibration is not None else None
         module = QaftModule(self.cfg, spec.method, calib, identity_config(self.cfg))
         trainer = build_trainer(self.cfg, spec, self.folder.path, self.guard)

@@ -122,7 +122,7 @@ def test_smoothquant_reaches_the_ptq_method_from_the_command_line_and_its_preset
     spec = validate(_compose(["method=ptq", "method.algorithm=smoothquant", "method.smooth_alpha=0.8",
                               "quant=w8a8kv8"]), resources=False)
     assert (spec.method.algorithm, spec.method.smooth_alpha, spec.method.act_bits) == ("smoothquant", 0.8, 8)
-    assert spec.method.calibration() is not None  # qaft-train gives it the first training batches, as GPTQ
+    assert spec.method.calibration_options() is not None  # qaft-train gives it the first training batches, as GPTQ
     cfg = _compose(["method=ptq_smoothquant", "quant=w4a8kv8"])
     assert validate(cfg, resources=False).method.algorithm == "smoothquant"
     assert run_name(cfg.method, "tiny-llama", "austen", 0, "ptq_smoothquant").startswith("ptq_smoothquant-w4pc-a8kv8")

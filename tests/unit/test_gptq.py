@@ -120,7 +120,7 @@ def test_tiny_model_layer_errors_below_rtn(bits, act_order):
 def test_ptq_config_gptq_and_qalora_gptq_base():
     calib = [token_batch(seed=i, batch=2, length=32) for i in range(2)]
     ptq = qaft.config_for("ptq", bits=4, group_size=32, algorithm="gptq", act_order=True)
-    assert ptq.calibration() == GPTQOptions(act_order=True)
+    assert ptq.calibration_options() == GPTQOptions(act_order=True)
     with pytest.raises(ValueError, match="calibration"):
         qaft.apply_method(tiny_llama(), ptq)
     model = qaft.apply_method(tiny_llama(), ptq, calib_batches=calib)
@@ -147,12 +147,12 @@ def test_ptq_config_gptq_and_qalora_gptq_base():
 @pytest.mark.parametrize("name, switch", calibrated_cases())
 def test_a_config_that_needs_calibration_says_so_and_carries_the_gptq_options(name, switch):
     fields = {"calib_batches": 3, "act_order": True, "percdamp": 0.05}
-    assert qaft.config_for(name, **fields).calibration() is None  # RTN: no data needed
+    assert qaft.config_for(name, **fields).calibration_options() is None  # RTN: no data needed
     config = qaft.config_for(name, **fields, **switch)
-    assert config.calibration() == GPTQOptions(**fields)
+    assert config.calibration_options() == GPTQOptions(**fields)
     assert {"calib_batches", "act_order", "percdamp"} <= set(config.to_dict())
     for other in methods(calibration=False):
-        assert qaft.config_for(other).calibration() is None, other
+        assert qaft.config_for(other).calibration_options() is None, other
     with pytest.raises(ValueError, match="calib_batches must be an integer >= 1, got 0"):
         qaft.config_for(name, calib_batches=0, **switch)
     with pytest.raises(ValueError, match="percdamp must be a number >= 0"):

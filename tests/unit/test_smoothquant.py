@@ -141,7 +141,7 @@ def test_calibration_reads_the_float_activations_and_skips_padding():
 def test_ptq_smoothquant_w8a8kv8_is_integer_per_channel_and_deploys():
     config = qaft.config_for("ptq", algorithm="smoothquant", bits=8, group_size=-1, act_bits=8, kv_bits=8,
                              smooth_alpha=0.5)
-    assert config.calibration() is not None and config.to_dict()["smooth_alpha"] == 0.5
+    assert config.calibration_options() is not None and config.to_dict()["smooth_alpha"] == 0.5
     model = qaft.apply_method(tiny_llama(), config, calib_batches=CALIB)
     linears = {n: m for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in DEFAULT_TARGETS}
     assert len(linears) == 14
