@@ -46,7 +46,8 @@ def apply_method(model: nn.Module, config: MethodConfig, calib_batches: Iterable
 
     A config that needs calibration data (``config.calibration_options()`` is not ``None``: GPTQ or SmoothQuant
     PTQ, QA-LoRA on a GPTQ base) converts the model from ``calib_batches`` (token tensors ``[B, T]`` or dicts with
-    ``input_ids`` and ``attention_mask``); other methods ignore them. Returns the same model, set to the phase of step 0.
+    ``input_ids`` and ``attention_mask``); other methods ignore them. Returns the same model, set to the phase of
+    step 0.
     """
     options = config.calibration_options()
     if options is not None and calib_batches is None:

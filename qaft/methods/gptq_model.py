@@ -9,7 +9,8 @@ activations; the reference's "true sequential" sub-ordering of q/k/v, o, up/gate
 
 GPTQ needs data, so it does not fit a method's one-layer-at-a-time ``make_layer``. A method config that uses it
 says so through :meth:`~qaft.methods.config.MethodConfig.calibration_options` (its
-:class:`~qaft.quant.gptq.GPTQOptions`) and converts the model in :meth:`~qaft.methods.config.MethodConfig.apply_calibrated` with
+:class:`~qaft.quant.gptq.GPTQOptions`) and converts the model in
+:meth:`~qaft.methods.config.MethodConfig.apply_calibrated` with
 :func:`gptq_quantize_with`; ``qaft.apply_method(model, config, calib_batches=...)`` drives both. Today:
 
 * ``ptq`` with ``algorithm="gptq"`` (the papers' "QLoRA + GPTQ" row: float-merge, then GPTQ);
