@@ -90,4 +90,5 @@ def fake_run_folder(run_dir: Path, merged: torch.nn.Module, float_model: torch.n
     from qaft.deploy.merged import save_merged
 
     save_merged(merged if float_model is None else float_model, run_dir / "merged_model")
-    (run_dir / "record.json").write_text(json.dumps({"status": "ok", "metrics": {"merged_model_path": "merged_model"}}))
+    (run_dir / "record.json").write_text(json.dumps({"status": "ok", "model": "tiny-llama", "bits": 4, "group_size": 32,
+                                                     "metrics": {"merged_model_path": "merged_model"}}))
