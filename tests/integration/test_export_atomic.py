@@ -74,7 +74,7 @@ def killed_export(run_dir: Path, writer: str, args: list[str], log: Path) -> lis
 
 def test_a_killed_export_leaves_none_and_the_next_export_removes_its_debris(run_dir, tmp_path):
     target = run_dir / "export_qaft"
-    debris = killed_export(run_dir, "qaft.deploy.checkpoint:save_file", ["format=qaft"], tmp_path / "log")
+    debris = killed_export(run_dir, "qaft.deploy.packed:save_file", ["format=qaft"], tmp_path / "log")
     assert not target.exists()
     # killed after the weights and before quantization.json: what used to be left as export_qaft/
     assert [p.name.split(TMP_MARK)[0] for p in debris] == [".export_qaft"]
