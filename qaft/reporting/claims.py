@@ -105,7 +105,7 @@ def _claim(entry: Any, path: Path) -> Claim:
     cid = entry["id"]
     unknown = set(entry) - {"id", "source", "metric", "better", "a", "b", "where"}
     if unknown:
-        raise ClaimError(f"claim {cid!r}: unknown field {sorted(unknown)[0]!r}")
+        raise ClaimError(f"claim {cid!r}: unknown field {min(unknown)!r}")
     for name in ("source", "metric", "better", "a", "b"):
         if name not in entry:
             raise ClaimError(f"claim {cid!r}: missing field {name!r}")

@@ -24,9 +24,9 @@ def _number(value: Any, digits: int = 3) -> str:
 def _markdown(rows: list[dict[str, Any]]) -> str:
     counts = pd.Series([r["verdict"] for r in rows]).value_counts()
     lines = ["# Claims: verdicts", "",
-             "Effect > 0: the claim's direction holds (perplexity: log ratio b/a, or a/b where higher is "
-             "claimed better; accuracy: points a - b). 95% bootstrap interval over seeds and eval items "
-             "(qaft.reporting.bootstrap).", "",
+             ("Effect > 0: the claim's direction holds (perplexity: log ratio b/a, or a/b where higher is "
+              "claimed better; accuracy: points a - b, or b - a where lower is). 95% bootstrap interval over "
+              "seeds and eval items (qaft.reporting.bootstrap)."), "",
              "Verdicts: " + ", ".join(f"{k} {v}" for k, v in counts.items()), "",
              "| id | verdict | effect | 95% CI | unit | seeds | items | note |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
