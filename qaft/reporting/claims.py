@@ -11,6 +11,10 @@ A claim file (``experiments/claims/*.yaml``) holds ``claims:``, a list of::
     b: {preset: qalora}                    #   report specs' ``where``; a list value matches any of them)
     where: {experiment: groupwise, scale: tiny, bits: 4}   # filters common to both sides
 
+The shipped claims name no ``scale``: run them on one scale's store (``results/tiny/records.jsonl``, or a
+paper-scale store); on a store holding both, every side matches two configs (they differ in ``scale``) and is
+refused. Their group sizes and experiment names are tiny scale's (groups of 64; 32 / 64 / 192 in Table 6).
+
 A side may also name ``metric:`` (e.g. QLoRA's ``metrics.ppl_merged_gptq`` against QA-LoRA-on-GPTQ's deployed
 perplexity), which replaces the claim's metric for that side; both must be of the same kind.
 
@@ -217,6 +221,10 @@ def _item_table(record: dict[str, Any], metric: str) -> pd.DataFrame | None:
         keys.append(f"metrics.{form.key}")
     table = next((t for k in keys if (t := item_scores(record, k)) is not None), None)
     if table is None or table.empty:
+        return None
+    if "item" not in table or not ("correct" in table or {"nll_sum", "tokens"} <= set(table.columns)):
+        warn(f"{record.get('run_dir')}: item scores for {metric} lack item and correct or nll_sum + tokens; "
+             "using the recorded value alone")
         return None
     if "correct" in table:
         num, den = table["correct"].astype(float), pd.Series(1.0, index=table.index)

@@ -53,9 +53,10 @@ def _run(tmp_path: Path, name: str, seed: int, preset: str, nll: np.ndarray, cor
     return record
 
 
-def _store(tmp_path: Path, seeds: int = 3, files: bool = True) -> Path:
+def _store(tmp_path: Path, seeds: int = 3, files: bool = True, bad_seeds_from: int = 0) -> Path:
     """Presets good / bad: good's windows 0.1 nat per token lower (log-ratio 0.1), good's questions 20 points
-    more often right; a fixed per-window difficulty shared by both, and run-by-window noise."""
+    more often right; a fixed per-window difficulty shared by both, and run-by-window noise. Bad's seeds start
+    at ``bad_seeds_from`` (not 0: no seed shared, unpaired)."""
     rng = np.random.default_rng(7)
     window = rng.normal(3.5, 0.4, size=32)
     p = rng.uniform(0.3, 0.7, size=200)
@@ -64,7 +65,8 @@ def _store(tmp_path: Path, seeds: int = 3, files: bool = True) -> Path:
         for preset, shift, bonus in (("good", 0.0, 0.2), ("bad", 0.1, 0.0)):
             nll = (window + shift + rng.normal(0, 0.05, size=32)) * 512
             correct = (rng.random(200) < np.clip(p + bonus, 0, 1)).astype(int)
-            records.append(_run(tmp_path, f"{preset}-s{seed}", seed, preset, nll, correct, files))
+            run_seed = seed + (bad_seeds_from if preset == "bad" else 0)
+            records.append(_run(tmp_path, f"{preset}-s{run_seed}", run_seed, preset, nll, correct, files))
     path = tmp_path / "records.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
@@ -120,6 +122,13 @@ def test_without_item_scores_seeds_alone_or_inconclusive(tmp_path: Path) -> None
     rows = _report(one, claims, _store(one, seeds=1, files=False))
     assert rows["good_wins"]["verdict"] == "inconclusive" and rows["good_wins"]["ci_low"] is None
     assert rows["good_wins"]["n_items"] == 0 and rows["good_wins"]["effect"] > 0
+
+
+def test_sides_without_shared_seeds_are_unpaired(tmp_path: Path) -> None:
+    rows = _report(tmp_path, _claims(tmp_path, _claim("good_wins", "good", "bad")),
+                   _store(tmp_path, bad_seeds_from=10))
+    assert (rows["good_wins"]["paired_seeds"], rows["good_wins"]["n_seeds"]) == (False, 3)
+    assert rows["good_wins"]["verdict"] == "held"
 
 
 @pytest.mark.parametrize("claim, field", [
