@@ -54,10 +54,11 @@ import yaml
 from qaft.evaluation.deployed import DEPLOYED_FORMS, ModelForm
 from qaft.reporting.bootstrap import SideScores, bootstrap_effect, verdict
 from qaft.reporting.claims_output import write_outputs
-from qaft.reporting.tables import _archived, _newest_per_seed, _ok, _read, _row, _select, warn
+from qaft.reporting.tables import _archived, _newest_per_seed, _not_ok, _ok, _read, _row, _select, warn
 from qaft.run_folder import RECORD_FILE
 
-PERPLEXITY = re.compile(r"^metrics\.(deployed|ppl_[a-z_]+)$")
+# The perplexities a run record can hold: the deployed model's and each scored form's (qaft.evaluation.deployed).
+PERPLEXITY = re.compile(rf"^metrics\.(deployed|{'|'.join(form.key for form in ModelForm)})$")
 ACCURACY = re.compile(r"^metrics\.lm_eval\.results\..+\.scores\.(acc|acc_norm)$")
 BETTER = ("lower", "higher")
 # Keys every run record has (or its report row derives), whether or not this store holds a run with them.
@@ -100,7 +101,8 @@ def _metric_kind(claim_id: str, name: str, metric: Any) -> str:
     if isinstance(metric, str) and ACCURACY.match(metric):
         return "accuracy"
     raise ClaimError(f"claim {claim_id!r}: {name} {metric!r} is not a known metric (metrics.deployed, "
-                     "metrics.ppl_*, metrics.lm_eval.results.<task>.scores.acc|acc_norm)")
+                     f"{', '.join(f'metrics.{f.key}' for f in ModelForm)}, "
+                     "metrics.lm_eval.results.<task>.scores.acc|acc_norm)")
 
 
 def _claim(entry: Any, path: Path) -> Claim:
@@ -271,10 +273,21 @@ def build_sides(claim: Claim, runs: dict[str, pd.DataFrame], records: list[dict[
     return Sides(out["a"], out["b"], items)
 
 
-def _absent(claim: Claim, runs: dict[str, pd.DataFrame]) -> str:
-    gone = [f"{s}: {{{', '.join(f'{k}: {v}' for k, v in {**claim.where, **getattr(claim, s)}.items())}}}"
-            for s in ("a", "b") if runs[s].empty]
+def _absent(claim: Claim, runs: dict[str, pd.DataFrame], frame: pd.DataFrame) -> str:
+    """Which side has no ok run with the metric, by its filters, and what its runs did instead (``failed``,
+    ``diverged``, ...; ``missing``: no run at all, or ok runs without the metric)."""
+    gone = []
+    for side in ("a", "b"):
+        if runs[side].empty:
+            filters = {**claim.where, **(claim.a if side == "a" else claim.b)}
+            status = _not_ok(_select(frame, filters)) if not frame.empty else MISSING
+            gone.append(f"{side} {status}: {{{', '.join(f'{k}: {v}' for k, v in filters.items())}}}")
     return "no ok run with the metric for " + "; ".join(gone)
+
+
+def _run_names(runs: pd.DataFrame) -> list[str]:
+    """The run folders' names (not their paths: a store moves between machines, the names do not)."""
+    return sorted(Path(str(d)).name for d in runs.get("run_dir", []))
 
 
 def evaluate(claim: Claim, frame: pd.DataFrame, records: list[dict[str, Any]],
@@ -289,10 +302,9 @@ def evaluate(claim: Claim, frame: pd.DataFrame, records: list[dict[str, Any]],
                            "unit": "log ratio" if claim.kind == "perplexity" else "points",
                            "verdict": MISSING, "effect": None, "ci_low": None, "ci_high": None,
                            "n_seeds": 0, "n_items": 0, "paired_seeds": False, "note": "", "source": claim.source,
-                           "a_runs": sorted(map(str, runs["a"].get("run_dir", []))),
-                           "b_runs": sorted(map(str, runs["b"].get("run_dir", [])))}
+                           "a_runs": _run_names(runs["a"]), "b_runs": _run_names(runs["b"])}
     if runs["a"].empty or runs["b"].empty:
-        return row | {"note": _absent(claim, runs)}
+        return row | {"note": _absent(claim, runs, frame)}
     sides = build_sides(claim, runs, records)
     paired = sides.a.seeds == sides.b.seeds
     n_seeds = min(len(sides.a.seeds), len(sides.b.seeds))

@@ -132,7 +132,7 @@ def test_sides_without_shared_seeds_are_unpaired(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("claim, field", [
-    (_claim("bad_metric", "good", "bad", metric="metrics.ppl_nonsense!"), "metric"),
+    (_claim("bad_metric", "good", "bad", metric="metrics.ppl_nonsense"), "metric"),
     (_claim("bad_key", "good", "bad", where={"experiment": "toy", "method_config.colour": "red"}),
      "method_config.colour"),
     ({**_claim("two_configs", "good", "bad"), "a": {"experiment": "toy"}}, "preset"),  # good and bad
