@@ -172,7 +172,8 @@ def _check_one_config(claim: Claim, side: str, runs: pd.DataFrame) -> None:
         differ = sorted(k for k in set(configs[0]) | set(other) if configs[0].get(k) != other.get(k))
         if differ:
             raise ClaimError(f"claim {claim.id!r}: side {side} matches runs of different configs "
-                             f"(they differ in {', '.join(map(repr, differ))}); add a filter on one of them to {side} or where")
+                             f"(they differ in {', '.join(map(repr, differ))}); "
+                             f"add a filter on one of them to {side} or where")
 
 
 def side_runs(claim: Claim, side: str, frame: pd.DataFrame) -> pd.DataFrame:

@@ -21,8 +21,8 @@ from qaft.paths import experiments_dir
 from qaft.quiet import silence_third_party_noise
 
 silence_third_party_noise()  # known library noise out of the output (qaft.quiet)
-USAGE = ("usage: qaft-report spec=PATTERN[,PATTERN...] | claims=PATTERN[,PATTERN...] [runs=runs] [out=results] [archive=FILE.jsonl] "
-         "[wandb=ENTITY/PROJECT|FOLDER]")
+USAGE = ("usage: qaft-report spec=PATTERN[,PATTERN...] | claims=PATTERN[,PATTERN...] [runs=runs] [out=results] "
+         "[archive=FILE.jsonl] [wandb=ENTITY/PROJECT|FOLDER]")
 KEYS = {
     "spec": "report spec YAML files: globs or paths, comma-separated, expanded by qaft-report (quote them); "
             "'experiments/...' falls back to the specs installed with qaft",
