@@ -187,7 +187,7 @@ def test_cli_key_value_writes_what_report_writes(store, tmp_path, monkeypatch, c
 @pytest.mark.parametrize("argv, message", [
     (["runs=runs"], "missing spec="),
     (["spec=nowhere/*.yaml"], "spec 'nowhere/*.yaml' matches no file"),
-    (["spec=SPEC", "colour=red"], "unknown key 'colour' (keys: spec, runs, out, archive, wandb)"),
+    (["spec=SPEC", "colour=red"], "unknown key 'colour' (keys: spec, claims, runs, out, archive, wandb)"),
     (["SPEC"], "expected key=value, got"),
     (["spec=SPEC", "runs=", "archive=records.jsonl"], "needs runs="),  # no local store to archive
 ])

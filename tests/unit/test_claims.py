@@ -1,0 +1,159 @@
+"""Claims as data (qaft.reporting.claims): the bootstrap against known truth, verdicts end to end through
+``qaft-report claims=``, bad claim files refused in one line, and the shipped claim files valid on the tiny
+records."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from qaft.reporting.bootstrap import SideScores, bootstrap_effect
+from qaft.reporting.claims import load_claims, load_records, validate
+from qaft.reporting.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+ACC = "metrics.lm_eval.results.quiz_mc:0.scores.acc"
+
+
+def test_null_claims_cover_zero_95_percent() -> None:
+    """400 claims with no true difference: both sides answer the same 60 questions (each of its own difficulty,
+    shared by the sides) with independent 0/1 outcomes, one seed a side, so the paired item bootstrap is the
+    whole story. 1,000 resamples (not 2,000) keep it to ~2 s; the Monte Carlo error of a 2.5% percentile at
+    B = 1,000 moves coverage by well under the 3% allowed. The interval must cover 0 in 95% +- 3% of them."""
+    rng = np.random.default_rng(2025)
+    covered = 0
+    for _ in range(400):
+        difficulty = rng.beta(2, 2, size=60)
+        a, b = (SideScores((0,), (rng.random((1, 60)) < difficulty).astype(float), np.ones((1, 60)))
+                for _ in range(2))
+        interval = bootstrap_effect(a, b, 1.0, 100.0, items=True, rng=rng, resamples=1000)
+        covered += interval.low <= 0 <= interval.high
+    assert 0.92 <= covered / 400 <= 0.98, covered / 400
+
+
+def _run(tmp_path: Path, name: str, seed: int, preset: str, nll: np.ndarray, correct: np.ndarray | None = None,
+         files: bool = True) -> dict:
+    """A run record whose perplexity and accuracy are exactly its item scores' (as qaft writes them)."""
+    tokens = np.full(len(nll), 512)
+    folder = tmp_path / "runs" / name
+    metrics: dict = {"ppl_merged": float(np.exp(nll.sum() / tokens.sum()))}
+    record = {"status": "ok", "experiment": "toy", "scale": "tiny", "preset": preset, "method": preset, "bits": 4,
+              "group_size": 64, "seed": seed, "run_dir": str(folder), "metrics": metrics}
+    if correct is not None:
+        metrics["lm_eval"] = {"results": {"quiz_mc:0": {"scores": {"acc": float(correct.mean())}}}}
+        record["item_scores_rows"] = {ACC: [{"item": f"q{i}", "correct": int(c)} for i, c in enumerate(correct)]}
+    if files:
+        folder.mkdir(parents=True)
+        rows = [{"item": i, "nll_sum": float(n), "tokens": int(t)} for i, (n, t) in enumerate(zip(nll, tokens))]
+        (folder / "ppl.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        record["item_scores"] = {"metrics.ppl_merged": "ppl.jsonl"}
+    return record
+
+
+def _store(tmp_path: Path, seeds: int = 3, files: bool = True, bad_seeds_from: int = 0) -> Path:
+    """Presets good / bad: good's windows 0.1 nat per token lower (log-ratio 0.1), good's questions 20 points
+    more often right; a fixed per-window difficulty shared by both, and run-by-window noise. Bad's seeds start
+    at ``bad_seeds_from`` (not 0: no seed shared, unpaired)."""
+    rng = np.random.default_rng(7)
+    window = rng.normal(3.5, 0.4, size=32)
+    p = rng.uniform(0.3, 0.7, size=200)
+    records = []
+    for seed in range(seeds):
+        for preset, shift, bonus in (("good", 0.0, 0.2), ("bad", 0.1, 0.0)):
+            nll = (window + shift + rng.normal(0, 0.05, size=32)) * 512
+            correct = (rng.random(200) < np.clip(p + bonus, 0, 1)).astype(int)
+            run_seed = seed + (bad_seeds_from if preset == "bad" else 0)
+            records.append(_run(tmp_path, f"{preset}-s{run_seed}", run_seed, preset, nll, correct, files))
+    path = tmp_path / "records.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def _claims(tmp_path: Path, *claims: dict) -> Path:
+    path = tmp_path / "claims.yaml"
+    path.write_text(yaml.safe_dump({"claims": list(claims)}))
+    return path
+
+
+def _claim(cid: str, a: str, b: str, metric: str = "metrics.deployed", better: str = "lower", **extra) -> dict:
+    return {"id": cid, "source": "test", "metric": metric, "better": better, "a": {"preset": a},
+            "b": {"preset": b}, "where": {"experiment": "toy"}, **extra}
+
+
+def _report(tmp_path: Path, claims: Path, store: Path) -> dict[str, dict]:
+    main([f"claims={claims}", f"runs={store}", f"out={tmp_path / 'out'}"])
+    return {row["id"]: row for row in json.loads((tmp_path / "out" / "claims.json").read_text())}
+
+
+def test_planted_difference_held_and_its_mirror_reversed(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    claims = _claims(tmp_path, _claim("good_wins", "good", "bad"), _claim("bad_wins", "bad", "good"),
+                     _claim("good_more_right", "good", "bad", metric=ACC, better="higher"),
+                     _claim("bad_more_right", "bad", "good", metric=ACC, better="higher"))
+    rows = _report(tmp_path, claims, store)
+    assert [rows[c]["verdict"] for c in ("good_wins", "bad_wins", "good_more_right", "bad_more_right")] == [
+        "held", "reversed", "held", "reversed"]
+    held = rows["good_wins"]
+    assert held["effect"] == pytest.approx(0.1, abs=0.01)  # the planted log ratio
+    assert held["ci_low"] < held["effect"] < held["ci_high"]
+    assert rows["bad_wins"]["effect"] == pytest.approx(-held["effect"])
+    assert (held["n_seeds"], held["n_items"], held["paired_seeds"]) == (3, 32, True)
+    assert rows["good_more_right"]["n_items"] == 200  # the embedded rows of an archive
+    assert rows["good_more_right"]["effect"] == pytest.approx(20, abs=4)  # points
+    first = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    _report(tmp_path, claims, store)  # a fixed bootstrap seed: the same files again
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == first
+    assert {"claims.md", "claims.csv", "claims.json", "claims.png"} <= set(first)
+
+
+def test_without_item_scores_seeds_alone_or_inconclusive(tmp_path: Path) -> None:
+    """Records without item scores: a seed bootstrap of the recorded metric with >= 2 seeds a side; with one,
+    inconclusive, no interval, n_items 0. A side no run matches is missing, named."""
+    claims = _claims(tmp_path, _claim("good_wins", "good", "bad"), _claim("absent", "good", "nobody"))
+    rows = _report(tmp_path, claims, _store(tmp_path, seeds=3, files=False))
+    assert (rows["good_wins"]["n_seeds"], rows["good_wins"]["n_items"]) == (3, 0)
+    assert rows["good_wins"]["ci_low"] is not None and rows["good_wins"]["verdict"] == "held"
+    assert rows["absent"]["verdict"] == "missing" and "preset: nobody" in rows["absent"]["note"]
+    one = tmp_path / "one"
+    one.mkdir()
+    rows = _report(one, claims, _store(one, seeds=1, files=False))
+    assert rows["good_wins"]["verdict"] == "inconclusive" and rows["good_wins"]["ci_low"] is None
+    assert rows["good_wins"]["n_items"] == 0 and rows["good_wins"]["effect"] > 0
+
+
+def test_sides_without_shared_seeds_are_unpaired(tmp_path: Path) -> None:
+    rows = _report(tmp_path, _claims(tmp_path, _claim("good_wins", "good", "bad")),
+                   _store(tmp_path, bad_seeds_from=10))
+    assert (rows["good_wins"]["paired_seeds"], rows["good_wins"]["n_seeds"]) == (False, 3)
+    assert rows["good_wins"]["verdict"] == "held"
+
+
+@pytest.mark.parametrize("claim, field", [
+    (_claim("bad_metric", "good", "bad", metric="metrics.ppl_nonsense"), "metric"),
+    (_claim("bad_key", "good", "bad", where={"experiment": "toy", "method_config.colour": "red"}),
+     "method_config.colour"),
+    ({**_claim("two_configs", "good", "bad"), "a": {"experiment": "toy"}}, "preset"),  # good and bad
+])
+def test_bad_claim_file_is_one_line_exit_2_nothing_written(tmp_path: Path, capsys, claim: dict,
+                                                           field: str) -> None:
+    store = _store(tmp_path, seeds=1)
+    with pytest.raises(SystemExit) as exit_:
+        main([f"claims={_claims(tmp_path, claim)}", f"runs={store}", f"out={tmp_path / 'out'}"])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and len(err.splitlines()) == 1
+    assert claim["id"] in err and field in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_shipped_claims_parse_and_match_the_tiny_records() -> None:
+    """Every claim file in experiments/claims/ parses, its filter keys are keys of the tiny records, and no
+    side matches runs of two configs there."""
+    claims = load_claims(sorted((ROOT / "experiments" / "claims").glob("*.yaml")))
+    _, frame = load_records(ROOT / "results" / "tiny" / "records.jsonl")
+    keys = {k for c in claims for side in (c.a, c.b, c.where) for k in side}
+    assert keys <= set(frame.columns), keys - set(frame.columns)
+    assert len(claims) >= 40
+    validate(claims, frame)
