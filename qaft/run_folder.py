@@ -145,9 +145,14 @@ def _check_item(row: Any, where: str) -> dict[str, Any]:
     return row
 
 
+_ITEM_FIELDS = ("item", "nll_sum", "tokens", "correct")  # a row's fields in the order a file holds them
+
+
 def item_scores_text(rows: list[dict[str, Any]]) -> str:
-    """The file's text: one row per line (checked), in the order given."""
-    return "".join(json.dumps(_check_item(r, "an item score to write"), allow_nan=False) + "\n" for r in rows)
+    """The file's text: one row per line (checked), rows in the order given, fields in :data:`_ITEM_FIELDS`' order:
+    the same rows always make the same bytes (an archive's rows are checked against the file's digest)."""
+    return "".join(json.dumps({k: r[k] for k in _ITEM_FIELDS if k in _check_item(r, "an item score to write")},
+                              allow_nan=False) + "\n" for r in rows)
 
 
 def parse_item_scores(text: str, where: str, sha256: str | None = None) -> list[dict[str, Any]]:
