@@ -224,7 +224,7 @@ def evaluate_tasks(
     batch_size: int = 8,
     max_length: int = 2048,
     model_form: str = "merged",
-    limit: int | float | None = None,
+    limit: float | None = None,
     bootstrap_iters: int = 1000,
 ) -> TaskScores:
     """Run lm-eval ``tasks`` (``"name"`` or ``"name:shots"``) on ``model`` in memory.
@@ -263,7 +263,7 @@ def evaluate_tasks(
 
 
 def run_tasks(model: nn.Module, tokenizer: Any, tasks: list[str] | tuple[str, ...], batch_size: int = 8,
-              max_length: int = 2048, model_form: str = "merged", limit: int | float | None = None,
+              max_length: int = 2048, model_form: str = "merged", limit: float | None = None,
               bootstrap_iters: int = 1000) -> dict[str, Any]:
     """:func:`evaluate_tasks`' results without the per-document items."""
     return evaluate_tasks(model, tokenizer, tasks, batch_size, max_length, model_form, limit, bootstrap_iters).results

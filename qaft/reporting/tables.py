@@ -39,8 +39,18 @@ import pandas as pd
 import yaml
 
 from qaft.evaluation.deployed import deployed_perplexity
-from qaft.run_folder import (CONFIG_FILE, ITEM_SCORES, ITEM_SCORES_ROWS, ITEM_SCORES_SHA256, RECORD_FILE, CorruptRun,
-                             RunFolder, Status, check_record, read_item_scores)
+from qaft.run_folder import (
+    CONFIG_FILE,
+    ITEM_SCORES,
+    ITEM_SCORES_ROWS,
+    ITEM_SCORES_SHA256,
+    RECORD_FILE,
+    CorruptRun,
+    RunFolder,
+    Status,
+    check_record,
+    read_item_scores,
+)
 
 MISSING = "missing"  # a cell no run matches (not a run's status)
 NOT_APPLICABLE = "—"

@@ -10,20 +10,19 @@ import sys
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-import pandas as pd  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
 
-import qaft  # noqa: E402
-from qaft.evaluation.harness import evaluate_tasks  # noqa: E402
-from qaft.evaluation.perplexity import window_batches, window_scores  # noqa: E402
-from qaft.models import load_causal_lm  # noqa: E402
-from qaft.reporting import tables  # noqa: E402
-from qaft.run_folder import (ITEM_SCORES, ITEM_SCORES_ROWS, CorruptRun, RunFolder, check_record,  # noqa: E402
-                             read_item_scores)
+import qaft
+from qaft.evaluation.harness import evaluate_tasks
+from qaft.evaluation.perplexity import window_batches, window_scores
+from qaft.models import load_causal_lm
+from qaft.reporting import tables
+from qaft.run_folder import ITEM_SCORES, ITEM_SCORES_ROWS, CorruptRun, RunFolder, check_record, read_item_scores
 
-from helpers import fake_run_folder, tiny_llama, token_batch  # noqa: E402
+from helpers import fake_run_folder, tiny_llama, token_batch
 
 
 def _windows() -> list[torch.Tensor]:
@@ -45,7 +44,8 @@ def test_window_scores_reproduce_the_perplexity_exactly():
 
 
 def _record(folder: RunFolder) -> dict:
-    items = {"metrics.ppl_merged": [{"item": 0, "nll_sum": 12.5, "tokens": 4}, {"item": 1, "nll_sum": 3.25, "tokens": 2}],
+    items = {"metrics.ppl_merged": [{"item": 0, "nll_sum": 12.5, "tokens": 4},
+                                    {"item": 1, "nll_sum": 3.25, "tokens": 2}],
              "metrics.lm_eval.results.quiz_mc:0.scores.acc": [{"item": 7, "correct": 1}, {"item": 9, "correct": 0}]}
     fields = folder.store_item_scores(items, {"metrics.deployed": "metrics.ppl_merged"})
     record = {"status": "ok", "method": "l4q", "seed": 0, "run_dir": str(folder.path),
@@ -62,7 +62,8 @@ def test_item_score_files_are_named_in_the_record_and_checked(tmp_path):
     acc = pd.read_json(folder.path / names["metrics.lm_eval.results.quiz_mc:0.scores.acc"], lines=True)
     assert list(acc.columns) == ["item", "correct"] and acc["correct"].mean() == 0.5
     ppl = pd.DataFrame(folder.read_item_scores("metrics.deployed"))
-    assert math.exp(ppl["nll_sum"].sum() / ppl["tokens"].sum()) == pytest.approx(record["metrics"]["ppl_merged"], rel=1e-12)
+    reproduced = math.exp(ppl["nll_sum"].sum() / ppl["tokens"].sum())
+    assert reproduced == pytest.approx(record["metrics"]["ppl_merged"], rel=1e-12)
     path = folder.path / names["metrics.ppl_merged"]
     path.write_text(path.read_text().replace("12.5", "12.6"))
     with pytest.raises(CorruptRun, match="digest"):
