@@ -24,8 +24,8 @@ def _train(root, seed: int) -> RunFolder:
 
     replaced = ("eval.baselines", "eval.max_tokens")
     args = [a for a in tiny_run_overrides(root, steps=2) if not a.startswith(replaced)]
-    args += ["eval.max_tokens=128", "method=lora", "method.dropout=0.1", f"seed={seed}", "eval.baselines=true", f"eval.corpus={CORPUS}",
-             "eval.tasks=[quiz_mc]", "eval.lm_eval.limit=4", "eval.lm_eval.batch_size=4"]
+    args += ["method=lora", "method.dropout=0.1", f"seed={seed}", "eval.baselines=true", "eval.max_tokens=128",
+             f"eval.corpus={CORPUS}", "eval.tasks=[quiz_mc]", "eval.lm_eval.limit=4", "eval.lm_eval.batch_size=4"]
     with pytest.MonkeyPatch.context() as patch:  # qaft-train's own entry point, in this process
         patch.setattr(sys, "argv", ["qaft-train", *args])
         main()
