@@ -140,3 +140,17 @@ def test_cells_show_the_mean_with_a_t_interval_over_seeds(monkeypatch):
     monkeypatch.setitem(sys.modules, "scipy", None)  # the table where scipy is not installed
     assert [tables.t_quantile(df) for df in (1, 2, 9, 29)] == pytest.approx(with_scipy[:4], abs=1e-6)
     assert tables.t_quantile(45) == 2.021075 >= with_scipy[4]  # beyond the table: the next df below (wider)
+
+
+def test_an_instruct_runs_seed_changes_its_order_not_its_examples():
+    from qaft.data import InstructDataModule
+    from qaft.models import load_tokenizer
+
+    tok = load_tokenizer("tiny-llama")
+    modules = [InstructDataModule(tok, source="quiz", batch_size=4, max_length=64, seed=seed) for seed in (0, 1)]
+    for dm in modules:
+        dm.setup()
+    for split in ("train", "validation", "test"):  # the same examples: a seed carves no split of its own
+        assert modules[0].raw[split]["instruction"] == modules[1].raw[split]["instruction"]
+    orders = [next(iter(dm.train_dataloader()))["input_ids"].tolist() for dm in modules]
+    assert orders[0] != orders[1]  # the seed orders them
