@@ -171,14 +171,20 @@ def parse_item_scores(text: str, where: str, sha256: str | None = None) -> list[
     return rows
 
 
+def _field(record: dict[str, Any], key: str) -> dict[str, Any]:
+    """A record's item-score map, empty where absent (a report frame's row holds NaN for a field other rows have)."""
+    value = record.get(key)
+    return value if isinstance(value, dict) else {}
+
+
 def read_item_scores(record: dict[str, Any], key: str, run_dir: Path | str | None = None) -> list[dict[str, Any]]:
     """The item scores of metric ``key`` (e.g. ``metrics.ppl_merged``): from the rows an archived record embeds,
     else from the run folder (``run_dir``, else the record's own ``run_dir``); ``KeyError`` where the record names
     none for ``key``."""
-    name = (record.get(ITEM_SCORES) or {})[key]
-    sha256 = (record.get(ITEM_SCORES_SHA256) or {}).get(name)
-    embedded = record.get(ITEM_SCORES_ROWS)
-    if isinstance(embedded, dict) and name in embedded:
+    name = _field(record, ITEM_SCORES)[key]
+    sha256 = _field(record, ITEM_SCORES_SHA256).get(name)
+    embedded = _field(record, ITEM_SCORES_ROWS)
+    if name in embedded:
         return parse_item_scores(item_scores_text(embedded[name]), f"{ITEM_SCORES_ROWS}[{name!r}]", sha256)
     return RunFolder(run_dir or record["run_dir"]).read_item_scores(key, record)
 
@@ -362,21 +368,20 @@ class RunFolder:
         """Metric ``key``'s item scores from this folder, checked against the record's digest; ``KeyError`` where the
         record names none for ``key``, :class:`CorruptRun` where the file is missing, edited or ill-formed."""
         record = self.record() if record is None else record
-        name = (record.get(ITEM_SCORES) or {})[key]
+        name = _field(record, ITEM_SCORES)[key]
         if Path(name).parent != Path(ITEM_SCORES_DIR) or name != item_scores_name(Path(name).stem):
             raise CorruptRun(f"{self.record_path}: item scores of {key!r} at {name!r}, outside {ITEM_SCORES_DIR}/")
         path = self._inside(ITEM_SCORES_DIR) / Path(name).name
         if path.is_symlink() or not path.is_file():
             raise CorruptRun(f"{path}: the item scores the record names are missing")
-        return parse_item_scores(path.read_text(), str(path), (record.get(ITEM_SCORES_SHA256) or {}).get(name))
+        return parse_item_scores(path.read_text(), str(path), _field(record, ITEM_SCORES_SHA256).get(name))
 
     def store_item_scores(self, items: dict[str, list[dict[str, Any]]], aliases: dict[str, str] | None = None,
                           record: dict[str, Any] | None = None) -> dict[str, dict[str, str]]:
         """Write each metric's item scores (``items``: metric key -> rows) and return the record's two fields,
         ``item_scores`` and ``item_scores_sha256``, with those of ``record`` (if given) kept; ``aliases`` name
         another key's file under a second key (``metrics.deployed`` -> ``metrics.ppl_merged``) without a copy."""
-        names = dict((record or {}).get(ITEM_SCORES) or {})
-        digests = dict((record or {}).get(ITEM_SCORES_SHA256) or {})
+        names, digests = dict(_field(record or {}, ITEM_SCORES)), dict(_field(record or {}, ITEM_SCORES_SHA256))
         for key, rows in items.items():
             names[key], digests[item_scores_name(key)] = self.write_item_scores(key, rows)
         for alias, key in (aliases or {}).items():
@@ -387,7 +392,7 @@ class RunFolder:
         """The record with its item scores' rows embedded (``item_scores_rows``: file name -> rows), for an archive
         that must stand without the run folder."""
         record = self.record() if record is None else record
-        names = dict(record.get(ITEM_SCORES) or {})
+        names = _field(record, ITEM_SCORES)
         rows = {n: self.read_item_scores(k, record) for k, n in sorted(names.items(), key=lambda kv: kv[1])}
         return {**record, ITEM_SCORES_ROWS: rows} if rows else dict(record)
 
