@@ -293,7 +293,7 @@ class RunFolder:
     def remove_debris(self) -> list[Path]:
         """Delete what killed writers left (temporary files and folders, the staged merged model of a run that did
         not end ok); call it only while holding the folder's lock, when no writer of this folder is alive."""
-        found = [p for folder in (self.path, self.path / CHECKPOINTS)
+        found = [p for folder in (self.path, self.path / CHECKPOINTS, self.path / ITEM_SCORES_DIR)
                  for p in remove_stale_temporaries(folder, owned=True)]
         pending = self.path / f".{MERGED_MODEL}{PENDING}"
         if pending.is_dir() and not pending.is_symlink():
