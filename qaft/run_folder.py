@@ -11,7 +11,19 @@ through :class:`RunFolder`, so the file names, the statuses and the rules for re
   ``qaft-eval`` added (``eval``), and ``sha256``, the digest of all that (a hand edit makes the record corrupt);
 * ``merged_model/``: the merged model (safetensors only; :mod:`qaft.deploy.merged`), staged as
   ``.merged_model.pending`` until the run ends ``ok``;
-* ``checkpoints/last.ckpt``: Lightning's training checkpoint (tensors only), what a rerun resumes.
+* ``checkpoints/last.ckpt``: Lightning's training checkpoint (tensors only), what a rerun resumes;
+* ``item_scores/<metric key>.jsonl``: the per-item scores behind each reported metric (below).
+
+Item scores. Every perplexity and accuracy a record reports comes with the scores of its items, one JSON object
+a line: ``{"item", "nll_sum", "tokens"}`` per window for a perplexity (``exp(sum nll_sum / sum tokens)`` is the
+recorded value, computed from these very numbers), ``{"item", "correct"}`` per document for an accuracy (their
+mean is the recorded value); ``item`` is the window index or lm-eval's document id, the same across runs and
+seeds scored on the same data. ``record["item_scores"]`` maps the metric's key as a report reads it
+(``metrics.ppl_merged``, ``metrics.deployed``, ``metrics.lm_eval.results.quiz_mc:0.scores.acc``,
+``eval.merged.perplexity.value``) to the file's name relative to the run folder, ``record["item_scores_sha256"]``
+each file's digest (checked on reading). An archive of records (``qaft-report archive=``) embeds the rows in
+each record under ``item_scores_rows`` (file name -> rows; :meth:`RunFolder.archived_record`), outside the
+record's own digest and checked against ``item_scores_sha256``: :func:`read_item_scores` reads either.
 
 A record or config that cannot be read, or whose fields have the wrong type, raises :class:`CorruptRun` with one
 line naming the file: a report marks such a folder ``corrupt`` and goes on. Paths handed out are never symbolic
@@ -24,7 +36,9 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import math
 import os
+import re
 import shutil
 from enum import Enum
 from pathlib import Path
@@ -44,6 +58,10 @@ LAST_CHECKPOINT = "last.ckpt"
 LOCK_FILE = ".qaft.lock"
 EXIT_BUSY = 4  # the exit status of a qaft-* command refused because another process holds the run folder
 PENDING = ".pending"  # suffix of a folder staged in the run folder until the run ends ok
+ITEM_SCORES_DIR = "item_scores"  # per-item scores, one JSON-lines file per metric (module doc)
+ITEM_SCORES = "item_scores"  # record: metric key -> file name relative to the run folder
+ITEM_SCORES_SHA256 = "item_scores_sha256"  # record: file name -> SHA-256 of the file's bytes
+ITEM_SCORES_ROWS = "item_scores_rows"  # an archived record: file name -> its rows (not in the record's digest)
 
 
 class Status(str, Enum):
@@ -75,12 +93,13 @@ _RECORD_TYPES: dict[str, tuple[type, ...]] = {
     "metrics": (dict,), "eval": (dict,), "timings": (dict,), "method_config": (dict,), "method": (str,),
     "preset": (str,), "model": (str,), "data": (str,), "experiment": (str,), "scale": (str,), "identity": (str,),
     "bits": (int,), "group_size": (int,), "seed": (int,), "steps": (int,), "finished": (str,),
+    "item_scores": (dict,), "item_scores_sha256": (dict,),
 }
 
 
 def record_digest(record: dict[str, Any]) -> str:
     """SHA-256 of a record's canonical JSON without its own digest: written into the record, checked on reading."""
-    body = {k: v for k, v in record.items() if k != DIGEST_KEY}
+    body = {k: v for k, v in record.items() if k not in (DIGEST_KEY, ITEM_SCORES_ROWS)}
     return hashlib.sha256(dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
@@ -98,6 +117,76 @@ def check_record(record: Any, where: str = RECORD_FILE) -> dict[str, Any]:
         if value is not None and (isinstance(value, bool) or not isinstance(value, types)):
             raise CorruptRun(f"{where}: {key!r} is a {type(value).__name__}, not a {types[0].__name__}")
     return record
+
+
+def item_scores_name(key: str) -> str:
+    """The file a metric's item scores go to, relative to the run folder (``quiz_mc:0`` -> ``quiz_mc_0``)."""
+    return f"{ITEM_SCORES_DIR}/{re.sub(r'[^A-Za-z0-9_.-]', '_', key)}.jsonl"
+
+
+def _number(value: Any, whole: bool = False) -> bool:
+    if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)):
+        return False
+    return math.isfinite(value)
+
+
+def _check_item(row: Any, where: str) -> dict[str, Any]:
+    """``row`` if it is one item's scores: an ``item`` id and either ``nll_sum`` + ``tokens`` or ``correct``."""
+    fields = set(row) if isinstance(row, dict) else set()
+    ok = isinstance(row, dict) and isinstance(row.get("item"), (int, str)) and not isinstance(row["item"], bool)
+    if fields == {"item", "nll_sum", "tokens"}:
+        ok = ok and _number(row["nll_sum"]) and _number(row["tokens"], whole=True) and row["tokens"] >= 0
+    elif fields == {"item", "correct"}:
+        ok = ok and _number(row["correct"])
+    else:
+        ok = False
+    if not ok:
+        raise CorruptRun(f"{where}: not an item score ({{item, nll_sum, tokens}} or {{item, correct}}): {row!r:.80}")
+    return row
+
+
+_ITEM_FIELDS = ("item", "nll_sum", "tokens", "correct")  # a row's fields in the order a file holds them
+
+
+def item_scores_text(rows: list[dict[str, Any]]) -> str:
+    """The file's text: one row per line (checked), rows in the order given, fields in :data:`_ITEM_FIELDS`' order:
+    the same rows always make the same bytes (an archive's rows are checked against the file's digest)."""
+    return "".join(json.dumps({k: r[k] for k in _ITEM_FIELDS if k in _check_item(r, "an item score to write")},
+                              allow_nan=False) + "\n" for r in rows)
+
+
+def parse_item_scores(text: str, where: str, sha256: str | None = None) -> list[dict[str, Any]]:
+    """The rows of an item-score file's ``text``; :class:`CorruptRun` where a line is not an item score, an id
+    repeats, or ``sha256`` (the digest the record holds) does not match."""
+    if sha256 is not None and hashlib.sha256(text.encode()).hexdigest() != sha256:
+        raise CorruptRun(f"{where}: its contents do not match the digest in the record (edited since?)")
+    rows = []
+    for number, line in enumerate(text.splitlines(), 1):
+        try:
+            rows.append(_check_item(json.loads(line), f"{where} line {number}"))
+        except json.JSONDecodeError:
+            raise CorruptRun(f"{where} line {number}: not JSON: {line[:80]!r}") from None
+    if len({r["item"] for r in rows}) != len(rows):
+        raise CorruptRun(f"{where}: an item id repeats")
+    return rows
+
+
+def _field(record: dict[str, Any], key: str) -> dict[str, Any]:
+    """A record's item-score map, empty where absent (a report frame's row holds NaN for a field other rows have)."""
+    value = record.get(key)
+    return value if isinstance(value, dict) else {}
+
+
+def read_item_scores(record: dict[str, Any], key: str, run_dir: Path | str | None = None) -> list[dict[str, Any]]:
+    """The item scores of metric ``key`` (e.g. ``metrics.ppl_merged``): from the rows an archived record embeds,
+    else from the run folder (``run_dir``, else the record's own ``run_dir``); ``KeyError`` where the record names
+    none for ``key``."""
+    name = _field(record, ITEM_SCORES)[key]
+    sha256 = _field(record, ITEM_SCORES_SHA256).get(name)
+    embedded = _field(record, ITEM_SCORES_ROWS)
+    if name in embedded:
+        return parse_item_scores(item_scores_text(embedded[name]), f"{ITEM_SCORES_ROWS}[{name!r}]", sha256)
+    return RunFolder(run_dir or record["run_dir"]).read_item_scores(key, record)
 
 
 def _read_json(path: Path) -> Any:
@@ -204,7 +293,7 @@ class RunFolder:
     def remove_debris(self) -> list[Path]:
         """Delete what killed writers left (temporary files and folders, the staged merged model of a run that did
         not end ok); call it only while holding the folder's lock, when no writer of this folder is alive."""
-        found = [p for folder in (self.path, self.path / CHECKPOINTS)
+        found = [p for folder in (self.path, self.path / CHECKPOINTS, self.path / ITEM_SCORES_DIR)
                  for p in remove_stale_temporaries(folder, owned=True)]
         pending = self.path / f".{MERGED_MODEL}{PENDING}"
         if pending.is_dir() and not pending.is_symlink():
@@ -258,11 +347,54 @@ class RunFolder:
     def remove_record(self) -> None:
         self.record_path.unlink(missing_ok=True)
 
-    def add_eval(self, key: str, results: dict[str, Any]) -> Path:
-        """Put ``results`` under ``record["eval"][key]``, keeping everything else in the record."""
+    def add_eval(self, key: str, results: dict[str, Any], items: dict[str, list[dict[str, Any]]] | None = None) -> Path:
+        """Put ``results`` under ``record["eval"][key]`` and name their item scores (``items``: metric key -> rows,
+        written first), keeping everything else in the record."""
         record = self.record()
         record.setdefault("eval", {})[key] = results
+        if items:
+            record |= self.store_item_scores(items, record=record)
         return self.write_record(record)
+
+    # --- item scores ------------------------------------------------------------------------------------
+    def write_item_scores(self, key: str, rows: list[dict[str, Any]]) -> tuple[str, str]:
+        """Write metric ``key``'s item scores (atomically); returns the file's name relative to the run folder and
+        its SHA-256, the record's ``item_scores[key]`` and ``item_scores_sha256[name]``."""
+        name, data = item_scores_name(key), item_scores_text(rows).encode()
+        atomic_write(self._inside(ITEM_SCORES_DIR) / Path(name).name, lambda f: f.write(data))
+        return name, hashlib.sha256(data).hexdigest()
+
+    def read_item_scores(self, key: str, record: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        """Metric ``key``'s item scores from this folder, checked against the record's digest; ``KeyError`` where the
+        record names none for ``key``, :class:`CorruptRun` where the file is missing, edited or ill-formed."""
+        record = self.record() if record is None else record
+        name = _field(record, ITEM_SCORES)[key]
+        if Path(name).parent != Path(ITEM_SCORES_DIR) or name != item_scores_name(Path(name).stem):
+            raise CorruptRun(f"{self.record_path}: item scores of {key!r} at {name!r}, outside {ITEM_SCORES_DIR}/")
+        path = self._inside(ITEM_SCORES_DIR) / Path(name).name
+        if path.is_symlink() or not path.is_file():
+            raise CorruptRun(f"{path}: the item scores the record names are missing")
+        return parse_item_scores(path.read_text(), str(path), _field(record, ITEM_SCORES_SHA256).get(name))
+
+    def store_item_scores(self, items: dict[str, list[dict[str, Any]]], aliases: dict[str, str] | None = None,
+                          record: dict[str, Any] | None = None) -> dict[str, dict[str, str]]:
+        """Write each metric's item scores (``items``: metric key -> rows) and return the record's two fields,
+        ``item_scores`` and ``item_scores_sha256``, with those of ``record`` (if given) kept; ``aliases`` name
+        another key's file under a second key (``metrics.deployed`` -> ``metrics.ppl_merged``) without a copy."""
+        names, digests = dict(_field(record or {}, ITEM_SCORES)), dict(_field(record or {}, ITEM_SCORES_SHA256))
+        for key, rows in items.items():
+            names[key], digests[item_scores_name(key)] = self.write_item_scores(key, rows)
+        for alias, key in (aliases or {}).items():
+            names[alias] = names[key]
+        return {ITEM_SCORES: names, ITEM_SCORES_SHA256: digests}
+
+    def archived_record(self, record: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The record with its item scores' rows embedded (``item_scores_rows``: file name -> rows), for an archive
+        that must stand without the run folder."""
+        record = self.record() if record is None else record
+        names = _field(record, ITEM_SCORES)
+        rows = {n: self.read_item_scores(k, record) for k, n in sorted(names.items(), key=lambda kv: kv[1])}
+        return {**record, ITEM_SCORES_ROWS: rows} if rows else dict(record)
 
     # --- config -----------------------------------------------------------------------------------------
     def write_config(self, text: str) -> Path:
@@ -334,7 +466,8 @@ class RunFolder:
 
 
 __all__ = [
-    "CHECKPOINTS", "CONFIG_FILE", "CorruptRun", "EVAL_FILE", "EXIT_BUSY", "LAST_CHECKPOINT", "LOCK_FILE",
-    "MERGED_MODEL", "METRICS_FILE", "RECORDED", "RECORD_FILE", "RunBusy", "RunFolder", "RunLock", "Status",
-    "check_record",
+    "CHECKPOINTS", "CONFIG_FILE", "CorruptRun", "EVAL_FILE", "EXIT_BUSY", "ITEM_SCORES", "ITEM_SCORES_DIR",
+    "ITEM_SCORES_ROWS", "ITEM_SCORES_SHA256", "LAST_CHECKPOINT", "LOCK_FILE", "MERGED_MODEL", "METRICS_FILE",
+    "RECORDED", "RECORD_FILE", "RunBusy", "RunFolder", "RunLock", "Status", "check_record", "item_scores_name",
+    "item_scores_text", "parse_item_scores", "read_item_scores",
 ]

@@ -96,6 +96,9 @@ def _local_splits(source: str, read: dict[str, str] | None) -> DatasetDict:
     return DatasetDict({split: records_dataset(json_records(file, read)) for split, file in files.items()})
 
 
+SPLIT_SEED = 0  # the seed that carves a validation split from train, the same for every run (whatever its seed)
+
+
 def load_instruct_source(source: str, seed: int = 0, val_fraction: float = 0.05,
                          read: dict[str, str] | None = None) -> DatasetDict:
     """Raw ``instruction``/``input``/``output`` records with train, validation and test splits.
@@ -167,7 +170,9 @@ class InstructDataModule(SplitDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
             return
-        raw = load_instruct_source(self.source, self.seed, self.val_fraction, read=self.data_sha256)
+        # The split is carved with a fixed seed, not the run's: a run's seed changes initialisation, data order and
+        # dropout, never which examples it trains on or is scored on (seeds are compared item by item).
+        raw = load_instruct_source(self.source, SPLIT_SEED, self.val_fraction, read=self.data_sha256)
         self.raw = raw
         self.splits = {
             "train": self._prepare(raw["train"], self.max_train_samples),

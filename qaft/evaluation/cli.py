@@ -2,6 +2,9 @@
 
 A run's deployed model is what its record scored as deployed: the merged model for an integer merge, the
 float merge after its round-to-nearest PTQ (``merged+ptq``) otherwise; results name the form they scored.
+With ``run_dir=``, the results go into the run's record under ``eval.<form>``, and the item scores behind them
+(per-window NLL, per-document outcomes) into its ``item_scores`` under the keys ``eval.<form>.perplexity.value``
+and ``eval.<form>.lm_eval.results.<task>:<shots>.scores.<metric>`` (:mod:`qaft.run_folder`).
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from qaft import progress
 from qaft.confstore import store_schema
-from qaft.evaluation.harness import EvalError, dequantized_once, headline, run_tasks
+from qaft.evaluation.harness import EvalError, dequantized_once, evaluate_tasks, headline
 from qaft.paths import conf_dir
 from qaft.quant.gptq import GPTQOptions
 from qaft.quiet import silence_third_party_noise
@@ -48,26 +51,34 @@ def _model(cfg: DictConfig) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
     return model, tokenizer, about
 
 
-def _perplexity(model: torch.nn.Module, tokenizer: Any, p: DictConfig) -> dict[str, Any]:
+Items = dict[str, list[dict[str, Any]]]  # metric key inside the results -> item-score rows
+
+
+def _perplexity(model: torch.nn.Module, tokenizer: Any, p: DictConfig) -> tuple[dict[str, Any], Items]:
     from qaft.data import lm_eval_windows, load_lm_texts
-    from qaft.evaluation.perplexity import perplexity
+    from qaft.evaluation.perplexity import window_scores
 
     windows = lm_eval_windows(tokenizer, load_lm_texts(p.source, p.config)[p.split], int(p.seq_len), p.max_tokens)
-    return {"source": p.source, "config": p.config, "split": p.split, "seq_len": int(p.seq_len),
-            "tokens": sum(w.numel() for w in windows), "value": perplexity(model, windows, int(p.batch_size))}
+    scores = window_scores(model, windows, int(p.batch_size))
+    return ({"source": p.source, "config": p.config, "split": p.split, "seq_len": int(p.seq_len),
+             "tokens": sum(w.numel() for w in windows), "value": scores.perplexity},
+            {"perplexity.value": scores.rows()})
 
 
-def _scores(cfg: DictConfig) -> dict[str, Any]:
+def _scores(cfg: DictConfig) -> tuple[dict[str, Any], Items]:
+    """The results, and their item scores keyed by the metric's path inside them."""
     model, tokenizer, about = _model(cfg)
     results: dict[str, Any] = {**about}
+    items: Items = {}
     if cfg.perplexity.source:
         with dequantized_once(model):
-            results["perplexity"] = _perplexity(model, tokenizer, cfg.perplexity)
+            results["perplexity"], items = _perplexity(model, tokenizer, cfg.perplexity)
     if cfg.tasks:
-        lm = run_tasks(model, tokenizer, list(cfg.tasks), int(cfg.lm_eval.batch_size), int(cfg.lm_eval.max_length),
-                       about["form"], cfg.lm_eval.limit)
-        results["lm_eval"], results["headline"] = lm, headline(lm)
-    return results
+        lm = evaluate_tasks(model, tokenizer, list(cfg.tasks), int(cfg.lm_eval.batch_size),
+                            int(cfg.lm_eval.max_length), about["form"], cfg.lm_eval.limit)
+        results["lm_eval"], results["headline"] = lm.results, headline(lm.results)
+        items |= {f"lm_eval.{key}": rows for key, rows in lm.items.items()}
+    return results, items
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
@@ -78,15 +89,16 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     from qaft.run_folder import RunFolder
 
     if not cfg.run_dir:
-        results = _scores(cfg)
+        results, _ = _scores(cfg)  # no run folder: no record to name item scores in
         write_json(Path(cfg.output or "eval_results.json"), results)
         return results
     folder = RunFolder(cfg.run_dir)
     with folder.lock():
         folder.remove_debris()
-        results = _scores(cfg)
+        results, items = _scores(cfg)
         write_json(Path(cfg.output) if cfg.output else folder.eval_path, results)
-        folder.add_eval(results["form"], results)  # keyed by the form scored
+        form = results["form"]  # the results are keyed by the form scored, their items' keys too
+        folder.add_eval(form, results, {f"eval.{form}.{key}": rows for key, rows in items.items()})
     return results
 
 

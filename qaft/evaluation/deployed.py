@@ -6,8 +6,9 @@ bits and group size, the papers' "+PTQ" rows (and, on request, by GPTQ: "+GPTQ")
 the training-time model is scored first, then becomes the merged model layer by layer, so the merge costs about
 one layer of memory instead of a second model. Which form is deployed follows the one rule
 :func:`qaft.deploy.packed.is_integer_model` (:func:`qaft.deploy.merged.deploy_merged`), which ``qaft-eval
-run_dir=...`` and ``qaft-export`` apply too. :func:`end_of_run` returns an :class:`EndOfRun`: the perplexity of
-each :class:`ModelForm` it scored, keyed by the form, and which one is deployed.
+run_dir=...`` and ``qaft-export`` apply too. :func:`end_of_run` returns an :class:`EndOfRun`: the per-window NLL
+of each :class:`ModelForm` it scored (:class:`qaft.evaluation.perplexity.ItemNLL`, whose value is the perplexity),
+keyed by the form, and which one is deployed.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from torch import nn
 
 from qaft.deploy.merged import MERGED_FORM, MERGED_PTQ_FORM, deploy_merged, deployed_form
 from qaft.deploy.packed import is_integer_model
-from qaft.evaluation.perplexity import Batch, batches_perplexity
+from qaft.evaluation.perplexity import Batch, ItemNLL, batches_scores
 from qaft.methods import merge_model, ptq_model
 
 
@@ -51,13 +52,18 @@ DEPLOYED_FORMS = {MERGED_FORM: ModelForm.MERGED, MERGED_PTQ_FORM: ModelForm.MERG
 
 @dataclass
 class EndOfRun:
-    """What :func:`end_of_run` scored (perplexity per form), whether the merge is integer, and the deployed model."""
+    """What :func:`end_of_run` scored (per-window NLL per form), whether the merge is integer, and the deployed
+    model."""
 
-    perplexity: dict[ModelForm, float]
+    items: dict[ModelForm, ItemNLL]
     integer_merge: bool
     deployed: nn.Module
     bits: int
     group_size: int
+
+    @property
+    def perplexity(self) -> dict[ModelForm, float]:
+        return {form: scores.perplexity for form, scores in self.items.items()}
 
     @property
     def deployed_form(self) -> ModelForm:
@@ -100,9 +106,9 @@ def end_of_run(model: nn.Module, batches: list[Batch], bits: int, group_size: in
     ``load_float`` is given. ``on_merged`` sees the merged model before a float merge is quantized (to save it).
     """
     def score(form: ModelForm, scored: nn.Module) -> None:
-        results[form] = batches_perplexity(scored, batches, f"perplexity [{form.label}]")
+        results[form] = batches_scores(scored, batches, f"perplexity [{form.label}]")
 
-    results: dict[ModelForm, float] = {}
+    results: dict[ModelForm, ItemNLL] = {}
     score(ModelForm.TRAINED, model)
     merged = merge_model(model, inplace=True)
     score(ModelForm.MERGED, merged)

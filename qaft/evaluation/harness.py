@@ -9,6 +9,11 @@ lm-eval's own, by their names (``mmlu``, ``arc_challenge``, ``arc_easy``, ``bool
 Every result carries what the papers' numbers depend on: harness version, task versions, shots, batch size,
 max length, limit and the model's form (``training`` or ``merged``). MMLU moves by points with the harness's
 prompt and averaging, so these travel with every score.
+
+Each accuracy also comes with its items (:func:`evaluate_tasks`): every document's outcome, from lm-eval's
+per-sample log, as rows ``{"item": doc_id, "correct": 0 or 1}`` keyed like the score in the results
+(``results.quiz_mc:0.scores.acc``); their mean is the reported accuracy. A group (``mmlu``) has no items of its
+own: its subtasks have them.
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
@@ -29,6 +35,7 @@ from qaft.quant.linear import QuantizedLinear
 PAPER_TASKS = ("mmlu:0", "mmlu:5", "arc_challenge", "arc_easy", "boolq", "hellaswag", "openbookqa", "piqa",
                "winogrande")
 MODEL_FORMS = ("training", "merged", "merged+ptq", "float", "ptq")
+ITEM_METRICS = ("acc", "acc_norm", "exact_match")  # per-document outcomes whose mean is the task's score
 
 
 class EvalError(RuntimeError):
@@ -149,7 +156,7 @@ def _evaluate(lm: Any, names: list[str], shots: int, limit: int | float | None, 
         raise EvalError(f"unknown lm-eval task(s) {unknown}; qaft's offline tasks are {list(LOCAL_TASKS)}")
     try:
         return simple_evaluate(model=lm, tasks=names, num_fewshot=shots, limit=limit, task_manager=manager,
-                               log_samples=False, bootstrap_iters=bootstrap_iters, verbosity="WARNING")
+                               log_samples=True, bootstrap_iters=bootstrap_iters, verbosity="WARNING")
     except Exception as err:  # noqa: BLE001  (only dataset reachability is translated; the rest re-raises)
         if not _unreachable(err):
             raise
@@ -169,6 +176,27 @@ def _scores(entry: dict) -> dict[str, float]:
     return out
 
 
+def _outcome(value: Any) -> int | float:
+    """A document's outcome: 0 / 1 as an int (lm-eval logs floats), any other fraction as it is."""
+    value = float(value)
+    return int(value) if value in (0.0, 1.0) else value
+
+
+def _items(raw: dict, shots: int) -> dict[str, list[dict[str, Any]]]:
+    """Every document's outcome per accuracy, keyed like its score: ``results.<task>:<shots>.scores.<metric>``."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for name, samples in (raw.get("samples") or {}).items():
+        for sample in sorted(samples, key=lambda s: s["doc_id"]):
+            filt = sample.get("filter", "none")
+            for metric in ITEM_METRICS:
+                value = sample.get(metric)
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    label = metric if filt in ("", "none") else f"{metric},{filt}"
+                    out.setdefault(f"results.{name}:{shots}.scores.{label}", []).append(
+                        {"item": sample["doc_id"], "correct": _outcome(value)})
+    return out
+
+
 def _collect(raw: dict, shots: int) -> dict[str, dict]:
     out = {}
     for name, entry in raw["results"].items():
@@ -180,19 +208,28 @@ def _collect(raw: dict, shots: int) -> dict[str, dict]:
     return out
 
 
-def run_tasks(
+@dataclass
+class TaskScores:
+    """lm-eval's results as a record holds them (``harness``, ``results``), and every document's outcome per
+    accuracy (``items``, keyed like the score inside ``results``: ``results.quiz_mc:0.scores.acc``)."""
+
+    results: dict[str, Any]
+    items: dict[str, list[dict[str, Any]]]
+
+
+def evaluate_tasks(
     model: nn.Module,
     tokenizer: Any,
     tasks: list[str] | tuple[str, ...],
     batch_size: int = 8,
     max_length: int = 2048,
     model_form: str = "merged",
-    limit: int | float | None = None,
+    limit: float | None = None,
     bootstrap_iters: int = 1000,
-) -> dict[str, Any]:
+) -> TaskScores:
     """Run lm-eval ``tasks`` (``"name"`` or ``"name:shots"``) on ``model`` in memory.
 
-    Returns ``{"harness": {...settings...}, "results": {"name:shots": {task, shots, scores, version,
+    ``results`` is ``{"harness": {...settings...}, "results": {"name:shots": {task, shots, scores, version,
     n_samples}}}``; groups such as ``mmlu`` appear with their subtasks. ``limit`` caps documents per task
     (tests only: such scores are not comparable). ``model_form`` is recorded, one of ``MODEL_FORMS``.
     """
@@ -208,19 +245,28 @@ def run_tasks(
     was_training = model.training
     model.eval()
     lm = _lm(model, tokenizer, batch_size, max_length)
-    start, results = time.perf_counter(), {}
+    start, results, items = time.perf_counter(), {}, {}
     try:
         with dequantized_once(model):
             for shots, names in sorted(by_shots.items()):
                 capped = "" if limit is None else f", limit {limit}"
                 progress.say(f"lm-eval: {', '.join(names)} at {shots} shots{capped}")
-                results |= _collect(_evaluate(lm, names, shots, limit, bootstrap_iters), shots)
+                raw = _evaluate(lm, names, shots, limit, bootstrap_iters)
+                results |= _collect(raw, shots)
+                items |= _items(raw, shots)
     finally:
         model.train(was_training)
     harness = {"name": "lm-eval", "version": lm_eval.__version__, "batch_size": batch_size,
                "max_length": max_length, "limit": limit, "model_form": model_form,
                "tasks": list(tasks), "seconds": round(time.perf_counter() - start, 2)}
-    return {"harness": harness, "results": results}
+    return TaskScores({"harness": harness, "results": results}, items)
+
+
+def run_tasks(model: nn.Module, tokenizer: Any, tasks: list[str] | tuple[str, ...], batch_size: int = 8,
+              max_length: int = 2048, model_form: str = "merged", limit: float | None = None,
+              bootstrap_iters: int = 1000) -> dict[str, Any]:
+    """:func:`evaluate_tasks`' results without the per-document items."""
+    return evaluate_tasks(model, tokenizer, tasks, batch_size, max_length, model_form, limit, bootstrap_iters).results
 
 
 def headline(results: dict[str, Any]) -> dict[str, float]:
@@ -230,5 +276,5 @@ def headline(results: dict[str, Any]) -> dict[str, float]:
             for metric, value in entry["scores"].items() if metric in keep}
 
 
-__all__ = ["DatasetUnreachableError", "EvalError", "PAPER_TASKS", "headline", "parse_task", "run_tasks",
-           "task_manager"]
+__all__ = ["DatasetUnreachableError", "EvalError", "ITEM_METRICS", "PAPER_TASKS", "TaskScores", "evaluate_tasks",
+           "headline", "parse_task", "run_tasks", "task_manager"]

@@ -1,10 +1,16 @@
 """Held-out perplexity: ``exp`` of the mean next-token NLL over every predicted token (labels ``-100``
 excluded), on non-overlapping windows as in the quantization papers' WikiText-2 protocol.
+
+Every perplexity is computed from per-item sums (:class:`ItemNLL`): one item per row of a batch (a window, or
+one instruction example), its summed NLL (float64) and its number of scored tokens. The reported value is
+``exp(sum(nll_sum) / sum(tokens))`` of exactly those numbers, so a run's per-item file (:mod:`qaft.run_folder`,
+``item_scores``) reproduces it, and a bootstrap over items resamples the very numbers the value came from.
 """
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sized
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -19,36 +25,61 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+@dataclass(frozen=True)
+class ItemNLL:
+    """Per-item NLL sums and scored-token counts, in batch order (item ``i``: the ``i``-th row scored)."""
+
+    nll_sum: tuple[float, ...]
+    tokens: tuple[int, ...]
+
+    @property
+    def perplexity(self) -> float:
+        count = sum(self.tokens)
+        if count == 0:
+            raise ValueError("no tokens to score")
+        return math.exp(sum(self.nll_sum) / count)
+
+    def rows(self) -> list[dict[str, float | int]]:
+        """One row per item, ``{"item", "nll_sum", "tokens"}``: a run folder's item-score file."""
+        return [{"item": i, "nll_sum": nll, "tokens": n} for i, (nll, n) in enumerate(zip(self.nll_sum, self.tokens))]
+
+
 @torch.no_grad()
-def _nll(model: nn.Module, batch: Batch) -> tuple[float, int]:
-    """Summed next-token NLL and the number of scored tokens in one batch."""
+def _nll(model: nn.Module, batch: Batch) -> tuple[list[float], list[int]]:
+    """Summed next-token NLL (accumulated in float64) and the number of scored tokens of each row of a batch."""
     device = _device(model)
     ids = batch["input_ids"].to(device)
     labels = batch.get("labels", ids).to(device)[:, 1:]
     mask = batch.get("attention_mask")
     logits = model(input_ids=ids, attention_mask=None if mask is None else mask.to(device)).logits[:, :-1]
     loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                           ignore_index=-100, reduction="sum")
-    return loss.item(), int((labels != -100).sum())
+                           ignore_index=-100, reduction="none")  # 0 where ignored
+    sums = loss.reshape(labels.shape).double().sum(dim=1)
+    return sums.tolist(), (labels != -100).sum(dim=1).tolist()
 
 
-def batches_perplexity(model: nn.Module, batches: Iterable[Batch], what: str = "perplexity") -> float:
-    """Perplexity over labelled batches (instruction data: response tokens only); ``what`` names it in the
+def batches_scores(model: nn.Module, batches: Iterable[Batch], what: str = "perplexity") -> ItemNLL:
+    """Per-item NLL of labelled batches (instruction data: response tokens only); ``what`` names it in the
     progress lines (:mod:`qaft.progress`)."""
     was_training = model.training
     model.eval()
     phase = Phase(what, len(batches) if isinstance(batches, Sized) else None, "batches")
-    total, count = 0.0, 0
+    nll: list[float] = []
+    tokens: list[int] = []
     for batch in batches:
-        nll, n = _nll(model, batch)
-        total, count = total + nll, count + n
+        sums, counts = _nll(model, batch)
+        nll += sums
+        tokens += [int(n) for n in counts]
         phase.step()
     model.train(was_training)
-    if count == 0:
-        raise ValueError("no tokens to score")
-    value = math.exp(total / count)
-    phase.end(f"perplexity {value:.3f}")
-    return value
+    scores = ItemNLL(tuple(nll), tuple(tokens))
+    phase.end(f"perplexity {scores.perplexity:.3f}")
+    return scores
+
+
+def batches_perplexity(model: nn.Module, batches: Iterable[Batch], what: str = "perplexity") -> float:
+    """Perplexity over labelled batches: :func:`batches_scores`' value."""
+    return batches_scores(model, batches, what).perplexity
 
 
 def window_batches(windows: list[torch.Tensor], batch_size: int) -> list[Batch]:
@@ -64,6 +95,11 @@ def window_batches(windows: list[torch.Tensor], batch_size: int) -> list[Batch]:
     return out
 
 
+def window_scores(model: nn.Module, windows: list[torch.Tensor], batch_size: int = 4) -> ItemNLL:
+    """Per-window NLL of ``model`` on non-overlapping token windows (item ``i``: window ``i``)."""
+    return batches_scores(model, window_batches(windows, batch_size))
+
+
 def perplexity(model: nn.Module, windows: list[torch.Tensor], batch_size: int = 4) -> float:
     """Perplexity of ``model`` on non-overlapping token windows (every token after a window's first is scored)."""
-    return batches_perplexity(model, window_batches(windows, batch_size))
+    return window_scores(model, windows, batch_size).perplexity

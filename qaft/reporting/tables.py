@@ -15,7 +15,13 @@ read the same way. A report spec (``experiments/reports/*.yaml``) names
 * ``plot``: ``{x, y, series, log, kind, categorical, where}`` (``kind``: line or bar; ``categorical``: x values
   evenly spaced in table order; ``where``: a further filter), or just the ``y`` key for y against bits.
 
-Cells are the mean over seeds, ``mean ± std`` when there are several.
+A cell is the value of its one run, or over several seeds their mean with a 95% confidence interval and the
+number of seeds: ``44.79 ± 0.31 (n=3)``, the half-width being Student's ``t(0.975, n-1) · sd / sqrt(n)`` (sd with
+``n - 1``; :func:`t_quantile`). One seed's cell is the bare value: a single run has no interval.
+
+An archive (``archive=``) holds each record with the rows of its item scores embedded (``item_scores_rows``,
+:meth:`qaft.run_folder.RunFolder.archived_record`), so verdicts over items regenerate from it without the run
+folders; :func:`qaft.run_folder.read_item_scores` reads them from a record of either kind.
 
     qaft-report spec='experiments/reports/*.yaml' runs=runs out=results/tiny archive=results/tiny/records.jsonl
     qaft-report spec='experiments/reports/*.yaml' runs=results/tiny/records.jsonl out=results/tiny  # same tables
@@ -24,6 +30,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -32,7 +39,18 @@ import pandas as pd
 import yaml
 
 from qaft.evaluation.deployed import deployed_perplexity
-from qaft.run_folder import CONFIG_FILE, RECORD_FILE, CorruptRun, RunFolder, Status, check_record
+from qaft.run_folder import (
+    CONFIG_FILE,
+    ITEM_SCORES,
+    ITEM_SCORES_ROWS,
+    ITEM_SCORES_SHA256,
+    RECORD_FILE,
+    CorruptRun,
+    RunFolder,
+    Status,
+    check_record,
+    read_item_scores,
+)
 
 MISSING = "missing"  # a cell no run matches (not a run's status)
 NOT_APPLICABLE = "—"
@@ -56,7 +74,9 @@ def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
 
 def _row(record: dict[str, Any]) -> dict[str, Any]:
     row: dict[str, Any] = {}
-    _flatten("", {k: v for k, v in record.items() if k not in ("traceback", "environment")}, row)
+    _flatten("", {k: v for k, v in record.items() if k not in ("traceback", "environment", ITEM_SCORES_ROWS)}, row)
+    # whole, beside their flattened keys: read_item_scores(row, key) reads a frame's row as it reads a record
+    row |= {k: record[k] for k in (ITEM_SCORES, ITEM_SCORES_SHA256, ITEM_SCORES_ROWS) if k in record}
     deployed = deployed_perplexity(record.get("metrics") or {})
     if deployed is not None:
         row["metrics.deployed"] = deployed
@@ -114,13 +134,19 @@ def load_runs(root: str | Path) -> pd.DataFrame:
 
 
 def _archived(path: Path) -> list[dict[str, Any]]:
-    """The records of an archive (a line that is not a well-typed record is named on stderr and skipped)."""
+    """The records of an archive (a line that is not a well-typed record, or whose embedded item scores do not
+    match their digests, is named on stderr and skipped)."""
     records = []
     for number, line in enumerate(path.read_text().splitlines(), 1):
+        where = f"{path} line {number}"
         try:
-            records.append(check_record(json.loads(line), f"{path} line {number}")) if line else None
-        except (json.JSONDecodeError, CorruptRun) as err:
-            warn(f"{err}: skipped")
+            if line:
+                record = check_record(json.loads(line), where)
+                for key in (record.get(ITEM_SCORES) or {}) if ITEM_SCORES_ROWS in record else ():
+                    read_item_scores(record, key)  # the embedded rows, checked against item_scores_sha256
+                records.append(record)
+        except (json.JSONDecodeError, CorruptRun, KeyError, TypeError) as err:
+            warn(f"{where}: {err}: skipped" if isinstance(err, (KeyError, TypeError)) else f"{err}: skipped")
     return records
 
 
@@ -133,12 +159,22 @@ def _read(path: Path) -> dict[str, Any] | None:
         return None
 
 
+def _with_items(folder: Path, record: dict[str, Any]) -> dict[str, Any]:
+    """The record with its item scores' rows embedded; without them (and a warning) where they cannot be read."""
+    try:
+        return RunFolder(folder).archived_record(record)
+    except (CorruptRun, KeyError, OSError) as err:
+        warn(f"{folder}: item scores not archived: {err}")
+        return record
+
+
 def archive_runs(root: str | Path, path: str | Path, where: list[dict[str, Any]] | None = None) -> Path:
     """Every ``record.json`` under ``root`` (those matching any of ``where``, flattened-key filters) as one
-    JSON-lines file, sorted, so that a report can be rerun from it without the run folders."""
+    JSON-lines file, sorted, so that a report can be rerun from it without the run folders; each record carries
+    the rows of its item scores (``item_scores_rows``, outside its digest), checked when the archive is read."""
     root = Path(root)
     records = (_archived(root) if root.is_file()
-               else [r for p in sorted(root.rglob(RECORD_FILE)) if (r := _read(p)) is not None])
+               else [_with_items(p.parent, r) for p in sorted(root.rglob(RECORD_FILE)) if (r := _read(p)) is not None])
     if where:
         records = [r for r in records if any(all(_row(r).get(k) in (v if isinstance(v, list) else [v])
                                                  for k, v in w.items()) for w in where)]
@@ -179,13 +215,34 @@ def _values(runs: pd.DataFrame, column: str | list[str] | dict[str, Any]) -> pd.
     return values * spec.get("factor", 1)
 
 
+# t(0.975, df) for df = 1..30 (scipy.stats.t.ppf, 6 decimals): what t_quantile uses where scipy is not installed
+_T975 = (12.706205, 4.302653, 3.182446, 2.776445, 2.570582, 2.446912, 2.364624, 2.306004, 2.262157, 2.228139,
+         2.200985, 2.178813, 2.160369, 2.144787, 2.13145, 2.119905, 2.109816, 2.100922, 2.093024, 2.085963,
+         2.079614, 2.073873, 2.068658, 2.063899, 2.059539, 2.055529, 2.051831, 2.048407, 2.04523, 2.042272)
+_T975_TAIL = ((40, 2.021075), (60, 2.000298), (120, 1.97993))  # beyond 30 without scipy: the next df below
+
+
+def t_quantile(df: int) -> float:
+    """Student's t at 0.975 with ``df`` degrees of freedom: the 95% two-sided interval's multiplier."""
+    try:
+        from scipy import stats
+    except ImportError:
+        if df <= len(_T975):
+            return _T975[df - 1]
+        return next((t for d, t in reversed(_T975_TAIL) if df >= d), _T975[-1])
+    return float(stats.t.ppf(0.975, df))
+
+
 def _cell(values: pd.Series, decimals: int) -> str:
+    """One run's value, or over seeds ``mean ± half-width of the 95% t interval (n=seeds)`` (module doc)."""
     values = values.dropna().astype(float)
     if values.empty:  # finished runs without this value (e.g. a +GPTQ column of an integer method)
         return NOT_APPLICABLE
-    if len(values) == 1:
+    n = len(values)
+    if n == 1:
         return f"{values.iloc[0]:.{decimals}f}"
-    return f"{values.mean():.{decimals}f} ± {values.std(ddof=1):.{decimals}f}"
+    half = t_quantile(n - 1) * values.std(ddof=1) / math.sqrt(n)
+    return f"{values.mean():.{decimals}f} ± {half:.{decimals}f} (n={n})"
 
 
 def _ok(runs: pd.DataFrame) -> pd.DataFrame:
@@ -248,7 +305,7 @@ def _ratios(frame: pd.DataFrame, spec: dict[str, Any], row: dict[str, Any], runs
 
 
 def build_table(frame: pd.DataFrame, spec: dict[str, Any]) -> pd.DataFrame:
-    """Rows ``spec['rows']`` x metric columns ``spec['columns']``, mean ± std over seeds (see the module doc)."""
+    """Rows ``spec['rows']`` x metric columns ``spec['columns']``, mean ± 95% CI over seeds (see the module doc)."""
     keys, columns = list(spec["rows"]), dict(spec["columns"])
     frame = _select(frame, spec.get("where", {}))
     out = []

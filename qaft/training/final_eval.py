@@ -1,6 +1,8 @@
 """The end of a run: the held-out perplexities of every model form, the deployed model, a second corpus and
 lm-eval tasks, from the run's typed spec (:mod:`qaft.training.spec`). What is scored and deployed is
-:func:`qaft.evaluation.deployed.end_of_run`; this module only feeds it the run's data and settings.
+:func:`qaft.evaluation.deployed.end_of_run`; this module only feeds it the run's data and settings. Each score
+comes with its items (per-window NLL, per-question outcomes) under the record key a report reads it by
+(:func:`form_items`), for the run folder's ``item_scores`` (:mod:`qaft.run_folder`).
 """
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ import functools
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -16,12 +18,15 @@ from qaft.data import lm_eval_windows, load_lm_texts
 from qaft.data.stream import RunData
 from qaft.deploy.merged import save_merged
 from qaft.evaluation.deployed import EndOfRun, end_of_run
-from qaft.evaluation.perplexity import Batch, batches_perplexity, window_batches
+from qaft.evaluation.perplexity import Batch, ItemNLL, batches_scores, window_batches
 from qaft.methods import gptq_quantize_model
 from qaft.models import load_causal_lm
 from qaft.training.module import QaftModule
 from qaft.training.records import Diverged
 from qaft.training.spec import CorpusSpec, RunSpec
+
+if TYPE_CHECKING:  # lm-eval's wrapper is imported only by runs that evaluate tasks
+    from qaft.evaluation.harness import TaskScores
 
 
 def _lm_batches(spec: RunSpec, tokenizer: Any, data: RunData) -> list[Batch]:
@@ -73,23 +78,34 @@ def evaluate(spec: RunSpec, module: QaftModule, data: RunData,
     return result, tokens, saved
 
 
+Items = dict[str, list[dict[str, Any]]]  # record key (``metrics.ppl_merged``) -> item-score rows
+
+
+def form_items(result: EndOfRun) -> tuple[Items, dict[str, str]]:
+    """Every scored form's per-window NLL under its record key, and ``metrics.deployed`` as an alias of the
+    deployed form's (the key a report reads the deployed perplexity by)."""
+    items = {f"metrics.{form.key}": scores.rows() for form, scores in result.items.items()}
+    return items, {"metrics.deployed": f"metrics.{result.deployed_form.key}"}
+
+
 def corpus_perplexity(corpus: CorpusSpec, deployed: torch.nn.Module, tokenizer: Any,
-                      read: dict[str, str]) -> dict[str, float]:
+                      read: dict[str, str]) -> dict[str, ItemNLL]:
     """``eval.corpus``: the deployed model's perplexity on a second corpus (the papers' WikiText-2, 2048-token
     windows, while the run trains on instructions), as ``ppl_<name>``; ``read`` collects the digests of the local
-    files it parsed."""
+    files it parsed; the value is per-window NLL (its ``perplexity`` is the reported one)."""
     texts = load_lm_texts(corpus.source, corpus.config, read=read)[corpus.split]
     windows = lm_eval_windows(tokenizer, texts, corpus.seq_len, corpus.max_tokens)
     batches = window_batches(windows, corpus.batch_size)
-    return {f"ppl_{corpus.name}": batches_perplexity(deployed, batches, f"perplexity [{corpus.name}]")}
+    return {f"ppl_{corpus.name}": batches_scores(deployed, batches, f"perplexity [{corpus.name}]")}
 
 
-def lm_eval(spec: RunSpec, deployed: torch.nn.Module, tokenizer: Any, form: str) -> dict[str, Any]:
-    """The config's lm-eval tasks on the deployed model, with the harness settings recorded beside them."""
-    from qaft.evaluation.harness import run_tasks
+def lm_eval(spec: RunSpec, deployed: torch.nn.Module, tokenizer: Any, form: str) -> TaskScores:
+    """The config's lm-eval tasks on the deployed model, with the harness settings recorded beside them, and
+    every document's outcome."""
+    from qaft.evaluation.harness import evaluate_tasks
 
     opts = spec.eval.lm_eval
-    return run_tasks(deployed, tokenizer, list(spec.eval.tasks), batch_size=int(opts["batch_size"]),
+    return evaluate_tasks(deployed, tokenizer, list(spec.eval.tasks), batch_size=int(opts["batch_size"]),
                      max_length=int(opts["max_length"]), model_form=form, limit=opts["limit"])
 
 
@@ -99,4 +115,4 @@ def check_finite(perplexities: dict[str, float]) -> None:
         raise Diverged(f"non-finite final metric(s) {bad}: the deployed model's outputs are not finite")
 
 
-__all__ = ["EVAL_SETS", "check_finite", "corpus_perplexity", "evaluate", "lm_eval"]
+__all__ = ["EVAL_SETS", "Items", "check_finite", "corpus_perplexity", "evaluate", "form_items", "lm_eval"]

@@ -30,7 +30,7 @@ from qaft.evaluation.deployed import deployed_perplexity
 from qaft.models import load_causal_lm, load_tokenizer
 from qaft.run_folder import LOCK_FILE, MERGED_MODEL, RunFolder, Status
 from qaft.training.config import ConfigError, run_name, validate
-from qaft.training.final_eval import check_finite, corpus_perplexity, evaluate, lm_eval
+from qaft.training.final_eval import check_finite, corpus_perplexity, evaluate, form_items, lm_eval
 from qaft.training.identity import config_digest, identity_config, unmatched_reads
 from qaft.training.module import DivergenceGuard, ProgressLines, QaftModule, SafeCheckpointIO, TrainingStats
 from qaft.training.outcomes import outcome
@@ -163,13 +163,18 @@ class _Attempt:
         staged = folder.pending_merged_path if spec.save_model else None  # kept only if the run ends ok
         result, tokens, saved = evaluate(spec, module, data, staged)
         self.metrics |= result.metrics() | {"eval_tokens": tokens}
+        items, aliases = form_items(result)  # the item scores behind each metric, under its record key
         reads = data.data_sha256
         if spec.eval.corpus is not None:
-            self.metrics |= corpus_perplexity(spec.eval.corpus, result.deployed, module.tokenizer, reads)
+            corpus = corpus_perplexity(spec.eval.corpus, result.deployed, module.tokenizer, reads)
+            self.metrics |= {key: scores.perplexity for key, scores in corpus.items()}
+            items |= {f"metrics.{key}": scores.rows() for key, scores in corpus.items()}
         self.metrics["data_sha256"] = reads
         self.metrics["deployed"] = result.deployment
         if spec.eval.tasks:
-            self.metrics["lm_eval"] = lm_eval(spec, result.deployed, module.tokenizer, result.deployment["form"])
+            tasks = lm_eval(spec, result.deployed, module.tokenizer, result.deployment["form"])
+            self.metrics["lm_eval"] = tasks.results
+            items |= {f"metrics.lm_eval.{key}": rows for key, rows in tasks.items.items()}
         self.record.lap("eval")
         check_finite({k: v for k, v in self.metrics.items() if k.startswith("ppl_")})
         if missing := _evidence(spec, self.metrics, module.trains) + unmatched_reads(module.identity, reads):
@@ -179,7 +184,7 @@ class _Attempt:
             os.replace(staged, folder.merged_path)
             self.metrics |= {"merged_model_path": MERGED_MODEL, MERGED_DIGESTS: saved}  # relative: folders move
             self.record.lap("save")
-        self.record.finish(Status.OK, self.metrics)
+        self.record.finish(Status.OK, self.metrics, extra=folder.store_item_scores(items, aliases))
         print(f"\n{result.table(spec.method.name)}")
         print(f"record: {folder.record_path}")
         return self.metrics

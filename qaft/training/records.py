@@ -164,9 +164,10 @@ class RunRecord:
 
     @rank_zero_only
     def finish(self, status: Status, metrics: dict[str, Any] | None = None,
-               error: BaseException | None = None) -> Path:
-        """Write ``record.json`` with ``status`` (and the error, with its traceback where it is a bug); once it
-        said ``ok``, the record is final (a signal that arrives while the final table prints changes nothing)."""
+               error: BaseException | None = None, extra: dict[str, Any] | None = None) -> Path:
+        """Write ``record.json`` with ``status`` (and the error, with its traceback where it is a bug) and the
+        top-level fields ``extra`` (``item_scores``); once it said ``ok``, the record is final (a signal that
+        arrives while the final table prints changes nothing)."""
         if self.final == Status.OK:
             return self.folder.record_path
         self.timings["total_s"] = round(time.time() - self.started, 3)
@@ -174,7 +175,7 @@ class RunRecord:
         metrics = finite_json(metrics or {}, "metrics", non_finite)
         record = {"status": status.value, **self._summary(), "metrics": metrics,
                   "timings": self.timings, "environment": self._environment(), "run_dir": str(self.run_dir),
-                  "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                  "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), **(extra or {})}
         if non_finite:
             record["non_finite"] = non_finite
         if error is not None:

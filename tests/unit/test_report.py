@@ -44,7 +44,7 @@ def store(tmp_path):
 def test_table_cells(store):
     root, _ = store
     table = report.build_table(report.load_runs(root), SPEC).set_index(["method", "bits"])
-    assert table.loc[("l4q", 4), "ppl (deployed)"] == "41.00 ± 1.41"
+    assert table.loc[("l4q", 4), "ppl (deployed)"] == "41.00 ± 12.71 (n=2)"
     assert table.loc[("l4q", 4), "seeds"] == 2
     assert table.loc[("qlora", 4), "ppl (deployed)"] == "44.00"  # +PTQ of the float merge
     assert table.loc[("qlora", 4), "ppl (trained)"] == "35.00"
@@ -77,7 +77,7 @@ def test_report_regenerates_identical_files(store, tmp_path):
         if a.suffix != ".png":
             assert a.read_text() == (tmp_path / "out2" / a.name).read_text()
     versus = (tmp_path / "out1" / "groupwise_paper_vs_reproduced.md").read_text()
-    assert "5.9" in versus and "41.00 ± 1.41" in versus
+    assert "5.9" in versus and "41.00 ± 12.71 (n=2)" in versus
 
 
 def test_mean_columns_and_ratios(store):
@@ -86,7 +86,7 @@ def test_mean_columns_and_ratios(store):
             "columns": {"avg": ["metrics.ppl_merged", "metrics.ppl_trained"], "ppl": "metrics.ppl_merged"},
             "relative": {"to": {"method": "qlora"}, "columns": ["ppl"]}}
     table = report.build_table(report.load_runs(root), spec).set_index("method")
-    assert table.loc["l4q", "avg"] == "41.00 ± 1.41"  # per-run mean of the two, then over seeds
+    assert table.loc["l4q", "avg"] == "41.00 ± 12.71 (n=2)"  # per-run mean of the two, then over seeds
     assert table.loc["qlora", "avg"] == "35.00"
     assert table.loc["l4q", "ppl / qlora"] == f"{41.0 / 35.0:.2f}" and table.loc["qlora", "ppl / qlora"] == "1.00"
 
@@ -141,7 +141,7 @@ def test_a_corrupt_record_is_named_and_marked_and_the_report_goes_on(store, caps
     (folder / "record.json").write_text('{"status": "ok", "metrics": {"ppl_merged": 4')  # cut short
     table = report.build_table(report.load_runs(root), SPEC).set_index(["method", "bits"])
     assert table.loc[("qlora", 3), "ppl (deployed)"] == "corrupt"
-    assert table.loc[("l4q", 4), "ppl (deployed)"] == "41.00 ± 1.41"  # the rest as before
+    assert table.loc[("l4q", 4), "ppl (deployed)"] == "41.00 ± 12.71 (n=2)"  # the rest as before
     err = capsys.readouterr().err
     assert f"{folder / 'record.json'}: unreadable record (JSONDecodeError" in err
 
@@ -151,7 +151,7 @@ def test_two_records_of_one_seed_keep_the_newest_and_say_so(store, capsys):
     _record(root, "a2", method="l4q", bits=4, seed=0, finished="2099-01-01T00:00:00",
             metrics={"ppl_merged": 50.0, "ppl_trained": 50.0})
     table = report.build_table(report.load_runs(root), SPEC).set_index(["method", "bits"])
-    assert table.loc[("l4q", 4), "ppl (deployed)"] == "46.00 ± 5.66"  # seeds 0 (newest: 50) and 1 (42)
+    assert table.loc[("l4q", 4), "ppl (deployed)"] == "46.00 ± 50.82 (n=2)"  # seeds 0 (newest: 50) and 1 (42)
     assert table.loc[("l4q", 4), "seeds"] == 2
     err = capsys.readouterr().err
     assert "2 records of seed 0" in err and "kept the newest" in err and "a2" in err
