@@ -55,7 +55,7 @@ from qaft.evaluation.deployed import DEPLOYED_FORMS, ModelForm
 from qaft.reporting.bootstrap import SideScores, bootstrap_effect, verdict
 from qaft.reporting.claims_output import write_outputs
 from qaft.reporting.tables import _archived, _newest_per_seed, _not_ok, _ok, _read, _row, _select, warn
-from qaft.run_folder import RECORD_FILE
+from qaft.run_folder import RECORD_FILE, CorruptRun, read_item_scores
 
 # The perplexities a run record can hold: the deployed model's and each scored form's (qaft.evaluation.deployed).
 PERPLEXITY = re.compile(rf"^metrics\.(deployed|{'|'.join(form.key for form in ModelForm)})$")
@@ -66,8 +66,10 @@ BASE_KEYS = frozenset({"method", "preset", "bits", "group_size", "experiment", "
                        "steps", "seed", "status", "wakv"})
 # Row keys that say how a run went, not what it was asked to compute: two runs differing only here (and in the
 # seed) are one config.
-OUTCOME_KEYS = frozenset({"seed", "run_dir", "finished", "status", "error", "identity", "sha256"})
-OUTCOME_PREFIXES = ("metrics.", "timings.", "environment.", "item_scores.", "item_scores_rows.")
+OUTCOME_KEYS = frozenset({"seed", "run_dir", "finished", "status", "error", "identity", "sha256", "item_scores",
+                          "item_scores_sha256", "item_scores_rows", "non_finite", "traceback", "eval"})
+OUTCOME_PREFIXES = ("metrics.", "timings.", "environment.", "item_scores.", "item_scores_sha256.",
+                    "item_scores_rows.", "non_finite.", "eval.")
 MISSING = "missing"
 ROW_ID = "_record"  # the frame column holding each row's index into the raw records
 
@@ -197,20 +199,16 @@ def validate(claims: list[Claim], frame: pd.DataFrame) -> None:
 
 
 def item_scores(record: dict[str, Any], key: str, base: str | Path | None = None) -> pd.DataFrame | None:
-    """The per-item scores a run record names for metric ``key`` (issue #25, item 1), or None: rows embedded in
-    the record (``item_scores_rows[key]``, as an archive carries them) or the JSON-lines file
-    ``item_scores[key]`` relative to ``base`` (the run folder; default: the record's ``run_dir``)."""
-    rows = (record.get("item_scores_rows") or {}).get(key)
-    if rows is not None:
-        return pd.DataFrame(rows)
-    name = (record.get("item_scores") or {}).get(key)
-    if name is None:
+    """The per-item scores a run record names for metric ``key`` (:func:`qaft.run_folder.read_item_scores`: rows an
+    archive embeds, else the run folder's file, checked against the record's digest), or None where it names none or
+    they cannot be read (named on stderr: the recorded metric alone is used then)."""
+    try:
+        return pd.DataFrame(read_item_scores(record, key, base))
+    except KeyError:
         return None
-    path = Path(base if base is not None else record.get("run_dir", ".")) / name
-    if not path.is_file():
-        warn(f"{path}: item scores named in the record are missing; using the recorded {key} alone")
+    except CorruptRun as err:
+        warn(f"{err}; using the recorded {key} alone")
         return None
-    return pd.read_json(path, lines=True)
 
 
 def _item_table(record: dict[str, Any], metric: str) -> pd.DataFrame | None:

@@ -13,6 +13,7 @@ import yaml
 from qaft.reporting.bootstrap import SideScores, bootstrap_effect
 from qaft.reporting.claims import load_claims, load_records, validate
 from qaft.reporting.cli import main
+from qaft.run_folder import RunFolder
 
 ROOT = Path(__file__).resolve().parents[2]
 ACC = "metrics.lm_eval.results.quiz_mc:0.scores.acc"
@@ -42,14 +43,13 @@ def _run(tmp_path: Path, name: str, seed: int, preset: str, nll: np.ndarray, cor
     metrics: dict = {"ppl_merged": float(np.exp(nll.sum() / tokens.sum()))}
     record = {"status": "ok", "experiment": "toy", "scale": "tiny", "preset": preset, "method": preset, "bits": 4,
               "group_size": 64, "seed": seed, "run_dir": str(folder), "metrics": metrics}
+    items = {"metrics.ppl_merged": [{"item": i, "nll_sum": float(n), "tokens": int(t)}
+                                    for i, (n, t) in enumerate(zip(nll, tokens))]}
     if correct is not None:
         metrics["lm_eval"] = {"results": {"quiz_mc:0": {"scores": {"acc": float(correct.mean())}}}}
-        record["item_scores_rows"] = {ACC: [{"item": f"q{i}", "correct": int(c)} for i, c in enumerate(correct)]}
-    if files:
-        folder.mkdir(parents=True)
-        rows = [{"item": i, "nll_sum": float(n), "tokens": int(t)} for i, (n, t) in enumerate(zip(nll, tokens))]
-        (folder / "ppl.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        record["item_scores"] = {"metrics.ppl_merged": "ppl.jsonl"}
+        items[ACC] = [{"item": f"q{i}", "correct": int(c)} for i, c in enumerate(correct)]
+    if files:  # written as a run writes them (qaft.run_folder), named and digested in the record
+        record |= RunFolder(folder).store_item_scores(items)
     return record
 
 
