@@ -33,12 +33,9 @@ another status (``resume=never`` removes it first, on purpose).
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
-import math
 import os
-import re
 import shutil
 from enum import Enum
 from pathlib import Path
@@ -47,6 +44,8 @@ from typing import Any
 import yaml
 
 from qaft.files import atomic_write, dumps, remove_stale_temporaries, write_json
+from qaft.item_scores import ITEM_SCORES_DIR, BadItemScores, item_scores_name, item_scores_text, parse_item_scores
+from qaft.run_lock import EXIT_BUSY, LOCK_FILE, RunBusy, RunLock
 
 RECORD_FILE = "record.json"
 CONFIG_FILE = "config.yaml"
@@ -55,10 +54,7 @@ EVAL_FILE = "eval.json"  # the last qaft-eval of the run (its results also go in
 MERGED_MODEL = "merged_model"
 CHECKPOINTS = "checkpoints"
 LAST_CHECKPOINT = "last.ckpt"
-LOCK_FILE = ".qaft.lock"
-EXIT_BUSY = 4  # the exit status of a qaft-* command refused because another process holds the run folder
 PENDING = ".pending"  # suffix of a folder staged in the run folder until the run ends ok
-ITEM_SCORES_DIR = "item_scores"  # per-item scores, one JSON-lines file per metric (module doc)
 ITEM_SCORES = "item_scores"  # record: metric key -> file name relative to the run folder
 ITEM_SCORES_SHA256 = "item_scores_sha256"  # record: file name -> SHA-256 of the file's bytes
 ITEM_SCORES_ROWS = "item_scores_rows"  # an archived record: file name -> its rows (not in the record's digest)
@@ -119,58 +115,6 @@ def check_record(record: Any, where: str = RECORD_FILE) -> dict[str, Any]:
     return record
 
 
-def item_scores_name(key: str) -> str:
-    """The file a metric's item scores go to, relative to the run folder (``quiz_mc:0`` -> ``quiz_mc_0``)."""
-    return f"{ITEM_SCORES_DIR}/{re.sub(r'[^A-Za-z0-9_.-]', '_', key)}.jsonl"
-
-
-def _number(value: Any, whole: bool = False) -> bool:
-    if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)):
-        return False
-    return math.isfinite(value)
-
-
-def _check_item(row: Any, where: str) -> dict[str, Any]:
-    """``row`` if it is one item's scores: an ``item`` id and either ``nll_sum`` + ``tokens`` or ``correct``."""
-    fields = set(row) if isinstance(row, dict) else set()
-    ok = isinstance(row, dict) and isinstance(row.get("item"), (int, str)) and not isinstance(row["item"], bool)
-    if fields == {"item", "nll_sum", "tokens"}:
-        ok = ok and _number(row["nll_sum"]) and _number(row["tokens"], whole=True) and row["tokens"] >= 0
-    elif fields == {"item", "correct"}:
-        ok = ok and _number(row["correct"])
-    else:
-        ok = False
-    if not ok:
-        raise CorruptRun(f"{where}: not an item score ({{item, nll_sum, tokens}} or {{item, correct}}): {row!r:.80}")
-    return row
-
-
-_ITEM_FIELDS = ("item", "nll_sum", "tokens", "correct")  # a row's fields in the order a file holds them
-
-
-def item_scores_text(rows: list[dict[str, Any]]) -> str:
-    """The file's text: one row per line (checked), rows in the order given, fields in :data:`_ITEM_FIELDS`' order:
-    the same rows always make the same bytes (an archive's rows are checked against the file's digest)."""
-    return "".join(json.dumps({k: r[k] for k in _ITEM_FIELDS if k in _check_item(r, "an item score to write")},
-                              allow_nan=False) + "\n" for r in rows)
-
-
-def parse_item_scores(text: str, where: str, sha256: str | None = None) -> list[dict[str, Any]]:
-    """The rows of an item-score file's ``text``; :class:`CorruptRun` where a line is not an item score, an id
-    repeats, or ``sha256`` (the digest the record holds) does not match."""
-    if sha256 is not None and hashlib.sha256(text.encode()).hexdigest() != sha256:
-        raise CorruptRun(f"{where}: its contents do not match the digest in the record (edited since?)")
-    rows = []
-    for number, line in enumerate(text.splitlines(), 1):
-        try:
-            rows.append(_check_item(json.loads(line), f"{where} line {number}"))
-        except json.JSONDecodeError:
-            raise CorruptRun(f"{where} line {number}: not JSON: {line[:80]!r}") from None
-    if len({r["item"] for r in rows}) != len(rows):
-        raise CorruptRun(f"{where}: an item id repeats")
-    return rows
-
-
 def _field(record: dict[str, Any], key: str) -> dict[str, Any]:
     """A record's item-score map, empty where absent (a report frame's row holds NaN for a field other rows have)."""
     value = record.get(key)
@@ -185,7 +129,10 @@ def read_item_scores(record: dict[str, Any], key: str, run_dir: Path | str | Non
     sha256 = _field(record, ITEM_SCORES_SHA256).get(name)
     embedded = _field(record, ITEM_SCORES_ROWS)
     if name in embedded:
-        return parse_item_scores(item_scores_text(embedded[name]), f"{ITEM_SCORES_ROWS}[{name!r}]", sha256)
+        try:
+            return parse_item_scores(item_scores_text(embedded[name]), f"{ITEM_SCORES_ROWS}[{name!r}]", sha256)
+        except BadItemScores as err:
+            raise CorruptRun(str(err)) from None
     return RunFolder(run_dir or record["run_dir"]).read_item_scores(key, record)
 
 
@@ -194,47 +141,6 @@ def _read_json(path: Path) -> Any:
         return json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CorruptRun(f"{path}: unreadable record ({type(err).__name__}: {err})") from None
-
-
-class RunBusy(RuntimeError):
-    """Another process holds the run folder."""
-
-
-class RunLock:
-    """An exclusive, non-blocking ``flock`` on ``<run_dir>/.qaft.lock`` (holds the owner's pid): one process per
-    run folder (training, or ``qaft-eval`` adding to its record). The kernel releases it when its holder dies, even by
-    SIGKILL, so whoever holds it knows that no other writer of the folder is alive."""
-
-    def __init__(self, run_dir: Path) -> None:
-        self.path = Path(run_dir) / LOCK_FILE
-        self._fd: int | None = None
-
-    def acquire(self) -> RunLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise RunBusy(f"run folder {self.path.parent} is in use by process {owner} (the same run, already "
-                          "running); wait for it to finish, or change the config") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._fd = fd
-        return self
-
-    def release(self) -> None:
-        if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
-
-    def __enter__(self) -> RunLock:
-        return self.acquire()
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
 
 
 class RunFolder:
@@ -374,7 +280,10 @@ class RunFolder:
         path = self._inside(ITEM_SCORES_DIR) / Path(name).name
         if path.is_symlink() or not path.is_file():
             raise CorruptRun(f"{path}: the item scores the record names are missing")
-        return parse_item_scores(path.read_text(), str(path), _field(record, ITEM_SCORES_SHA256).get(name))
+        try:
+            return parse_item_scores(path.read_text(), str(path), _field(record, ITEM_SCORES_SHA256).get(name))
+        except BadItemScores as err:
+            raise CorruptRun(str(err)) from None
 
     def store_item_scores(self, items: dict[str, list[dict[str, Any]]], aliases: dict[str, str] | None = None,
                           record: dict[str, Any] | None = None) -> dict[str, dict[str, str]]:

@@ -68,7 +68,7 @@ def test_item_score_files_are_named_in_the_record_and_checked(tmp_path):
     path.write_text(path.read_text().replace("12.5", "12.6"))
     with pytest.raises(CorruptRun, match="digest"):
         folder.read_item_scores("metrics.ppl_merged")
-    with pytest.raises(CorruptRun, match="not an item score"):
+    with pytest.raises(ValueError, match="not an item score"):  # refused before anything is written
         folder.write_item_scores("metrics.x", [{"item": 0, "nll_sum": float("nan"), "tokens": 3}])
     with pytest.raises(KeyError):
         folder.read_item_scores("metrics.ppl_trained")

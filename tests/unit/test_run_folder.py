@@ -35,7 +35,8 @@ def _literals(path: Path) -> set[str]:
 
 
 def test_run_folder_names_and_statuses_are_spelled_only_in_run_folder():
-    spelled = {(str(p.relative_to(PACKAGE)), word) for p in PACKAGE.rglob("*.py") if p.name != "run_folder.py"
+    owners = {"run_folder.py", "run_lock.py", "item_scores.py"}  # the run folder's module and the two it imports
+    spelled = {(str(p.relative_to(PACKAGE)), word) for p in PACKAGE.rglob("*.py") if p.name not in owners
                for word in _literals(p)}
     assert spelled - ALLOWED == set()
 
