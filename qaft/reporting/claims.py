@@ -54,7 +54,8 @@ import yaml
 from qaft.evaluation.deployed import DEPLOYED_FORMS, ModelForm
 from qaft.reporting.bootstrap import SideScores, bootstrap_effect, verdict
 from qaft.reporting.claims_output import write_outputs
-from qaft.reporting.tables import _archived, _newest_per_seed, _not_ok, _ok, _read, _row, _select, warn
+from qaft.reporting.store import _archived, _read, _row, warn
+from qaft.reporting.tables import _newest_per_seed, _not_ok, _ok, _select
 from qaft.run_folder import RECORD_FILE, CorruptRun, read_item_scores
 
 # The perplexities a run record can hold: the deployed model's and each scored form's (qaft.evaluation.deployed).
