@@ -4,21 +4,26 @@ With no arguments this is the main job: L4Q at int4, groups of 64, on SmolLM2-13
 ending with a float / PTQ / L4Q perplexity table. ``qaft-train -m method.bits=4,3 method.init=minmax,l4q,mse``
 sweeps; ``hydra/launcher=slurm`` sends each sweep job to a cluster as a DDP run.
 
-Exit status: 0 ``ok``; 1 ``failed``; 2 invalid config (one line, nothing written); 3 ``diverged``; 4 the run
-folder is in use by another process; 128 + signal ``interrupted`` (resumable). In a sweep, a job that did not
-finish does not stop the others; the sweep exits non-zero at the end.
+Exit status: 0 ``ok``; 1 ``failed``; 2 invalid config (one line, nothing written: a single run is validated before
+Hydra makes its folder, :mod:`qaft.training.run_dir`; an unknown key or option, or an override Hydra cannot parse,
+is the same one line); 3 ``diverged``; 4 the run folder is in use by another process; 128 + signal
+``interrupted`` (resumable). In a sweep, a job that did not finish does not stop the others; the sweep exits
+non-zero at the end.
 """
 from __future__ import annotations
 
-import sys
+import os
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from hydra.types import RunMode
 from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
 
 from qaft.paths import conf_dir
 from qaft.training.config import ConfigError, register_conf, validate
+from qaft.training.run_dir import RunFolderGuard, discard_run_dir, refuse
 from qaft.training.sweep_cleanup import SweepCleanup
 
 # Absolute, because Hydra resolves a relative path against the calling module.
@@ -27,27 +32,20 @@ CONF_DIR = str(conf_dir())
 # sweep jobs in other processes (submitit, on a cluster) recomposes each job's config there after unpickling
 # _main, which imports this module but never calls main(). (Importing qaft itself registers nothing.)
 register_conf()
-EXIT_BUSY = 4
-
-
-def _fail(message: str, code: int) -> None:
-    print(f"qaft-train: {message}", file=sys.stderr)
-    sys.exit(code)
+EXIT_INVALID, EXIT_BUSY = 2, 4
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def _main(cfg: DictConfig) -> float | None:
     """Hydra entry point; returns the deployed model's perplexity (for sweepers that optimise it)."""
-    from qaft.training.pipeline import discard_run_dir
-
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
-        spec = validate(cfg)
+        spec = RunFolderGuard.take_spec() or validate(cfg)  # a single run was validated before its folder existed
     except ConfigError as err:
-        discard_run_dir(cfg.get("runs_root"))
+        discard_run_dir()
         if multirun:
-            raise  # one bad sweep point is reported by Hydra; the others still run
-        _fail(f"invalid config: {err}", 2)
+            raise  # one bad sweep point is reported at the sweep's end; the others still run
+        refuse(f"invalid config: {err}", EXIT_INVALID)
     # Imported only now: a config error should cost no more than the imports validation needs.
     from qaft.evaluation.deployed import deployed_perplexity
     from qaft.training.pipeline import run
@@ -57,38 +55,79 @@ def _main(cfg: DictConfig) -> float | None:
     try:
         metrics = run(cfg, spec)
     except ConfigError as err:  # a checkpoint refused on resume: nothing was written
-        discard_run_dir(cfg.get("runs_root"))
+        discard_run_dir()
         if multirun:
             raise
-        _fail(str(err), 2)
+        refuse(str(err), EXIT_INVALID)
     except RunBusy as err:
         if multirun:
             raise
-        _fail(str(err), EXIT_BUSY)
+        refuse(str(err), EXIT_BUSY)
     except RunInterrupted as err:  # a sweep stops as a whole when the job is interrupted
-        _fail(f"{err}; rerun the same command to resume", exit_code("interrupted", err))
+        refuse(f"{err}; rerun the same command to resume", exit_code("interrupted", err))
     except Exception as err:
         if multirun:
             raise
         from qaft.training.pipeline import run_dir_of
 
         status = DIVERGED if isinstance(err, Diverged) else FAILED
-        _fail(f"run {status}: {type(err).__name__}: {err} (record: {run_dir_of(cfg) / 'record.json'})",
+        refuse(f"run {status}: {type(err).__name__}: {err} (record: {run_dir_of(cfg) / 'record.json'})",
               exit_code(status, err))
     return deployed_perplexity(metrics) if metrics else None
 
 
+def hydra_error_line(err: BaseException) -> str:
+    """Hydra's (or OmegaConf's) error about the command line or the config files, as one line that names the key,
+    option or override (Hydra's own report is 6-22 lines: the message, its cause, the options, the search path)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    text = lines[0].rstrip(".") if lines else type(err).__name__
+    if isinstance(err, OverrideParseException):
+        text = f"{err.override}: {text}"
+    if isinstance(err, MissingConfigException) and err.options:
+        text += f"; available: {', '.join(err.options)}"
+    cause = str(err.__cause__ or "").strip()
+    if cause:
+        text += f": {cause.splitlines()[0]}"
+    hint = next((line for line in lines[1:] if line.startswith("To append")), None)
+    return f"{text} ({hint[0].lower()}{hint[1:]})" if hint else text
+
+
+def _refused(err: Exception, full_error: bool) -> None:
+    """Exit with one line for what was refused (a config, a busy folder); return for anything else (a bug)."""
+    from qaft.training.run_control import RunBusy
+
+    if isinstance(err, ConfigError):  # a sweep job's, re-raised by Hydra at the sweep's end
+        refuse(f"invalid config: {err}", EXIT_INVALID)
+    if isinstance(err, RunBusy):
+        refuse(str(err), EXIT_BUSY)
+    if isinstance(err, (HydraException, OmegaConfBaseException)) and not full_error:
+        refuse(f"invalid config: {hydra_error_line(err)}", EXIT_INVALID)
+
+
 def main() -> None:
     """Console entry point (see the module doc for exit statuses)."""
+    # Hydra prints its own errors (6-22 lines, exit 1) unless HYDRA_FULL_ERROR is set; set, they reach us here.
+    # Someone who set it themselves wants Hydra's full traceback: they get it.
+    full_error = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         _main()
     except SystemExit as done:
         if done.code not in (0, None):
             SweepCleanup.after_failure()
         raise
+    except Exception as err:
+        SweepCleanup.after_failure()
+        _refused(err, bool(full_error))
+        raise
     except BaseException:
         SweepCleanup.after_failure()
         raise
+    finally:
+        if full_error is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = full_error
 
 
 if __name__ == "__main__":

@@ -51,7 +51,8 @@ from qaft.training.records import (
     training_cost,
     trim_metrics,
 )
-from qaft.training.run_control import LOCK_FILE, RunLock, SignalGuard, StopOnSignal
+from qaft.training.run_control import RunLock, SignalGuard, StopOnSignal
+from qaft.training.run_dir import discard_run_dir
 from qaft.training.tracking import track
 
 CHECKPOINTS, LAST, MERGED = "checkpoints", "last.ckpt", "merged_model"
@@ -67,23 +68,6 @@ def run_dir_of(cfg: DictConfig) -> Path:
         return Path(HydraConfig.get().runtime.output_dir)
     name = run_name(cfg.method, cfg.model.name_or_path, cfg.data.name, cfg.seed)
     return Path(cfg.runs_root) / f"{name}-{config_digest(cfg)}"
-
-
-def discard_run_dir(runs_root: str | None = None) -> None:
-    """Remove the folder Hydra made for a run whose config turned out invalid, if it holds only Hydra's files,
-    and the parents up to ``runs_root`` that this left empty: nothing may look like a run that happened."""
-    if not HydraConfig.initialized():
-        return
-    hydra_cfg = HydraConfig.get()
-    out = Path(hydra_cfg.runtime.output_dir).resolve()
-    if not out.is_dir() or not {p.name for p in out.iterdir()} <= {".hydra", f"{hydra_cfg.job.name}.log", LOCK_FILE}:
-        return
-    shutil.rmtree(out)
-    root = Path(runs_root).resolve() if runs_root else out.parent
-    parent = out.parent
-    while parent.is_relative_to(root) and parent.is_dir() and not any(parent.iterdir()):
-        parent.rmdir()
-        parent = parent.parent
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, guard: SignalGuard) -> pl.Trainer:
