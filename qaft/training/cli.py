@@ -12,7 +12,9 @@ non-zero at the end.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -92,42 +94,56 @@ def hydra_error_line(err: BaseException) -> str:
     return f"{text} ({hint[0].lower()}{hint[1:]})" if hint else text
 
 
-def _refused(err: Exception, full_error: bool) -> None:
-    """Exit with one line for what was refused (a config, a busy folder); return for anything else (a bug)."""
+def _exit_for(err: Exception, full_error: bool) -> None:
+    """Exit with one line for an error that reached ``main()`` (Hydra's own, or a sweep's first failed job, which
+    Hydra re-raises at the sweep's end after naming the job); return, for a plain traceback, only where the user
+    asked for one (``HYDRA_FULL_ERROR``) and the error is no refusal."""
+    from qaft.training.records import DIVERGED, FAILED, Diverged, exit_code
     from qaft.training.run_control import RunBusy
 
-    if isinstance(err, ConfigError):  # a sweep job's, re-raised by Hydra at the sweep's end
+    if isinstance(err, ConfigError):
         refuse(f"invalid config: {err}", EXIT_INVALID)
     if isinstance(err, RunBusy):
         refuse(str(err), EXIT_BUSY)
-    if isinstance(err, (HydraException, OmegaConfBaseException)) and not full_error:
+    if full_error:
+        return
+    if isinstance(err, (HydraException, OmegaConfBaseException)):
         refuse(f"invalid config: {hydra_error_line(err)}", EXIT_INVALID)
+    status = DIVERGED if isinstance(err, Diverged) else FAILED
+    refuse(f"{status}: {type(err).__name__}: {err} (HYDRA_FULL_ERROR=1 shows the traceback)", exit_code(status, err))
+
+
+@contextlib.contextmanager
+def _hydra_errors_raised() -> Iterator[bool]:
+    """Hydra prints its own errors (6-22 lines, exit 1) unless ``HYDRA_FULL_ERROR=1``; set, they reach ``main()``
+    as exceptions. Yields whether the user had set it (they then get the traceback of anything not refused)."""
+    before = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        yield before == "1"
+    finally:
+        if before is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = before
 
 
 def main() -> None:
     """Console entry point (see the module doc for exit statuses)."""
-    # Hydra prints its own errors (6-22 lines, exit 1) unless HYDRA_FULL_ERROR is set; set, they reach us here.
-    # Someone who set it themselves wants Hydra's full traceback: they get it.
-    full_error = os.environ.get("HYDRA_FULL_ERROR")
-    os.environ["HYDRA_FULL_ERROR"] = "1"
-    try:
-        _main()
-    except SystemExit as done:
-        if done.code not in (0, None):
+    with _hydra_errors_raised() as full_error:
+        try:
+            _main()
+        except SystemExit as done:
+            if done.code not in (0, None):
+                SweepCleanup.after_failure()
+            raise
+        except Exception as err:
             SweepCleanup.after_failure()
-        raise
-    except Exception as err:
-        SweepCleanup.after_failure()
-        _refused(err, bool(full_error))
-        raise
-    except BaseException:
-        SweepCleanup.after_failure()
-        raise
-    finally:
-        if full_error is None:
-            os.environ.pop("HYDRA_FULL_ERROR", None)
-        else:
-            os.environ["HYDRA_FULL_ERROR"] = full_error
+            _exit_for(err, full_error)
+            raise
+        except BaseException:
+            SweepCleanup.after_failure()
+            raise
 
 
 if __name__ == "__main__":

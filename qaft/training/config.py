@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from qaft import paths
 from qaft.data import validate_data_source
 from qaft.evaluation.harness import EvalError, parse_task
-from qaft.methods import GPTQOptions, MethodConfig, config_for
+from qaft.methods import GPTQOptions, MethodConfig, available, config_for
 from qaft.models import SMOLLM2, TINY_LLAMA, cache_dir, tiny_llama_config, validate_model_source
 from qaft.quant.activation import OFF
 from qaft.quant.affine import VALID_BITS
@@ -282,16 +282,24 @@ def _check_resume(cfg: DictConfig) -> None:
 
 def _spec(cfg: DictConfig) -> RunSpec:
     """The method and deployment settings (``ValueError`` / ``EvalError`` where one is refused)."""
+    if cfg.method.name not in available():
+        raise ValueError(f"method.name={cfg.method.name!r}: unknown method; available: {available()}")
     method = method_config(cfg.method)
     eval_gptq = _eval_gptq(cfg.eval)
     bits, group_size = int(cfg.method.bits), int(cfg.method.group_size)
     if bits not in VALID_BITS:
         raise ValueError(f"method.bits must be one of {VALID_BITS}, got {bits}")
     granularity(group_size)
-    validate_model_source(cfg.model.name_or_path)
+    try:
+        validate_model_source(cfg.model.name_or_path)
+    except ValueError as err:
+        raise ValueError(f"model.name_or_path: {err}") from None
     validate_data_source(cfg.data.kind, cfg.data.source)
     for task in cfg.eval.tasks:
-        parse_task(task)
+        try:
+            parse_task(task)
+        except EvalError as err:
+            raise ValueError(f"eval.tasks: {err}") from None
     return RunSpec(method=method, bits=bits, group_size=group_size, eval_gptq=eval_gptq)
 
 
