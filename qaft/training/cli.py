@@ -25,7 +25,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from qaft.paths import conf_dir
 from qaft.training.config import ConfigError, register_conf, validate
-from qaft.training.run_dir import RunFolderGuard, discard_run_dir, refuse
+from qaft.training.run_dir import EXIT_INVALID, RunFolderGuard, discard_run_dir, refuse
 from qaft.training.sweep_cleanup import SweepCleanup
 
 # Absolute, because Hydra resolves a relative path against the calling module.
@@ -34,7 +34,7 @@ CONF_DIR = str(conf_dir())
 # sweep jobs in other processes (submitit, on a cluster) recomposes each job's config there after unpickling
 # _main, which imports this module but never calls main(). (Importing qaft itself registers nothing.)
 register_conf()
-EXIT_INVALID, EXIT_BUSY = 2, 4
+EXIT_BUSY = 4
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")

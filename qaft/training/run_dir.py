@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from qaft.training.config import ConfigError, RunSpec, validate
 from qaft.training.run_control import LOCK_FILE
 
+EXIT_INVALID = 2  # qaft-train's exit status for a refused config (qaft.training.cli lists them all)
 
 def refuse(message: str, code: int) -> NoReturn:
     """End ``qaft-train`` with ``message`` as its one line on stderr and exit status ``code``."""
@@ -75,7 +76,7 @@ class RunFolderGuard(Callback):
         try:
             RunFolderGuard.spec = validate(job)
         except ConfigError as err:
-            refuse(f"invalid config: {err}", 2)
+            refuse(f"invalid config: {err}", EXIT_INVALID)
         RunFolderGuard._note(job.runs_root, _absolute(OmegaConf.select(config, "hydra.run.dir")))
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
@@ -114,4 +115,4 @@ def remove_made(folder: Path) -> None:
         folder = folder.parent
 
 
-__all__ = ["RunFolderGuard", "discard_run_dir", "refuse", "remove_made"]
+__all__ = ["EXIT_INVALID", "RunFolderGuard", "discard_run_dir", "refuse", "remove_made"]

@@ -111,6 +111,8 @@ class OneOf:
 
 
 class Flag:
+    """A YAML boolean (not 0 / 1, not "yes")."""
+
     def accepts(self, value: Any) -> bool:
         return isinstance(value, bool)
 
@@ -119,6 +121,8 @@ class Flag:
 
 
 class Text:
+    """A string with something in it."""
+
     def accepts(self, value: Any) -> bool:
         return isinstance(value, str) and bool(value.strip())
 
@@ -153,6 +157,8 @@ class ListOf:
 
 @dataclass(frozen=True)
 class Either:
+    """What any of ``rules`` accepts."""
+
     rules: tuple[Rule, ...]
 
     def accepts(self, value: Any) -> bool:
@@ -170,8 +176,9 @@ def nullable(rule: Rule) -> Rule:
 
 
 # Fields every run config has (``*``: every key of that node). The method's and eval.gptq_options' fields are
-# their dataclasses' (checked by constructing them); data.datamodule's, trainer's and logger's further keys are
-# their classes' arguments (checked against the signature in qaft.training.config).
+# their dataclasses' (checked by constructing them); data.datamodule's, trainer's and logger's other keys are their
+# classes' arguments, and logger, callbacks and eval.corpus are checked as nodes (target_problem below;
+# qaft.training.config's _check_eval).
 RUN_FIELDS: dict[str, Rule] = {
     "seed": Whole(0, SEEDS), "experiment_name": nullable(Text()), "runs_root": Text(), "resume": Text(),
     "save_model": Flag(), "model.name_or_path": Text(), "model.dtype": OneOf(DTYPES),
