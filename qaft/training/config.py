@@ -1,39 +1,48 @@
 """Validation of a whole composed run config, before any model or data loads, and the resolvers `conf/` uses.
 
-A typo should cost a second, not the minutes of a model load (or a cluster queue): :func:`validate` checks the
-method against its registry, bits, group sizes against the model's widths (known without loading for the
-built-in models, read from ``config.json`` for local ones), the model path and the data source, and raises
-:class:`ConfigError` with one line that says what to change.
+A typo should cost a second, not the minutes of a model load (or a cluster queue). :func:`validate` first checks
+that the config resolves and that every field keeps its rule (:mod:`qaft.training.schemas`: types, ranges,
+choices), then what relates fields to each other and to the world: the method against its registry, group sizes
+against the model's widths (known without loading for the built-in models, read from ``config.json`` for local
+ones), sequence lengths against its positions, the classes the config names against the arguments it gives them,
+the run folder's place inside ``runs_root``, and the data, record by record (:mod:`qaft.data.checks`). Each problem
+is a :class:`ConfigError`: one line that names the field and says what to change.
 """
 from __future__ import annotations
 
 import json
-import math
+import os
 from pathlib import Path
 from typing import Any
 
+from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 
 from qaft import paths
 from qaft.data import validate_data_source
 from qaft.evaluation.harness import EvalError, parse_task
-from qaft.methods import GPTQOptions, MethodConfig, config_for
+from qaft.methods import GPTQOptions, MethodConfig, available, config_for
 from qaft.models import SMOLLM2, TINY_LLAMA, cache_dir, tiny_llama_config, validate_model_source
 from qaft.quant.activation import OFF
 from qaft.quant.affine import VALID_BITS
 from qaft.quant.granularity import granularity
-from qaft.training.schemas import method_fields, register_method_schemas
+from qaft.training.schemas import (
+    ROLES,
+    SCHEDULES,  # noqa: F401 - qaft.training.module imports it from here
+    Name,
+    datamodule_arguments,
+    field_problem,
+    method_fields,
+    missing_keys,
+    register_method_schemas,
+    resolve_problem,
+    target_problem,
+)
 from qaft.training.spec import RunSpec, run_spec
 
-SCHEDULES = {
-    "constant": lambda progress: 1.0,
-    "cosine": lambda progress: 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))),
-}
-DTYPES = ("float32", "bfloat16", "float16")
-ROLES = ("lora", "quant", "weight")
 # SmolLM2-135M's shape, so a bad group size is caught before the first (slow) GGUF conversion.
 _SMOLLM2_SHAPE = {"hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9, "head_dim": 64,
-                  "max_position_embeddings": 8192}
+                  "max_position_embeddings": 8192, "model_type": "llama"}
 # Input width of each target projection, from a LLaMA-style config.
 _IN_FEATURES = {
     "q_proj": lambda c: c["hidden_size"], "k_proj": lambda c: c["hidden_size"],
@@ -41,6 +50,9 @@ _IN_FEATURES = {
     "up_proj": lambda c: c["hidden_size"], "down_proj": lambda c: c["intermediate_size"],
     "o_proj": lambda c: c["num_attention_heads"] * (c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]),
 }
+_LLAMA_STYLE = ("llama", "mistral", "qwen2", "qwen3")  # model types whose linear layers are exactly those
+CORPUS_KEYS = ("name", "source", "split", "seq_len", "batch_size")
+_EVAL_SPLITS = {"lm": ("train", "validation", "test"), "instruct": ("validation", "test")}
 
 
 class ConfigError(ValueError):
@@ -58,15 +70,12 @@ def method_config(node: Any) -> MethodConfig:
 
 
 def _eval_gptq(node: Any) -> GPTQOptions | None:
-    switch = node.get("gptq", False)
-    if not isinstance(switch, bool):
-        raise ValueError(f"eval.gptq must be true or false, got {switch!r}")
-    if not switch:
-        return None
+    """The end-of-run GPTQ options, checked whether or not ``eval.gptq`` uses them (a bad one is a typo anyway)."""
     try:
-        return GPTQOptions(**_fields(node.get("gptq_options") or {}))
+        options = GPTQOptions(**_fields(node.get("gptq_options") or {}))
     except (TypeError, ValueError) as err:
         raise ValueError(f"eval.gptq_options: {err}") from None
+    return options if node.get("gptq", False) else None
 
 
 def _hub_config(repo: str) -> Path:
@@ -110,31 +119,63 @@ def model_widths(shape: dict[str, Any] | None, modules: tuple[str, ...]) -> dict
     return widths
 
 
-def _check_groups(model: str, group_size: int, widths: dict[str, int]) -> None:
-    for module, width in widths.items():
+def _check_model(cfg: DictConfig, method: MethodConfig, group_size: int, shape: dict[str, Any] | None) -> None:
+    """Every target module is a linear layer of a LLaMA-style model, and the group size divides its width."""
+    model = cfg.model.name_or_path
+    if (shape or {}).get("text_config", shape or {}).get("model_type") in _LLAMA_STYLE:
+        unknown = [m for m in method.target_modules if m not in _IN_FEATURES]
+        if unknown:
+            raise ConfigError(f"method.target_modules={list(method.target_modules)}: model {model!r} has no "
+                              f"{unknown}; its linear layers: {list(_IN_FEATURES)}")
+    for module, width in model_widths(shape, method.target_modules).items():
         try:
             granularity(group_size).group_size(width)
         except ValueError as err:
-            raise ConfigError(f"method.group_size={group_size} does not fit model {model!r} ({module}): {err}") from None
+            raise ConfigError(f"method.group_size={group_size} does not fit model {model!r} ({module}): {err}"
+                              ) from None
 
 
-def _check_optim(cfg: DictConfig) -> None:
-    optim = cfg.optim
-    if optim.schedule not in SCHEDULES:
-        raise ConfigError(f"optim.schedule={optim.schedule!r} must be one of {sorted(SCHEDULES)}")
-    for key in ("lr", "weight_decay"):
-        unknown = sorted(set(optim[key]) - set(ROLES))
-        if unknown:
-            raise ConfigError(f"optim.{key} has unknown role(s) {unknown}; roles: {list(ROLES)}")
-    if int(optim.warmup_steps) < 0:
-        raise ConfigError(f"optim.warmup_steps={optim.warmup_steps} must be >= 0")
-    limit = OmegaConf.select(cfg, "divergence.loss_vs_uniform")
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit > 1):
-        raise ConfigError(f"divergence.loss_vs_uniform={limit!r} must be null or a number above 1 "
-                          "(a model at initialisation may sit at the uniform guess's loss)")
-    for role, lr in optim.lr.items():
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
-            raise ConfigError(f"optim.lr.{role}={lr!r} must be a finite number >= 0")
+def _check_run_folder(cfg: DictConfig) -> None:
+    """The run folder is one folder inside ``runs_root``, and ``runs_root`` is (or can be made) a writable folder."""
+    name = run_name(cfg.method, cfg.model.name_or_path, cfg.data.name, cfg.seed)
+    if not Name().accepts(name):
+        raise ConfigError(f"the run folder's name {name!r} (from the method, model.name_or_path and data.name) "
+                          "must be one folder name, without '/'")
+    root = Path(cfg.runs_root).expanduser().absolute()
+    existing = next(p for p in (root, *root.parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"runs_root={cfg.runs_root!r}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"runs_root={cfg.runs_root!r}: cannot create run folders in {existing} (not writable)")
+
+
+def _check_lengths(cfg: DictConfig, shape: dict[str, Any] | None) -> None:
+    """Every sequence length the run uses fits the model's positions."""
+    limit = (shape or {}).get("text_config", shape or {}).get("max_position_embeddings")
+    for key in ("data.datamodule.seq_len", "data.datamodule.max_length", "eval.seq_len", "eval.corpus.seq_len"):
+        value = OmegaConf.select(cfg, key)
+        if value is not None and limit and value > int(limit):
+            raise ConfigError(f"{key}={value} exceeds the model's max_position_embeddings={limit}")
+
+
+def _check_datamodule(cfg: DictConfig) -> None:
+    """The data module reads the data the run is evaluated on (its source is ``data.source``), has room for a
+    training block, and passes its class's own check (``check_config``: generated data's settings)."""
+    args, data = datamodule_arguments(cfg), cfg.data
+    for key, mirror in (("source", "source"), ("config", "config"), ("eval_source", "source"),
+                        ("eval_config", "config")):
+        if key in args and args[key] != data.get(mirror):
+            raise ConfigError(f"data.datamodule.{key}={args[key]!r} differs from data.{mirror}={data.get(mirror)!r}, "
+                              f"which the run is evaluated (and recorded) on: set data.{mirror} instead")
+    tokens, block = args.get("max_train_tokens"), args.get("seq_len")
+    if tokens is not None and block is not None and tokens < block:
+        raise ConfigError(f"data.datamodule.max_train_tokens={tokens} is below seq_len={block}: no training block")
+    check = getattr(get_object(cfg.data.datamodule._target_), "check_config", None)
+    try:
+        if check is not None:
+            check({k: v for k, v in _fields(cfg.data.datamodule).items() if k != "_target_"})
+    except ValueError as err:
+        raise ConfigError(f"data.datamodule: {err}") from None
 
 
 # Lightning settings that train less than max_steps full batches: a run with them could not be recorded ok.
@@ -142,15 +183,20 @@ SHORTENED = {"fast_dev_run": (False, 0, None), "limit_train_batches": (1.0, None
              "max_time": (None,)}
 
 
-def _check_trainer(cfg: DictConfig, method: MethodConfig) -> None:
+def _check_trainer(cfg: DictConfig, method: MethodConfig, resources: bool) -> None:
+    """A GPU where the trainer asks for one (``resources``), and every phase of the method inside the run."""
+    trainer = cfg.trainer
+    if resources and trainer.get("accelerator") in ("gpu", "cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"trainer.accelerator={trainer.accelerator}: this machine has no CUDA GPU")
     for key, allowed in SHORTENED.items():
-        value = cfg.trainer.get(key)
+        value = trainer.get(key)
         if not any(value is a or (type(value) is type(a) and value == a) for a in allowed):
             raise ConfigError(f"trainer.{key}={value!r} trains less than the config says, and a run record must "
-                              f"never claim steps that did not happen; for a short run set trainer.max_steps")
-    steps = int(cfg.trainer.get("max_steps", -1))
-    if steps <= 0:
-        raise ConfigError("trainer.max_steps must be a positive number of optimizer steps (runs are step-based)")
+                              "never claim steps that did not happen; for a short run set trainer.max_steps")
+    steps = trainer.max_steps
     late = [b for b in method.phase_boundaries() if b >= steps]
     if late:  # e.g. DL-QAT's phase 1 or L4Q's warm-up outlasting the run: its last phase would never train
         raise ConfigError(f"method {method.name!r} changes phase at step {late[0]}, but the run has only "
@@ -158,67 +204,27 @@ def _check_trainer(cfg: DictConfig, method: MethodConfig) -> None:
                           "(method.quant_steps / method.warmup_steps) or train longer")
 
 
-def _check_lengths(cfg: DictConfig, shape: dict[str, Any] | None) -> None:
-    """Every sequence length the run uses fits the model's positions."""
-    limit = (shape or {}).get("text_config", shape or {}).get("max_position_embeddings")
-    lengths = {"data.datamodule.seq_len": OmegaConf.select(cfg, "data.datamodule.seq_len"),
-               "data.datamodule.max_length": OmegaConf.select(cfg, "data.datamodule.max_length"),
-               "eval.seq_len": OmegaConf.select(cfg, "eval.seq_len"),
-               "eval.corpus.seq_len": OmegaConf.select(cfg, "eval.corpus.seq_len")}
-    for key, value in lengths.items():
-        if value is None:
-            continue
-        if int(value) < 2:
-            raise ConfigError(f"{key}={value} must be at least 2")
-        if limit and int(value) > int(limit):
-            raise ConfigError(f"{key}={value} exceeds the model's max_position_embeddings={limit}")
+def _check_roles(cfg: DictConfig) -> None:
+    for key in ("lr", "weight_decay"):
+        unknown = sorted(set(cfg.optim[key]) - set(ROLES))
+        if unknown:
+            raise ConfigError(f"optim.{key} has unknown role(s) {unknown}; roles: {list(ROLES)}")
 
 
-def _check_datamodule(cfg: DictConfig) -> None:
-    """A DataModule class with a ``check_config(fields)`` (generated data's settings) checks its node first."""
-    node = OmegaConf.select(cfg, "data.datamodule")
-    target = node.get("_target_") if node is not None else None
-    if not target:
+def _check_eval(cfg: DictConfig) -> None:
+    """The evaluated split exists for the data's kind, and a second corpus has what it needs."""
+    allowed = _EVAL_SPLITS[cfg.data.kind]
+    if cfg.eval.split not in allowed:
+        raise ConfigError(f"eval.split={cfg.eval.split!r} must be one of {list(allowed)} for {cfg.data.kind} data")
+    corpus = cfg.eval.get("corpus")
+    if corpus is None:
         return
-    from hydra.utils import get_class
-
-    try:
-        cls = get_class(target)
-    except Exception as err:  # noqa: BLE001 - a misspelled class path: one line, not Hydra's traceback
-        raise ConfigError(f"data.datamodule._target_={target!r} cannot be imported ({type(err).__name__})") from None
-    check = getattr(cls, "check_config", None)
-    if check is None:
-        return
-    try:
-        check({k: v for k, v in _fields(node).items() if k != "_target_"})
-    except ValueError as err:
-        raise ConfigError(f"data.datamodule: {err}") from None
-
-
-def _check_data_contents(cfg: DictConfig) -> None:
-    """Local data files read and checked, hub datasets looked up (see :mod:`qaft.data.checks`)."""
-    from qaft.data.checks import check_data
-    from qaft.models import load_tokenizer
-
-    data = cfg.data
-    length = OmegaConf.select(cfg, "data.datamodule.max_length" if data.kind == "instruct" else "data.datamodule.seq_len")
-    try:
-        tokenizer = None if data.source in ("quiz", "austen") else load_tokenizer(cfg.model.name_or_path)
-        check_data(data.kind, data.source, data.get("config"), tokenizer, int(length or 2))
-    except ValueError as err:
-        raise ConfigError(f"data: {err}") from None
-
-
-CORPUS_KEYS = ("name", "source", "split", "seq_len", "batch_size")
-
-
-def _check_corpus(eval_cfg: DictConfig) -> None:
-    corpus = eval_cfg.get("corpus")
-    if not corpus:
-        return
+    if not OmegaConf.is_dict(corpus):
+        raise ConfigError(f"eval.corpus={corpus!r} must be null or a node {{name, source, split, seq_len, batch_size}}")
     missing = [k for k in CORPUS_KEYS if corpus.get(k) in (None, "")]
-    if missing:
-        raise ConfigError(f"eval.corpus needs {missing} (e.g. name=wikitext2 source=wikitext "
+    unknown = sorted(set(corpus) - {*CORPUS_KEYS, "config", "max_tokens"})
+    if missing or unknown:
+        raise ConfigError(f"eval.corpus needs {missing} and takes no {unknown} (e.g. name=wikitext2 source=wikitext "
                           "config=wikitext-2-raw-v1 split=test seq_len=2048 batch_size=1)")
     try:
         validate_data_source("lm", corpus.source)
@@ -226,19 +232,40 @@ def _check_corpus(eval_cfg: DictConfig) -> None:
         raise ConfigError(f"eval.corpus: {err}") from None
 
 
-def _check_callbacks(cfg: DictConfig) -> None:
-    for name, node in (cfg.get("callbacks") or {}).items():
-        if node and not OmegaConf.select(node, "_target_"):
-            raise ConfigError(f"callbacks.{name} needs a _target_ (a pytorch_lightning.Callback class path)")
+def _check_tasks(tasks: list[str]) -> None:
+    """lm-eval knows every task: qaft's own are known at once; others need lm-eval's index (~20 s, the same
+    cached index the run's end uses)."""
+    from qaft.evaluation.harness import task_manager
+    from qaft.evaluation.tasks import LOCAL_TASKS
+
+    unknown = [n for n in (parse_task(t)[0] for t in tasks) if n not in LOCAL_TASKS]
+    unknown = [n for n in unknown if n not in task_manager(include_defaults=True).all_tasks] if unknown else []
+    if unknown:
+        raise ConfigError(f"eval.tasks: lm-eval has no task(s) {unknown} (qaft's own: {list(LOCAL_TASKS)}; "
+                          "`lm-eval ls tasks` lists the others)")
 
 
-def _check_progress(cfg: DictConfig) -> None:
-    node = cfg.get("progress") or {}
-    steps, seconds = node.get("every_n_steps", 10), node.get("every_s", 30)
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise ConfigError(f"progress.every_n_steps={steps!r} must be a whole number >= 0 (0: no training lines)")
-    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds >= 0:
-        raise ConfigError(f"progress.every_s={seconds!r} must be a number of seconds >= 0")
+def _check_data_contents(cfg: DictConfig) -> None:
+    """Local data files read and checked, hub datasets looked up (see :mod:`qaft.data.checks`)."""
+    from qaft.data.checks import check_data, check_text_split
+    from qaft.models import load_tokenizer
+
+    data, args, corpus = cfg.data, datamodule_arguments(cfg), cfg.eval.get("corpus")
+    local_corpus = corpus is not None and Path(corpus.source).expanduser().exists()
+    if data.source in ("quiz", "austen") and not local_corpus:
+        return
+    tokenizer = load_tokenizer(cfg.model.name_or_path)
+    split: dict[str, Any] = {"eval_split": cfg.eval.split}
+    if data.kind == "instruct":
+        split |= {"seed": args.get("seed", 0), "val_fraction": args.get("val_fraction", 0.05),
+                  "limits": (args.get("max_train_samples"), args.get("max_eval_samples"))}
+    try:
+        length = args.get("max_length" if data.kind == "instruct" else "seq_len") or 2
+        check_data(data.kind, data.source, data.get("config"), tokenizer, length, **split)
+        if local_corpus:
+            check_text_split(corpus.source, tokenizer, corpus.split)
+    except ValueError as err:
+        raise ConfigError(f"data: {err}") from None
 
 
 def _check_resume(cfg: DictConfig) -> None:
@@ -247,43 +274,60 @@ def _check_resume(cfg: DictConfig) -> None:
         raise ConfigError(f"resume={choice!r} must be auto, never or an existing .ckpt file")
 
 
+def _spec(cfg: DictConfig) -> RunSpec:
+    """The method and deployment settings (``ValueError`` / ``EvalError`` where one is refused)."""
+    if cfg.method.name not in available():
+        raise ValueError(f"method.name={cfg.method.name!r}: unknown method; available: {available()}")
+    method = method_config(cfg.method)
+    eval_gptq = _eval_gptq(cfg.eval)
+    bits, group_size = int(cfg.method.bits), int(cfg.method.group_size)
+    if bits not in VALID_BITS:
+        raise ValueError(f"method.bits must be one of {VALID_BITS}, got {bits}")
+    granularity(group_size)
+    try:
+        validate_model_source(cfg.model.name_or_path)
+    except ValueError as err:
+        raise ValueError(f"model.name_or_path: {err}") from None
+    validate_data_source(cfg.data.kind, cfg.data.source)
+    for task in cfg.eval.tasks:
+        try:
+            parse_task(task)
+        except EvalError as err:
+            raise ValueError(f"eval.tasks: {err}") from None
+    return run_spec(cfg, method, bits, group_size, eval_gptq)
+
+
 def validate(cfg: DictConfig, resources: bool = True) -> RunSpec:
     """Check the whole composed config; raise :class:`ConfigError` (one line) on the first problem.
 
-    ``resources=False`` checks the config alone: no hub lookups (a hub model's widths, a hub dataset) and no
-    reading of local data files (what ``qaft-train`` checks on top, before it writes anything).
+    ``resources=False`` checks the config alone: no hub lookups (a hub model's widths, a hub dataset), no
+    reading of local data files and no lm-eval task index (what ``qaft-train`` checks on top, before it writes
+    anything).
     """
-    missing = sorted(OmegaConf.missing_keys(cfg))
+    missing = missing_keys(cfg)
     if missing:
         raise ConfigError(f"missing required value(s) {missing}: set them on the command line, e.g. {missing[0]}=...")
+    problem = resolve_problem(cfg) or field_problem(cfg) or target_problem(cfg)
+    if problem:
+        raise ConfigError(problem)
     try:
-        method = method_config(cfg.method)
-        eval_gptq = _eval_gptq(cfg.eval)
-        bits, group_size = int(cfg.method.bits), int(cfg.method.group_size)
-        if bits not in VALID_BITS:
-            raise ValueError(f"method.bits must be one of {VALID_BITS}, got {bits}")
-        granularity(group_size)
-        validate_model_source(cfg.model.name_or_path)
-        validate_data_source(cfg.data.kind, cfg.data.source)
-        for task in cfg.eval.get("tasks") or []:
-            parse_task(task)
+        spec = _spec(cfg)
     except (ValueError, EvalError) as err:
         raise ConfigError(str(err)) from None
-    if cfg.model.dtype not in DTYPES:
-        raise ConfigError(f"model.dtype={cfg.model.dtype!r} must be one of {list(DTYPES)}")
     shape = _read_shape(cfg.model.name_or_path, fetch=resources)
-    _check_groups(cfg.model.name_or_path, group_size, model_widths(shape, method.target_modules))
+    _check_model(cfg, spec.method, spec.group_size, shape)
     _check_lengths(cfg, shape)
+    _check_run_folder(cfg)
     _check_datamodule(cfg)
-    _check_optim(cfg)
-    _check_trainer(cfg, method)
+    _check_trainer(cfg, spec.method, resources)
+    _check_roles(cfg)
     _check_resume(cfg)
-    _check_progress(cfg)
-    _check_corpus(cfg.eval)
-    _check_callbacks(cfg)
+    _check_eval(cfg)
     if resources:
+        if cfg.eval.tasks:
+            _check_tasks(list(cfg.eval.tasks))
         _check_data_contents(cfg)
-    return run_spec(cfg, method, bits, group_size, eval_gptq)
+    return spec
 
 
 # --- resolvers used by conf/train.yaml -------------------------------------------------------------------

@@ -21,8 +21,8 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from qaft.run_folder import EXIT_BUSY, RunBusy, Status
 from qaft.training.config import ConfigError
 from qaft.training.records import Diverged, RunInterrupted
+from qaft.training.run_dir import EXIT_INVALID
 
-EXIT_CONFIG = 2
 EXIT_CODES = {Status.OK: 0, Status.FAILED: 1, Status.DIVERGED: 3}  # interrupted: 128 + the signal's number
 
 
@@ -47,7 +47,7 @@ def outcome(err: BaseException | None) -> Outcome:
     if isinstance(err, RunInterrupted):
         return Outcome(Status.INTERRUPTED, 128 + err.signum, err)
     if isinstance(err, ConfigError):
-        return Outcome(None, EXIT_CONFIG, err)
+        return Outcome(None, EXIT_INVALID, err)
     if isinstance(err, RunBusy):
         return Outcome(None, EXIT_BUSY, err)
     if isinstance(err, Diverged):
@@ -55,4 +55,4 @@ def outcome(err: BaseException | None) -> Outcome:
     return Outcome(Status.FAILED, EXIT_CODES[Status.FAILED], err)
 
 
-__all__ = ["EXIT_BUSY", "EXIT_CODES", "EXIT_CONFIG", "Outcome", "outcome"]
+__all__ = ["EXIT_BUSY", "EXIT_CODES", "EXIT_INVALID", "Outcome", "outcome"]

@@ -28,7 +28,7 @@ from qaft.data.stream import RunData
 from qaft.deploy.merged import MERGED_DIGESTS
 from qaft.evaluation.deployed import deployed_perplexity
 from qaft.models import load_causal_lm, load_tokenizer
-from qaft.run_folder import LOCK_FILE, MERGED_MODEL, RunFolder, Status
+from qaft.run_folder import MERGED_MODEL, RunFolder, Status
 from qaft.training.config import ConfigError, run_name, validate
 from qaft.training.final_eval import check_finite, corpus_perplexity, evaluate, form_items, lm_eval
 from qaft.training.identity import config_digest, identity_config, unmatched_reads
@@ -37,6 +37,7 @@ from qaft.training.outcomes import outcome
 from qaft.training.records import MetricsRecorder, RunRecord, final_training_metrics, training_cost
 from qaft.training.resume import ResumeRefused, resume_checkpoint
 from qaft.training.run_control import SignalGuard, StopOnSignal
+from qaft.training.run_dir import discard_run_dir
 from qaft.training.spec import RunSpec
 from qaft.training.tracking import track
 
@@ -47,23 +48,6 @@ def run_dir_of(cfg: DictConfig) -> Path:
         return Path(HydraConfig.get().runtime.output_dir)
     name = run_name(cfg.method, cfg.model.name_or_path, cfg.data.name, cfg.seed)
     return Path(cfg.runs_root) / f"{name}-{config_digest(cfg)}"
-
-
-def discard_run_dir(runs_root: str | None = None) -> None:
-    """Remove the folder Hydra made for a run whose config turned out invalid, if it holds only Hydra's files,
-    and the parents up to ``runs_root`` that this left empty: nothing may look like a run that happened."""
-    if not HydraConfig.initialized():
-        return
-    hydra_cfg = HydraConfig.get()
-    out = Path(hydra_cfg.runtime.output_dir).resolve()
-    if not out.is_dir() or not {p.name for p in out.iterdir()} <= {".hydra", f"{hydra_cfg.job.name}.log", LOCK_FILE}:
-        return
-    shutil.rmtree(out)
-    root = Path(runs_root).resolve() if runs_root else out.parent
-    parent = out.parent
-    while parent.is_relative_to(root) and parent.is_dir() and not any(parent.iterdir()):
-        parent.rmdir()
-        parent = parent.parent
 
 
 def build_trainer(cfg: DictConfig, spec: RunSpec, run_dir: Path, guard: SignalGuard) -> pl.Trainer:

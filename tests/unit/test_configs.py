@@ -112,6 +112,13 @@ def test_wandb_logger_offline_by_default():
     (["model=tiny-llama", "data=generated", "data.datamodule.seq_len=4096"],
      r"^data.datamodule.seq_len=4096 exceeds the model's max_position_embeddings=2048$"),
     (["method=llm_qat", "+method.init=mse"], "no field"),
+    # a ??? that an interpolation points to, and an interpolation that cannot resolve: named, not a traceback
+    (["data=json"], r"^missing required value\(s\) \['data.source'\]"),
+    (["model.name_or_path=${oc.env:QAFT_NO_SUCH_VARIABLE}"], r"^model.name_or_path cannot be resolved: .*QAFT_NO_SUCH"),
+    (["~seed"], r"^data.datamodule.seed cannot be resolved: Interpolation key 'seed' not found"),
+    # a preset's keys that its data module does not take (instantiating it would fail after the folder exists)
+    (["experiment=qalora_paper", "scale=tiny"],
+     r"^data.datamodule has \['max_eval_tokens', 'max_train_tokens', 'seq_len'\], which qaft.data.InstructDataModule"),
 ])
 def test_validation_rejects(override, words):
     with pytest.raises(ConfigError, match=words):
