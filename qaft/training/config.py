@@ -274,7 +274,7 @@ def _check_resume(cfg: DictConfig) -> None:
         raise ConfigError(f"resume={choice!r} must be auto, never or an existing .ckpt file")
 
 
-def _spec(cfg: DictConfig) -> RunSpec:
+def _deployment(cfg: DictConfig) -> tuple[MethodConfig, int, int, GPTQOptions | None]:
     """The method and deployment settings (``ValueError`` / ``EvalError`` where one is refused)."""
     if cfg.method.name not in available():
         raise ValueError(f"method.name={cfg.method.name!r}: unknown method; available: {available()}")
@@ -294,7 +294,7 @@ def _spec(cfg: DictConfig) -> RunSpec:
             parse_task(task)
         except EvalError as err:
             raise ValueError(f"eval.tasks: {err}") from None
-    return run_spec(cfg, method, bits, group_size, eval_gptq)
+    return method, bits, group_size, eval_gptq
 
 
 def validate(cfg: DictConfig, resources: bool = True) -> RunSpec:
@@ -311,15 +311,15 @@ def validate(cfg: DictConfig, resources: bool = True) -> RunSpec:
     if problem:
         raise ConfigError(problem)
     try:
-        spec = _spec(cfg)
+        method, bits, group_size, eval_gptq = _deployment(cfg)
     except (ValueError, EvalError) as err:
         raise ConfigError(str(err)) from None
     shape = _read_shape(cfg.model.name_or_path, fetch=resources)
-    _check_model(cfg, spec.method, spec.group_size, shape)
+    _check_model(cfg, method, group_size, shape)
     _check_lengths(cfg, shape)
     _check_run_folder(cfg)
     _check_datamodule(cfg)
-    _check_trainer(cfg, spec.method, resources)
+    _check_trainer(cfg, method, resources)
     _check_roles(cfg)
     _check_resume(cfg)
     _check_eval(cfg)
@@ -327,7 +327,7 @@ def validate(cfg: DictConfig, resources: bool = True) -> RunSpec:
         if cfg.eval.tasks:
             _check_tasks(list(cfg.eval.tasks))
         _check_data_contents(cfg)
-    return spec
+    return run_spec(cfg, method, bits, group_size, eval_gptq)  # read once every value is checked
 
 
 # --- resolvers used by conf/train.yaml -------------------------------------------------------------------

@@ -156,7 +156,7 @@ def test_the_default_config_and_its_extremes_pass(default):
     """The rules refuse what is wrong, not what is merely unusual."""
     validate(default)
     for override in ("trainer.max_epochs=-1", "trainer.devices=auto", "trainer.limit_val_batches=0.5",
-                     "trainer.fast_dev_run=true", "eval.max_tokens=null", "divergence.loss_vs_uniform=null",
+                     "eval.max_tokens=null", "divergence.loss_vs_uniform=null",
                      "checkpoint.every_n_steps=0", "eval.tasks=[quiz_mc]", "eval.lm_eval.limit=0.5", "seed=4294967295"):
         cfg = copy.deepcopy(default)
         parsed = OverridesParser.create().parse_override(override)
