@@ -1,6 +1,7 @@
 """A run's identity comes from the data it reads, on real ``qaft-train`` processes: a local file rewritten with
-its old modification time restored (``cp -p``, ``rsync -a``) is other data, trained on as it now reads, and the
-file trained on counts whichever config key names it (``data.datamodule.source`` set apart from ``data.source``)."""
+its old modification time restored (``cp -p``, ``rsync -a``) is other data, trained on as it now reads; a file that
+any config key names is in the identity (``qaft.training.identity`` walks them all), and a data module told to read
+a file other than ``data.source`` (which the run is evaluated and recorded on) is refused before anything runs."""
 from __future__ import annotations
 
 import hashlib
@@ -55,13 +56,24 @@ def test_a_file_rewritten_under_its_old_mtime_is_a_new_run_that_trains_on_the_ne
     assert identity["files_sha256"] == {str(data): hashlib.sha256(data.read_bytes()).hexdigest()}
 
 
-def test_the_file_the_datamodule_reads_is_in_the_identity_whichever_key_names_it(tmp_path):
+def test_a_datamodule_reading_another_file_than_data_source_is_refused(tmp_path):
     named, read, root = tmp_path / "x.jsonl", tmp_path / "other.jsonl", tmp_path / "runs"
     named.write_text(qa_lines("cat"))
     read.write_text(qa_lines("dog"))
-    args = (f"data.source={named}", f"data.datamodule.source={read}")
-    train(root, *args)
-    read.write_text(qa_lines("emu"))
-    assert not train(root, *args)
-    old, new = folders(root)
-    assert record(new)["metrics"]["final_train_loss"] != record(old)["metrics"]["final_train_loss"]
+    proc = run_qaft_train(["model=tiny-llama", f"runs_root={root}", "data=json", f"data.source={named}",
+                           f"data.datamodule.source={read}"])
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "data.datamodule.source" in lines[0], proc.stderr[-2000:]
+    assert not root.exists()
+
+
+def test_every_local_file_a_config_names_is_in_the_identity(tmp_path):
+    from qaft.training.identity import FILES_KEY, identity_config
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("one")
+    cfg = {"data": {"source": "austen"}, "eval": {"corpus": {"source": str(corpus)}}, "extra": {"x": [str(corpus)]}}
+    before = identity_config(cfg)[FILES_KEY]
+    corpus.write_text("two")
+    after = identity_config(cfg)[FILES_KEY]
+    assert set(before) == {str(corpus)} and before != after

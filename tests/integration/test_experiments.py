@@ -13,6 +13,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 from qaft.reporting import tables as report
+from qaft.run_folder import Status
 from qaft.training.cli import CONF_DIR
 from qaft.training.config import experiments_dir, register_conf, validate
 
@@ -131,8 +132,8 @@ def test_a_failed_run_leaves_the_others_and_the_report_intact(tmp_path, monkeypa
     spec = {"name": "robust", "where": {"experiment": "robust"}, "rows": ["model"],
             "columns": {"ppl": "metrics.deployed"}}
     table = report.build_table(report.load_runs(root), spec).set_index("model")
-    assert table.loc[str(local), "ppl"] not in (report.FAILED, report.MISSING)
-    assert table.loc[str(broken), "ppl"] == report.FAILED
+    assert table.loc[str(local), "ppl"] not in (Status.FAILED.value, report.MISSING)
+    assert table.loc[str(broken), "ppl"] == Status.FAILED.value
 
 
 def test_a_sweep_with_an_unknown_option_names_it_and_leaves_nothing(tmp_path):

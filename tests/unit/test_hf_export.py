@@ -115,5 +115,5 @@ def test_plain_transformers_refuses_a_qaft_folder_clearly(tmp_path):
     code = "import sys; from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained(sys.argv[1])"
     done = _plain_python("-c", code, str(tmp_path / "q"))
     assert done.returncode != 0
-    assert "qaft-packed (a qaft integer checkpoint, not a transformers format" in done.stderr
+    assert "qaft-packed (a qaft packed integer model, not a transformers format" in done.stderr
     assert "qaft-export RUN format=hf" in done.stderr
