@@ -16,40 +16,15 @@ Hub datasets are looked up (metadata only): offline, or unreachable, that is one
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from qaft.data import BUILTIN_SOURCES, format_prompt
+from qaft.data.local import parse_json_records, read_text
 from qaft.sources import looks_local
 
 _JSON_TYPES = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a number",
                float: "a number"}
-
-
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
-
-
-def _parse_records(path: Path, text: str) -> list[Any]:
-    try:
-        data = json.loads(text)
-        return data if isinstance(data, list) else [data]
-    except json.JSONDecodeError:
-        pass
-    records = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: line {number} is not JSON ({err.msg}); expected a JSON array of "
-                             "objects or one JSON object per line") from None
-    return records
 
 
 def _check_record(path: Path, number: int, record: Any, types: dict[str, tuple[str, int]]) -> None:
@@ -77,10 +52,10 @@ def _check_record(path: Path, number: int, record: Any, types: dict[str, tuple[s
 
 def read_instruct_records(path: Path) -> list[dict[str, Any]]:
     """The records of a local Alpaca-format file (a JSON array or JSON lines), checked field by field."""
-    text = _read_text(path)
+    text = read_text(path)
     if not text.strip():
         raise ValueError(f"{path}: the file is empty")
-    records = _parse_records(path, text)
+    records = parse_json_records(path, text)
     if not records:
         raise ValueError(f"{path}: holds no records")
     types: dict[str, tuple[str, int]] = {}
@@ -134,7 +109,7 @@ def check_text_source(path: Path, tokenizer: Any, seq_len: int, eval_split: str 
     if not files:
         raise ValueError(f"{path}: no .txt files in the folder")
     for file in files:
-        _read_text(file)
+        read_text(file)
     texts = {split: "".join(docs) for split, docs in load_lm_texts(str(path)).items()}
     cut = "" if path.is_dir() else " (one file is cut 90/5/5 by lines)"
     if _token_count(tokenizer, texts["train"], seq_len) < seq_len:

@@ -77,25 +77,32 @@ def read_text(path: Path, read: dict[str, str] | None = None) -> str:
         raise ValueError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
 
 
+def parse_json_records(path: Path, text: str) -> list[Any]:
+    """The values of a JSON file's ``text`` (an array, or one value) or of a JSON-lines file's, in file order
+    (a line that is not JSON: a one-line ``ValueError`` naming it)."""
+    try:
+        data = json.loads(text)
+        return data if isinstance(data, list) else [data]
+    except json.JSONDecodeError:
+        pass
+    records = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: line {number} is not JSON ({err.msg}); expected a JSON array of "
+                             "objects or one JSON object per line") from None
+    return records
+
+
 def json_records(path: Path, read: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """The objects of a JSON file (an array of objects, or one object) or a JSON-lines file, in file order.
 
     Whole-file JSON is tried first, whatever the suffix, as ``datasets``' JSON loader does.
     """
-    text = read_text(path, read)
-    try:
-        data = json.loads(text)
-        records = data if isinstance(data, list) else [data]
-    except json.JSONDecodeError:
-        records = []
-        for number, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}: line {number} is not JSON ({err.msg}); expected a JSON array of "
-                                 "objects or one JSON object per line") from None
+    records = parse_json_records(path, read_text(path, read))
     if not records:
         raise ValueError(f"{path}: holds no records")
     for number, record in enumerate(records, 1):
