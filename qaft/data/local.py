@@ -24,6 +24,8 @@ from typing import Any
 
 from datasets import Dataset
 
+from qaft.files import sha256_file
+
 # A split's file in a folder source: its stem holds the split's name (or the short form, ``valid``).
 SPLIT_NAMES = {"train": "train", "validation": "valid", "test": "test"}
 JSON_SUFFIXES = (".json", ".jsonl")
@@ -42,13 +44,10 @@ def _file_sha256(path: Path) -> str:
     key = _version(path)
     if key in _DIGESTS:
         return _DIGESTS[key]
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
+    digest = sha256_file(path)
     if _version(path) == key:  # a file written while it was read is hashed again next time
-        _DIGESTS[key] = digest.hexdigest()
-    return digest.hexdigest()
+        _DIGESTS[key] = digest
+    return digest
 
 
 def content_sha256(path: Path | str) -> str | dict[str, str]:
