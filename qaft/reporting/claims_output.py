@@ -96,7 +96,8 @@ def _forest(rows: list[dict[str, Any]], path: Path) -> Path:
         ax.axvline(0, color="black", linewidth=0.8)
         ax.set_yticks(range(len(mine)), [f"{r['id']} ({r['verdict']})" for r in mine], fontsize=6)
         ax.set_ylim(-0.7, len(mine) - 0.3)
-        ax.set_xlabel(f"effect ({unit}; > 0: claim holds)", fontsize=7)
+        crosses = "; x: the paper's" if any(r.get("paper_effect") is not None for r in mine) else ""
+        ax.set_xlabel(f"effect ({unit}; > 0: claim holds{crosses})", fontsize=7)
         ax.tick_params(axis="x", labelsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120, metadata={"Software": None})  # no version stamp: regenerated files stay equal
