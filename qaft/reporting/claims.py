@@ -16,9 +16,14 @@ The claims of ``experiments/claims/*.yaml`` name no ``scale``: run them on one s
 (``results/tiny/records.jsonl``); on a store holding both, every side matches two configs (they differ in
 ``scale``) and is refused. Their group sizes and experiment names are tiny scale's (groups of 64; 32 / 64 / 192
 in Table 6). ``experiments/claims/paper/*.yaml`` holds the same claims, under the same ids, at ``scale: paper``
-(groups of 128; the papers' WikiText-2 perplexity and lm-eval tasks), with the papers' own numbers and protocol
-in an optional ``paper:`` field (:mod:`qaft.reporting.claims_paper`: its keys, their checks, and the paper's
-effect, computed as ours, beside ours in every output file).
+(groups of 128, so ``g192`` ids read ``g128``; Table 1c's ``*_64_steps_*`` are tiny scale only), measured as the
+papers measure (WikiText-2 perplexity, lm-eval tasks: each file's header says which and why), plus claims with an
+``_mmlu0`` / ``_mmlu5`` / ``_hellaswag`` suffix beside a perplexity claim where the paper printed accuracies.
+They carry the papers' own numbers and protocol in an optional ``paper:`` field
+(:mod:`qaft.reporting.claims_paper`: its keys, their checks, and the paper's effect, computed as ours, beside
+ours in every output file)::
+
+    qaft-report claims='experiments/claims/paper/*.yaml' runs=runs out=results/paper
 
 A side may also name ``metric:`` (e.g. QLoRA's ``metrics.ppl_merged_gptq`` against QA-LoRA-on-GPTQ's deployed
 perplexity), which replaces the claim's metric for that side; both must be of the same kind.
