@@ -16,7 +16,9 @@ sides, so that a sweep's verdict table reads against the paper::
         context: 2048              # optional: the longest input in tokens the paper's evaluation gave the model
         window: 2048               # optional, perplexity only: the tokens of one scored window of the corpus
 
-Only what the paper states goes in (``context`` and ``window`` are left out where it does not say). Every key
+Only what is known of the paper's evaluation goes in (from the paper, or where it is silent the papers' common
+protocol in METHODS.md's "Evaluation in the papers", said so in the claim file); a key nothing states is left
+out (no paper of the seeds states its lm-eval context length). Every key
 is checked when the claim file is read (:class:`~qaft.reporting.claims.ClaimError`, one line naming the claim
 and the field): an unknown key, a number that is not a number (or out of range), a missing ``a`` / ``b`` /
 ``table`` / ``protocol.metric``, an accuracy claim without ``shots``, or a protocol metric that is not the
