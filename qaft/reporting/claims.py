@@ -4,16 +4,26 @@ A claim file (``experiments/claims/*.yaml``) holds ``claims:``, a list of::
 
     id: dlqat_beats_qalora_g64_w4          # unique across the files read together
     source: 'DL-QAT, Sec. 4.2: "our technique surpasses the benchmark across different quantization bits ..."'
-    metric: metrics.deployed               # a record key: metrics.deployed, metrics.ppl_*, or an lm-eval
-                                           # metrics.lm_eval.results.<task>.scores.acc / acc_norm
+    metric: metrics.deployed               # a record key: metrics.deployed, metrics.ppl_<form> (a scored model
+                                           # form), metrics.ppl_<corpus> (eval.corpus: ppl_wikitext2), or an
+                                           # lm-eval metrics.lm_eval.results.<task>.scores.acc / acc_norm
     better: lower                          # lower | higher: the direction in which a is claimed better
     a: {preset: dlqat}                     # the side claimed better: record filters (flattened keys, as
     b: {preset: qalora}                    #   report specs' ``where``; a list value matches any of them)
     where: {experiment: groupwise, scale: tiny, bits: 4}   # filters common to both sides
 
-The shipped claims name no ``scale``: run them on one scale's store (``results/tiny/records.jsonl``, or a
-paper-scale store); on a store holding both, every side matches two configs (they differ in ``scale``) and is
-refused. Their group sizes and experiment names are tiny scale's (groups of 64; 32 / 64 / 192 in Table 6).
+The claims of ``experiments/claims/*.yaml`` name no ``scale``: run them on one scale's store
+(``results/tiny/records.jsonl``); on a store holding both, every side matches two configs (they differ in
+``scale``) and is refused. Their group sizes and experiment names are tiny scale's (groups of 64; 32 / 64 / 192
+in Table 6). ``experiments/claims/paper/*.yaml`` holds the same claims, under the same ids, at ``scale: paper``
+(groups of 128, so ``g192`` ids read ``g128``; Table 1c's ``*_64_steps_*`` are tiny scale only), measured as the
+papers measure (WikiText-2 perplexity, lm-eval tasks: each file's header says which and why), plus claims with an
+``_mmlu0`` / ``_mmlu5`` / ``_hellaswag`` suffix beside a perplexity claim where the paper printed accuracies.
+They carry the papers' own numbers and protocol in an optional ``paper:`` field
+(:mod:`qaft.reporting.claims_paper`: its keys, their checks, and the paper's effect, computed as ours, beside
+ours in every output file)::
+
+    qaft-report claims='experiments/claims/paper/*.yaml' runs=runs out=results/paper
 
 A side may also name ``metric:`` (e.g. QLoRA's ``metrics.ppl_merged_gptq`` against QA-LoRA-on-GPTQ's deployed
 perplexity), which replaces the claim's metric for that side; both must be of the same kind.
@@ -31,7 +41,8 @@ recorded metric alone where each side has at least 2 seeds (paired: 2 shared see
 Where only some runs have item scores, none are used (items must be the same on every run compared).
 
 Bad claim files are refused before anything is written (:class:`ClaimError`, one line naming the claim and the
-field): an unknown metric, a filter key no record of the store has (nor any run record has by construction:
+field): an unknown metric (a ``metrics.ppl_<corpus>`` no record of the store has is unknown), a bad ``paper:``
+field, a filter key no record of the store has (nor any run record has by construction:
 :data:`BASE_KEYS`), or a side whose ok runs differ in anything but their seed (e.g. ``preset: dlqat`` in
 Table 2's experiment matches both weight-only and 4-8-8 runs: add ``wakv``).
 
@@ -54,12 +65,16 @@ import yaml
 from qaft.evaluation.deployed import DEPLOYED_FORMS, ModelForm
 from qaft.reporting.bootstrap import SideScores, bootstrap_effect, verdict
 from qaft.reporting.claims_output import write_outputs
+from qaft.reporting.claims_paper import PaperError, PaperNumbers, parse_paper
 from qaft.reporting.store import _archived, _read, _row, warn
 from qaft.reporting.tables import _newest_per_seed, _not_ok, _ok, _select
 from qaft.run_folder import RECORD_FILE, CorruptRun, read_item_scores
 
-# The perplexities a run record can hold: the deployed model's and each scored form's (qaft.evaluation.deployed).
-PERPLEXITY = re.compile(rf"^metrics\.(deployed|{'|'.join(form.key for form in ModelForm)})$")
+# The perplexities a run record can hold: the deployed model's and each scored form's (qaft.evaluation.deployed),
+# on the held-out split of the run's data; and the deployed model's on eval.corpus (metrics.ppl_<corpus name>,
+# a name the config chooses: known only to the store, checked by validate).
+FORM_PERPLEXITY = re.compile(rf"^metrics\.(deployed|{'|'.join(form.key for form in ModelForm)})$")
+PERPLEXITY = re.compile(r"^metrics\.(deployed|ppl_[a-z0-9_]+)$")
 ACCURACY = re.compile(r"^metrics\.lm_eval\.results\..+\.scores\.(acc|acc_norm)$")
 BETTER = ("lower", "higher")
 # Keys every run record has (or its report row derives), whether or not this store holds a run with them.
@@ -92,6 +107,7 @@ class Claim:
     where: dict[str, Any] = field(default_factory=dict)
     metric_a: str = ""
     metric_b: str = ""
+    paper: PaperNumbers | None = None
 
     @property
     def kind(self) -> str:
@@ -104,7 +120,7 @@ def _metric_kind(claim_id: str, name: str, metric: Any) -> str:
     if isinstance(metric, str) and ACCURACY.match(metric):
         return "accuracy"
     raise ClaimError(f"claim {claim_id!r}: {name} {metric!r} is not a known metric (metrics.deployed, "
-                     f"{', '.join(f'metrics.{f.key}' for f in ModelForm)}, "
+                     f"{', '.join(f'metrics.{f.key}' for f in ModelForm)}, metrics.ppl_<eval.corpus name>, "
                      "metrics.lm_eval.results.<task>.scores.acc|acc_norm)")
 
 
@@ -112,7 +128,7 @@ def _claim(entry: Any, path: Path) -> Claim:
     if not isinstance(entry, dict) or not isinstance(entry.get("id"), str):
         raise ClaimError(f"{path}: every claim needs an 'id' (got {entry!r:.80})")
     cid = entry["id"]
-    unknown = set(entry) - {"id", "source", "metric", "better", "a", "b", "where"}
+    unknown = set(entry) - {"id", "source", "metric", "better", "a", "b", "where", "paper"}
     if unknown:
         raise ClaimError(f"claim {cid!r}: unknown field {min(unknown)!r}")
     for name in ("source", "metric", "better", "a", "b"):
@@ -129,8 +145,12 @@ def _claim(entry: Any, path: Path) -> Claim:
     for name, metric in metrics.items():
         if _metric_kind(cid, f"{name}.metric", metric) != kind:
             raise ClaimError(f"claim {cid!r}: {name}.metric {metric!r} is not a {kind} like {entry['metric']!r}")
+    try:
+        paper = parse_paper(entry["paper"], kind, (metrics["a"], metrics["b"])) if "paper" in entry else None
+    except PaperError as err:
+        raise ClaimError(f"claim {cid!r}: {err}") from None
     return Claim(cid, str(entry["source"]), entry["metric"], entry["better"], sides["a"], sides["b"],
-                 dict(entry.get("where") or {}), metrics["a"], metrics["b"])
+                 dict(entry.get("where") or {}), metrics["a"], metrics["b"], paper)
 
 
 def load_claims(paths: list[Path]) -> list[Claim]:
@@ -188,9 +208,15 @@ def side_runs(claim: Claim, side: str, frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def validate(claims: list[Claim], frame: pd.DataFrame) -> None:
-    """:class:`ClaimError` for a filter key unknown to this store or a side matching two configs."""
+    """:class:`ClaimError` for a corpus perplexity or a filter key unknown to this store, or a side matching two
+    configs."""
     known = BASE_KEYS | set(frame.columns)
     for claim in claims:
+        for side, metric in (("a", claim.metric_a), ("b", claim.metric_b)):
+            name = "metric" if metric == claim.metric else f"{side}.metric"
+            if not FORM_PERPLEXITY.match(metric) and PERPLEXITY.match(metric) and metric not in frame:
+                raise ClaimError(f"claim {claim.id!r}: {name} {metric!r} is in no run record of this store "
+                                 "(metrics.ppl_<eval.corpus name>: did the runs set eval.corpus?)")
         for name, filters in (("where", claim.where), ("a", claim.a), ("b", claim.b)):
             for key in filters:
                 if key not in known:
@@ -292,7 +318,16 @@ def _run_names(runs: pd.DataFrame) -> list[str]:
 
 def evaluate(claim: Claim, frame: pd.DataFrame, records: list[dict[str, Any]],
              resamples: int | None = None) -> dict[str, Any]:
-    """The claim's row of ``claims.json`` (see the module doc for the effect, interval and verdict)."""
+    """The claim's row of ``claims.json`` (see the module doc for the effect, interval and verdict), with the
+    paper's numbers and effect where the claim has them (:mod:`qaft.reporting.claims_paper`)."""
+    row = _evaluate(claim, frame, records, resamples)
+    if claim.paper is None:
+        return row
+    return row | claim.paper.row(claim.kind, claim.better, (row["ci_low"], row["ci_high"]))
+
+
+def _evaluate(claim: Claim, frame: pd.DataFrame, records: list[dict[str, Any]],
+              resamples: int | None) -> dict[str, Any]:
     runs = {}
     for s in ("a", "b"):
         found = side_runs(claim, s, frame)

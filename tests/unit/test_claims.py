@@ -1,9 +1,10 @@
 """Claims as data (qaft.reporting.claims): the bootstrap against known truth, verdicts end to end through
-``qaft-report claims=``, bad claim files refused in one line, and the shipped claim files valid on the tiny
-records."""
+``qaft-report claims=``, bad claim files refused in one line, the shipped claim files valid on the tiny
+records, and the paper-scale claim files (with the papers' numbers) valid on a synthetic paper-scale store."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -11,12 +12,14 @@ import pytest
 import yaml
 
 from qaft.reporting.bootstrap import SideScores, bootstrap_effect
-from qaft.reporting.claims import load_claims, load_records, validate
+from qaft.reporting.claims import Claim, load_claims, load_records, validate
+from qaft.reporting.claims_output import COLUMNS
 from qaft.reporting.cli import main
 from qaft.run_folder import RunFolder
 
 ROOT = Path(__file__).resolve().parents[2]
 ACC = "metrics.lm_eval.results.quiz_mc:0.scores.acc"
+PAPER = {"a": 6.3, "b": 9.5, "table": "a table", "protocol": {"metric": "token_perplexity", "window": 2048}}
 
 
 def test_null_claims_cover_zero_95_percent() -> None:
@@ -107,6 +110,9 @@ def test_planted_difference_held_and_its_mirror_reversed(tmp_path: Path) -> None
     _report(tmp_path, claims, store)  # a fixed bootstrap seed: the same files again
     assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == first
     assert {"claims.md", "claims.csv", "claims.json", "claims.png"} <= set(first)
+    # no claim carries a paper's numbers: the files are what they were before the paper: field existed
+    assert first["claims.csv"].decode().splitlines()[0] == ",".join(COLUMNS + ["source"])
+    assert all(not k.startswith("paper") for r in rows.values() for k in r)
 
 
 def test_without_item_scores_seeds_alone_or_inconclusive(tmp_path: Path) -> None:
@@ -136,6 +142,12 @@ def test_sides_without_shared_seeds_are_unpaired(tmp_path: Path) -> None:
     (_claim("bad_key", "good", "bad", where={"experiment": "toy", "method_config.colour": "red"}),
      "method_config.colour"),
     ({**_claim("two_configs", "good", "bad"), "a": {"experiment": "toy"}}, "preset"),  # good and bad
+    ({**_claim("paper_text", "good", "bad"), "paper": {**PAPER, "a": "six"}}, "paper.a"),
+    ({**_claim("paper_key", "good", "bad"), "paper": {**PAPER, "page": 3}}, "paper.page"),
+    ({**_claim("paper_protocol_key", "good", "bad"),
+      "paper": {**PAPER, "protocol": {"metric": "token_perplexity", "temperature": 0}}}, "paper.protocol.temperature"),
+    ({**_claim("paper_acc_norm_for_acc", "good", "bad", metric=ACC, better="higher"),
+      "paper": {**PAPER, "a": 60, "b": 55, "protocol": {"metric": "acc_norm", "shots": 0}}}, "paper.protocol.metric"),
 ])
 def test_bad_claim_file_is_one_line_exit_2_nothing_written(tmp_path: Path, capsys, claim: dict,
                                                            field: str) -> None:
@@ -157,3 +169,77 @@ def test_shipped_claims_parse_and_match_the_tiny_records() -> None:
     assert keys <= set(frame.columns), keys - set(frame.columns)
     assert len(claims) >= 40
     validate(claims, frame)
+
+
+def _nested(filters: dict) -> dict:
+    """A run record with these report-row values (``method_config.x`` nested; ``wakv`` as bits and the
+    activation / KV bits it is derived from)."""
+    record: dict = {}
+    for key, value in filters.items():
+        if key == "wakv":
+            bits, act, kv = (int(v) for v in value.split("-"))
+            record.setdefault("method_config", {}).update({"act_bits": act, "kv_bits": kv})
+            record["bits"] = bits
+        elif "." in key:
+            head, tail = key.split(".", 1)
+            record.setdefault(head, {})[tail] = value
+        else:
+            record[key] = value
+    return record
+
+
+def _paper_store(tmp_path: Path, claims: list[Claim]) -> Path:
+    """Three seeds of an ok run for every side of every claim (one config per distinct set of filters), with
+    every metric a claim reads of it; numbers drawn at random (verdicts are not the point, only that each claim
+    gets one)."""
+    rng = np.random.default_rng(3)
+    sides: dict[str, dict] = {}
+    for claim in claims:
+        for side, metric in ((claim.a, claim.metric_a), (claim.b, claim.metric_b)):
+            filters = {**claim.where, **side}
+            sides.setdefault(json.dumps(filters, sort_keys=True), {"filters": filters, "metrics": set()})[
+                "metrics"].add(metric)
+    records = []
+    for n, cell in enumerate(sides.values()):
+        for seed in range(3):
+            metrics: dict = {"ppl_merged": float(rng.uniform(6, 10))}
+            for metric in cell["metrics"]:
+                key = metric.removeprefix("metrics.")
+                if key.startswith("lm_eval."):
+                    task, score = key.removeprefix("lm_eval.results.").split(".scores.")
+                    metrics.setdefault("lm_eval", {"results": {}})["results"].setdefault(
+                        task, {"scores": {}})["scores"][score] = float(rng.uniform(0.3, 0.7))
+                elif key != "deployed":
+                    metrics[key] = float(rng.uniform(6, 10))
+            records.append({"status": "ok", "seed": seed, "run_dir": f"runs/cell{n}-s{seed}", "metrics": metrics,
+                            **_nested(cell["filters"])})
+    path = tmp_path / "records.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_paper_claims_get_verdicts_beside_the_papers_numbers(tmp_path: Path) -> None:
+    """experiments/claims/paper/: every tiny claim again at scale: paper under its id (groups of 192 become 128;
+    Table 1c is tiny only), each gets a verdict on a paper-scale store, and the papers' numbers, their effect
+    (computed as ours) and protocol are in claims.json / .csv / .md."""
+    files = sorted((ROOT / "experiments" / "claims" / "paper").glob("*.yaml"))
+    claims = load_claims(files)
+    tiny = load_claims(sorted((ROOT / "experiments" / "claims").glob("*.yaml")))
+    ids = {c.id for c in claims}
+    assert {c.id.replace("g192", "g128") for c in tiny if "_64_steps_" not in c.id} <= ids
+    assert all(c.where.get("scale") == "paper" for c in claims)
+    assert sum(c.paper is not None for c in claims) >= 10
+    rows = _report(tmp_path, Path(str(ROOT / "experiments" / "claims" / "paper" / "*.yaml")),
+                   _paper_store(tmp_path, claims))
+    assert set(rows) == ids and {r["verdict"] for r in rows.values()} <= {"held", "reversed", "inconclusive"}
+    ppl, acc = rows["dlqat_beats_qalora_per_channel_w4"], rows["dlqat_beats_qalora_groupwise_w3_mmlu0"]
+    assert (ppl["paper_a"], ppl["paper_b"]) == (6.3, 9.5)  # DL-QAT Table 2, LLaMA2-7B, Wikitext2 ppl
+    assert ppl["paper_effect"] == pytest.approx(math.log(9.5 / 6.3)) and ppl["unit"] == "log ratio"
+    assert ppl["paper_protocol"] == {"metric": "token_perplexity", "context": 2048, "window": 2048}
+    assert acc["paper_effect"] == pytest.approx(40.5 - 37.9) and acc["paper_protocol"] == {"metric": "acc", "shots": 0}
+    assert acc["paper_in_ci"] == (acc["ci_low"] <= acc["paper_effect"] <= acc["ci_high"])
+    assert "paper_a" not in rows["dlqat_magnitude_helps_dynamic_w4"]  # Table 3: averages only, no paper: field
+    out = tmp_path / "out"
+    assert "paper_effect" in (out / "claims.csv").read_text().splitlines()[0]
+    md = (out / "claims.md").read_text()
+    assert "| paper a | paper b | paper effect | in CI |" in md and "acc_norm, 0-shot" in md
