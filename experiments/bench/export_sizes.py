@@ -7,7 +7,7 @@ depend on the zero point's values; the table says so). Codes per byte: ``format=
 ``8 / bits`` codes per byte (compressed-tensors in int32 words), ``format=hf`` stores one int8 per code, GGUF's Q4_1
 a nibble per code plus fp16 scale and offset per block of 32.
 
-    python experiments/bench/export_sizes.py runs/<run> [--json results/export_sizes.json]
+    python experiments/bench/export_sizes.py runs/<run> [--dtype bfloat16] [--json results/export_sizes.json]
 """
 from __future__ import annotations
 
@@ -31,13 +31,16 @@ def _bytes(path: Path) -> tuple[int, int]:
     return weights, sum(p.stat().st_size for p in files)
 
 
-def export_sizes(run_dir: Path, formats: tuple[str, ...] = FORMATS) -> dict[str, dict]:
-    """Per format: ``weights_bytes``, ``total_bytes`` and the exporter's own line, or ``error`` where it refused."""
+def export_sizes(run_dir: Path, formats: tuple[str, ...] = FORMATS, dtype: str = "float32") -> dict[str, dict]:
+    """Per format: ``weights_bytes``, ``total_bytes`` and the exporter's own line, or ``error`` where it refused.
+    ``dtype``: the float tensors' dtype of ``format=hf`` and compressed-tensors (the others have their own)."""
     sizes = {}
     with tempfile.TemporaryDirectory() as tmp:
         for fmt in formats:
             out = Path(tmp) / (f"{fmt}.gguf" if fmt == "gguf" else fmt)
             args = [str(run_dir), f"format={fmt}", f"out={out}"]
+            if fmt in ("hf", "compressed-tensors"):
+                args.append(f"dtype={dtype}")
             if fmt == "compressed-tensors":
                 args.append("approximate=true")
             stdout, stderr = io.StringIO(), io.StringIO()
@@ -65,12 +68,14 @@ def markdown(sizes: dict[str, dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                        help="float tensors of format=hf and compressed-tensors (default: float32, their default)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
-    sizes = export_sizes(args.run_dir)
+    sizes = export_sizes(args.run_dir, dtype=args.dtype)
     print(markdown(sizes))
     if args.json:
-        args.json.write_text(json.dumps({"run": str(args.run_dir), "sizes": sizes}, indent=1) + "\n")
+        args.json.write_text(json.dumps({"run": args.run_dir.name, "dtype": args.dtype, "sizes": sizes}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -51,6 +51,6 @@ def test_readme_exactness_table_is_the_generated_one():
     from qaft.deploy.exactness import exactness_table
 
     block = re.search(r"<!-- exactness-table: python -m qaft.deploy.exactness -->\n(.*?)\n<!-- /exactness-table -->",
-                      README.read_text(), re.S)
+                      README.read_text(), re.DOTALL)
     assert block, "README lost its exactness table"
     assert block.group(1) == exactness_table(), "regenerate it: python -m qaft.deploy.exactness"
