@@ -1,4 +1,5 @@
-"""``qaft-export``: a finished run folder -> a deployable artifact (Hugging Face, packed qaft folder or GGUF).
+"""``qaft-export``: a finished run folder -> a deployable artifact (Hugging Face, compressed-tensors, packed qaft
+folder or GGUF).
 
     qaft-export runs/<run> format=hf    [out=PATH] [dtype=float32|bfloat16|float16]
                                                        # folder transformers loads (torchao), no qaft needed
