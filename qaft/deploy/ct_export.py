@@ -162,8 +162,8 @@ def refusal(model: nn.Module, report: dict[str, Any]) -> str:
     return (f"format=compressed-tensors: {report['layers']} of {total} integer layers have float offsets (no integer "
             f"zero point), which compressed-tensors cannot carry; their nearest integer-zero grid changes the logits "
             f"by {err['relative_rms']:.2e} relative RMS ({err['max_abs']:.2e} max abs, {err['tokens']} seeded random "
-            "tokens): pass approximate=true to write it with that error in qaft_export.json, or train with "
-            "method.zero_point=int for an exact export")
+            "tokens): pass approximate=true to write it with that error in qaft_export.json (an exact export needs "
+            "an integer method run with method.zero_point=int)")
 
 
 def _to_linears(model: nn.Module) -> dict[str, tuple[QuantizedLinear, Grid]]:
