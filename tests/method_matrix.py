@@ -31,6 +31,7 @@ _CHECK_FORWARD = "test_methods::test_merged_model_equals_training_forward"
 _CHECK_MEMBERS = "test_methods::test_the_trained_members_are_the_declared_ones"
 _CHECK_DEPLOYED = "test_methods::test_deployed_weights_are_the_trained_quantized_weights"
 _CHECK_BIT_FOR_BIT_INT_ZERO = "test_zero_point::test_merged_equals_trained_bit_for_bit"
+_CHECK_CT_EXACT = "test_ct_export::test_the_traits_say_which_integer_merges_export_exactly"
 # Trait value -> the tests ("module::function", modules under tests/unit) that check it.
 CHECKS: dict[tuple[str, Any], tuple[str, ...]] = {
     ("merges_to", INTEGER): (_CHECK_FORWARD, _CHECK_DEPLOYED,
@@ -52,6 +53,8 @@ CHECKS: dict[tuple[str, Any], tuple[str, ...]] = {
                            "test_zero_point::test_the_integer_base_starts_on_the_integer_grid",
                            "test_zero_point::test_float_zero_point_models_are_unchanged"),
     ("act_kv", True): ("test_act_kv_quant::test_sixteen_bits_is_the_weight_only_model_bit_for_bit", _CHECK_FORWARD),
+    ("offsets_move", True): (_CHECK_CT_EXACT,),
+    ("symmetric_grid", True): (_CHECK_CT_EXACT,),
     ("calibration", True): ("test_act_kv_quant::test_calibrated_methods_keep_the_quantizers_through_merge",
                             "test_gptq::test_a_config_that_needs_calibration_says_so_and_carries_the_gptq_options"),
 }

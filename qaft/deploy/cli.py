@@ -1,10 +1,14 @@
-"""``qaft-export``: a finished run folder -> a deployable artifact (Hugging Face, packed qaft folder or GGUF).
+"""``qaft-export``: a finished run folder -> a deployable artifact (Hugging Face, compressed-tensors, packed qaft
+folder or GGUF).
 
     qaft-export runs/<run> format=hf    [out=PATH] [dtype=float32|bfloat16|float16]
                                                        # folder transformers loads (torchao), no qaft needed
     qaft-export runs/<run> format=qaft  [out=PATH]     # folder: model.safetensors + quantization.json
     qaft-export runs/<run> format=gguf  [out=PATH]     # one .gguf file (<=4-bit g%32 layers as Q4_1)
                 [approximate=true | allow_float=true]   # other layouts: closest GGUF type / F16
+    qaft-export runs/<run> format=compressed-tensors [out=PATH] [dtype=...]
+                                                       # vLLM / transformers pack-quantized folder
+                [approximate=true]                      # float offsets: their nearest integer-zero grid
                 [overwrite=true]                        # replace an existing export / out=PATH
 
 Reads the run folder's ``merged_model/`` (:func:`qaft.deploy.merged.load_merged`, safetensors only): an
@@ -39,13 +43,14 @@ from qaft.quiet import silence_third_party_noise
 from qaft.run_folder import RunFolder
 
 silence_third_party_noise()  # known library noise out of the output (qaft.quiet)
-SLOTS = {"qaft": "export_qaft", "hf": "export_hf", "gguf": "export.gguf"}  # each format's place in the run folder
+SLOTS = {"qaft": "export_qaft", "hf": "export_hf", "gguf": "export.gguf", "compressed-tensors": "export_ct"}  # each format's place in the run folder
 FORMATS = tuple(SLOTS)
 HF_DTYPES = ("float32", "bfloat16", "float16")
-FLAGS = ("approximate", "allow_float")  # gguf only: how layers with no exact GGUF type are written
+FLAGS = ("approximate", "allow_float")  # gguf: how layers with no exact GGUF type are written (ct: approximate)
 SWITCHES = (*FLAGS, "overwrite")
-USAGE = ("usage: qaft-export RUN_DIR [format=qaft|hf|gguf] [out=PATH] [overwrite=true] "
-         "[dtype=float32|bfloat16|float16 (format=hf)] [approximate=true] [allow_float=true] (format=gguf)")
+USAGE = ("usage: qaft-export RUN_DIR [format=qaft|hf|gguf|compressed-tensors] [out=PATH] [overwrite=true] "
+         "[dtype=float32|bfloat16|float16 (format=hf|compressed-tensors)] [approximate=true] "
+         "(format=gguf|compressed-tensors) [allow_float=true] (format=gguf)")
 
 
 def load_run(run_dir: Path) -> tuple[torch.nn.Module, object | None]:
@@ -121,6 +126,15 @@ def export(model: torch.nn.Module, tokenizer: object | None, run_dir: Path, out:
         zeros = export_hf(model, out, tokenizer, getattr(torch, str(options["dtype"])))[1]
         kind = "integer" if all(zeros.values()) else "float" if not any(zeros.values()) else "integer/float"
         print(f"{len(zeros)} integer layers as torchao IntxUnpackedToInt8Tensor ({kind} zero point), codes exact")
+    elif options["format"] == "compressed-tensors":
+        from qaft.deploy.ct_export import export_compressed_tensors
+
+        meta = export_compressed_tensors(model, out, tokenizer, getattr(torch, str(options["dtype"])),
+                                         approximate=options["approximate"] == "true")[1]
+        error = meta["approximation"] and meta["approximation"]["logit_error"]["relative_rms"]
+        print(f"{meta['layers']} integer layers as compressed-tensors {meta['format'].split()[-1]} "
+              f"({'symmetric' if meta['symmetric'] else 'integer zero point'}), "
+              + ("codes exact" if error is None else f"approximate: logits {error:.2e} relative RMS"))
     else:
         from qaft.deploy.gguf_export import export_gguf
         export_gguf(model, out, tokenizer, name=run_dir.name, **{flag: options[flag] == "true" for flag in FLAGS})
@@ -139,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
         model, tokenizer = load_run(run_dir)
         if options["format"] == "hf":
             check_exportable(model)
+        elif options["format"] == "compressed-tensors":
+            from qaft.deploy.ct_export import check_exportable as check_ct_exportable
+            check_ct_exportable(model)
         written = export(model, tokenizer, run_dir, out, options)
     except (ValueError, FileNotFoundError) as err:  # a layout GGUF cannot hold too: one line, nothing written
         print(f"qaft-export: {err}", file=sys.stderr)

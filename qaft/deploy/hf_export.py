@@ -30,6 +30,7 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import PreTrainedModel
 
+from qaft.deploy.ct_export import integer_zero
 from qaft.deploy.packed import WEIGHTS_FILE, is_integer_model, unique_tensors
 from qaft.files import atomic_folder
 from qaft.methods.act_kv import act_kv_layout, has_act_kv
@@ -38,10 +39,9 @@ from qaft.quant.linear import QuantizedLinear
 
 def zero_point(layer: QuantizedLinear) -> tuple[torch.Tensor, bool]:
     """torchao's ``zero_point`` for ``layer`` and whether it is the integer one (exact layout)."""
-    half = 2 ** (layer.bits - 1)
-    z_int = half - torch.round(layer.offset / layer.scale)
-    if torch.equal(layer.scale * (half - z_int), layer.offset) and bool(((z_int >= 0) & (z_int < 2 * half)).all()):
-        return (z_int - half).to(torch.int8), True  # offset_of_zero's grid, bit for bit
+    z_int = integer_zero(layer)  # offset_of_zero's grid (to a float rounding of b: DL-QAT's (m s, m b))
+    if z_int is not None:
+        return z_int, True
     return -layer.offset / layer.scale, False
 
 

@@ -51,6 +51,9 @@ class MethodTraits:
     * ``trains_quantizer``: the layer's quantizer (``s, b`` or ``s, z``) is a trained submodule, ``quantizer``.
     * ``trains_weights``: the full weights ``W`` train (full QAT, no adapter).
     * ``starts_at_ptq``: before its first step the model is exactly the RTN PTQ model with the same ``init``.
+    * ``offsets_move``: the merge moves the offsets off the quantizer's grid (QA-LoRA absorbs ``B A`` into them), so
+      no integer zero point (``zero_point="int"``) survives it: formats that need one take it only approximately.
+    * ``symmetric_grid``: the method's grid is always symmetric (offset 0; LLM-QAT), whatever its settings.
 
     Derived by :func:`register` from the class (declaring one is a ``TypeError``):
 
@@ -68,6 +71,8 @@ class MethodTraits:
     trains_quantizer: bool = False
     trains_weights: bool = False
     starts_at_ptq: bool = False
+    offsets_move: bool = False
+    symmetric_grid: bool = False
     adapter: bool | None = None
     teacher: bool | None = None
     zero_point: bool | None = None

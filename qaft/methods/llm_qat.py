@@ -129,7 +129,7 @@ class LLMQATConfig(MethodConfig):
     The weight quantizer has no other setting (always symmetric min-max, recomputed every step)."""
 
     name = "llm_qat"
-    traits = MethodTraits(merges_to=INTEGER, bit_exact=True, trains_weights=True)
+    traits = MethodTraits(merges_to=INTEGER, bit_exact=True, trains_weights=True, symmetric_grid=True)
     example_fields: ClassVar = {}  # per output channel, the method's own
     bits: int = 4
     group_size: int = -1

@@ -96,7 +96,8 @@ class QALoRAConfig(QuantLoRAMethodConfig, GPTQFields):
     """QA-LoRA; ``calib_batches``, ``act_order`` and ``percdamp`` apply with ``base_quant='gptq'``."""
 
     name = "qalora"
-    traits = MethodTraits(merges_to=INTEGER, starts_at_ptq=True)  # the offsets absorb B A to float rounding
+    # the offsets absorb B A to float rounding, off the integer-zero grid
+    traits = MethodTraits(merges_to=INTEGER, starts_at_ptq=True, offsets_move=True)
     example_fields: ClassVar = {"group_size": 32}
     calibrated_fields: ClassVar = ({"base_quant": "gptq"},)
     rank: int = 64  # the paper's r (alpha 16)

@@ -43,3 +43,14 @@ def test_readme_train_commands_parse_and_compose():
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
             cfg = compose(config_name="train", overrides=first, return_hydra_config=True)
         assert cfg.method.name, command
+
+
+def test_readme_exactness_table_is_the_generated_one():
+    """The deploy section's table of which methods export exactly to which format is ``python -m
+    qaft.deploy.exactness``'s, so it follows the methods' traits."""
+    from qaft.deploy.exactness import exactness_table
+
+    block = re.search(r"<!-- exactness-table: python -m qaft.deploy.exactness -->\n(.*?)\n<!-- /exactness-table -->",
+                      README.read_text(), re.DOTALL)
+    assert block, "README lost its exactness table"
+    assert block.group(1) == exactness_table(), "regenerate it: python -m qaft.deploy.exactness"
