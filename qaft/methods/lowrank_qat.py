@@ -136,7 +136,9 @@ class _LowRankFakeQuantLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, w0, a, b, s, off, m = ctx.saved_tensors
-        x2, g2 = x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])
+        # Under autocast (bf16-mixed training) the forward's GEMMs ran in bf16 and ``grad`` arrives in bf16 while a
+        # float32 ``x`` was saved: the backward GEMMs run in grad's dtype, as autocast runs a linear layer's.
+        x2, g2 = x.reshape(-1, x.shape[-1]).to(grad.dtype), grad.reshape(-1, grad.shape[-1])
         grads = _Grads(x2, w0, a, b, s, off, m, ctx.needs_input_grad, ctx.bits)
         block = grads.compiled_block if ctx.compiled else grads.block
         for rows in row_blocks(*w0.shape):
