@@ -26,14 +26,15 @@ time and memory depend on. Three stages, the JSON rewritten after each (a crash 
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
 import json
 import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -47,6 +48,9 @@ import qaft  # noqa: E402
 from qaft.deploy import backend_counts, prepare_for_inference  # noqa: E402
 from qaft.models.tiny import tiny_llama_config  # noqa: E402
 
+if TYPE_CHECKING:
+    import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 # The cuda tests: tests/cuda, and the backward checks parametrised over helpers.DEVICES
 CUDA_TESTS = ("tests/cuda", "tests/unit/test_lowrank_backward.py", "tests/unit/test_quant.py",
@@ -54,9 +58,9 @@ CUDA_TESTS = ("tests/cuda", "tests/unit/test_lowrank_backward.py", "tests/unit/t
 # label -> training_cost.METHODS row
 ROWS = {"LoRA": "lora", "QLoRA": "qlora", "QA-LoRA": "qalora", "L4Q": "l4q", "DL-QAT": "dlqat", "full QAT": "qat",
         "LLM-QAT": "llm_qat-a8kv8"}
-LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                 num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5,
-                 tie_word_embeddings=False)
+LLAMA2_7B = {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+             "num_attention_heads": 32, "num_key_value_heads": 32, "max_position_embeddings": 4096,
+             "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
 # shape -> the model's config and the workload: training batch x seq, group size, prefill tokens, decoded tokens
 SHAPES = {"llama2-7b": {"config": LLAMA2_7B, "batch": 16, "seq": 512, "group_size": 128, "prefill": 512,
                         "new_tokens": 32, "inference_reserve_s": 90},
@@ -81,7 +85,7 @@ class Outcomes:
         self.outcome: dict[str, str] = {}
         self.reason: dict[str, str] = {}
 
-    def pytest_runtest_logreport(self, report) -> None:  # noqa: ANN001 - pytest's hook signature
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         if report.when == "call" or report.skipped or report.failed:
             kind = report.outcome if report.when == "call" or report.skipped else "error"
             self.outcome[report.nodeid] = kind
@@ -176,7 +180,7 @@ def run_training(shape: dict, args: argparse.Namespace, device: torch.device, bu
             "rows": rows, "ratios_to_lora": ratios}
 
 
-def _timed(fn, device: torch.device, rounds: int = 3) -> float:  # noqa: ANN001
+def _timed(fn: Callable[[], object], device: torch.device, rounds: int = 3) -> float:
     """Median seconds of ``fn()`` over ``rounds`` calls after one warm-up (CUDA: synchronised)."""
     def call() -> None:
         fn()

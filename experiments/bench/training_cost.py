@@ -90,7 +90,7 @@ class Trainee:
     """
 
     def __init__(self, model: str | torch.nn.Module, row: str, args: argparse.Namespace,
-                 device: torch.device = torch.device("cpu"), autocast: torch.dtype | None = None,
+                 device: torch.device | None = None, autocast: torch.dtype | None = None,
                  checkpointing: bool = False) -> None:
         method, extra = METHODS[row]
         self.model = build_model(model) if isinstance(model, str) else model
@@ -107,9 +107,9 @@ class Trainee:
         params = [p for group in qaft.parameter_groups(self.model).values() for p in group]
         self.opt = torch.optim.AdamW(params, lr=1e-5)
         self.ids = torch.randint(0, self.model.config.vocab_size, (args.batch, args.seq),
-                                 generator=torch.Generator().manual_seed(1)).to(device)
+                                 generator=torch.Generator().manual_seed(1)).to(device or "cpu")
         self.trainable = qaft.count_parameters(self.model)
-        self.config, self.device, self.autocast = config, device, autocast
+        self.config, self.device, self.autocast = config, self.ids.device, autocast
 
     def loss(self) -> torch.Tensor:
         """The training loss the shared Lightning module computes: labels, or distillation where there is a teacher."""

@@ -55,6 +55,7 @@ the tinygemm kernel torchao's own int4 CUDA layout uses.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -171,7 +172,7 @@ class Int4Linear(nn.Module):
         """The unsigned codes ``u4`` (out, in), int32, read back out of the kernel layout (:func:`unpack_int4`)."""
         return unpack_int4(self.weight, self.in_features, self.out_features, self.group_size)
 
-    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 - nn.Module's signature
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Int4Linear:
         """``.to(device)`` / ``.cuda()`` / ``.cpu()``: the CPU and CUDA kernels take different weight layouts, so
         a move across device types repacks the codes for the new device (a move of the bytes alone would hand
         one kernel the other's layout). Dtype casts leave the integer weight alone, as for any module."""

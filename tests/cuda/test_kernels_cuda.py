@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import qaft
-from qaft.deploy import DequantLinear, Int4Linear, Int8Linear, Int8x8Linear, backend_counts, prepare_for_inference
+from qaft.deploy import DequantLinear, Int4Linear, Int8Linear, backend_counts, prepare_for_inference
 from qaft.deploy.kernels import has_kernel, int4_codes, pack_int4, unpack_int4
 from qaft.quant.linear import rtn_quantize_linear
 

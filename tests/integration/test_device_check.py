@@ -31,7 +31,8 @@ print("imported:", sorted({{m.partition(".")[0] for m in sys.modules}} & set(ABS
 def test_device_check_runs_on_cpu_at_the_tiny_shape_without_the_packages_a_gpu_cluster_lacks(tmp_path):
     out = tmp_path / "device_check.json"
     proc = subprocess.run([sys.executable, "-c", AIR_GAP, "--device", "cpu", "--shape", "tiny", "--steps", "1",
-                           "--json", str(out)], capture_output=True, text=True, timeout=300, env=_env(), cwd=ROOT)
+                           "--json", str(out)], capture_output=True, text=True, timeout=300, env=_env(), cwd=ROOT,
+                          check=False)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "imported: []" in proc.stdout
     result = json.loads(out.read_text())
