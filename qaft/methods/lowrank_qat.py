@@ -43,9 +43,11 @@ def row_blocks(out_features: int, in_features: int) -> list[slice]:
 
 
 def effective_weight(w0, a, b, scaling, rows: slice) -> torch.Tensor:
-    """``W0 + alpha B A`` for a block of rows, in float32 (float64 for float64 inputs), in one fused op."""
+    """``W0 + alpha B A`` for a block of rows, in float32 (float64 for float64 inputs), in one fused op; also under
+    autocast (bf16-mixed training), which would round it to bf16 and so give other codes than the merge's."""
     dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
-    return torch.addmm(w0[rows].to(dtype), b[rows], a, alpha=scaling)
+    with torch.autocast(w0.device.type, enabled=False):
+        return torch.addmm(w0[rows].to(dtype), b[rows], a, alpha=scaling)
 
 
 def _scaled(v: torch.Tensor, s, off, rows: slice) -> torch.Tensor:

@@ -144,3 +144,15 @@ def test_custom_backward_runs_under_bf16_autocast(device):
     for custom, reference in zip(*results):
         assert custom.dtype == torch.float32
         assert (custom - reference).norm() <= 2e-2 * reference.norm()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_effective_weight_stays_float32_under_bf16_autocast(device):
+    """The codes of the training forward are the merge's under bf16-mixed too: ``W0 + alpha B A`` is not rounded to
+    bf16 by autocast (which would move codes at rounding ties: 0.3% of the logits on the tiny LLaMA, measured)."""
+    _, w0, a, b, *_ = (t.float().to(device) for t in _inputs(bits=4))
+    rows = slice(0, w0.shape[0])
+    plain = lowrank_qat.effective_weight(w0, a, b, 0.5, rows)
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+        mixed = lowrank_qat.effective_weight(w0, a, b, 0.5, rows)
+    assert mixed.dtype == torch.float32 and torch.equal(mixed, plain)
