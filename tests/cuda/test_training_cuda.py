@@ -71,7 +71,7 @@ def test_qlora_layer_forward_and_backward_on_cuda_equal_cpu(device):
         grads.append([t.detach().cpu() for t in (xv.grad, moved.lora_A.grad, moved.lora_B.grad)])
         moved.zero_grad(set_to_none=True)
     for gpu, cpu in zip(grads[1], grads[0]):
-        torch.testing.assert_close(gpu, cpu, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(gpu, cpu, rtol=1e-3, atol=1e-4)
 
 
 def test_recomputed_linear_backward_equals_autograd(device):

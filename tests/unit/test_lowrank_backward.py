@@ -1,4 +1,5 @@
-"""The memory-optimised backward of L4Q / DL-QAT equals autograd of the naive formula (float64), on CPU and CUDA."""
+"""The memory-optimised backward of L4Q / DL-QAT equals autograd of the naive formula (float64), on CPU and CUDA;
+it and the frozen-base product also run under bf16 autocast and gradient checkpointing (a GPU run's settings)."""
 import pytest
 import torch
 
@@ -156,3 +157,23 @@ def test_effective_weight_stays_float32_under_bf16_autocast(device):
     with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
         mixed = lowrank_qat.effective_weight(w0, a, b, 0.5, rows)
     assert mixed.dtype == torch.float32 and torch.equal(mixed, plain)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_recomputed_base_runs_under_non_reentrant_gradient_checkpointing(device):
+    """The other custom backward, QLoRA / QA-LoRA / LoftQ's frozen-base product, under transformers' gradient
+    checkpointing (non-reentrant: each saved tensor may be unpacked once): the gradient without checkpointing."""
+    from torch.utils.checkpoint import checkpoint
+
+    from qaft.methods.layer import recomputed_linear
+
+    w0 = torch.randn(24, 64, generator=torch.Generator().manual_seed(0)).to(device)
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(1)).to(device)
+    grads = []
+    for checkpointed in (False, True):
+        xv = x.clone().requires_grad_()
+        y = checkpoint(recomputed_linear, xv, torch.tanh, w0, use_reentrant=False) if checkpointed \
+            else recomputed_linear(xv, torch.tanh, w0)
+        y.square().sum().backward()
+        grads.append(xv.grad)
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)
