@@ -11,7 +11,8 @@ Paths, each built once from a ``QuantizedLinear`` (weights converted at construc
   Constraints: group size in {32, 64, 128, 256}; CUDA also needs bf16 activations, ``in % 32 == 0``
   and ``out % 8 == 0``. On CPU, inputs of :data:`PREFILL_ROWS` tokens or more (prefill, perplexity windows)
   unpack the weight from the kernel's layout and run the dense GEMM, which is faster there than the kernel;
-  nothing extra is kept in memory.
+  nothing extra is kept in memory. The two kernels take different weight layouts (:func:`pack_int4`): the
+  layer packs for the device it is built on, and repacks when moved to the other (``.to("cuda")``, ``.cpu()``).
 * :class:`Int8Linear`: ``_weight_int8pack_mm`` takes one scale per output channel and no offset, so it
   serves per-channel 8-bit layers; an offset ``b`` is added back exactly as ``rowsum(x) * b``.
 * :class:`Int8x8Linear` (W8A8): where a per-channel 8-bit layer also quantizes its input per token at 8 bits
