@@ -1,4 +1,5 @@
-"""Test session setup: offline Hugging Face hub, and the shared fixtures (helpers live in tests/helpers.py)."""
+"""Test session setup: offline Hugging Face hub, ``cuda`` tests skipped without a GPU, and the shared fixtures
+(helpers live in tests/helpers.py)."""
 import os
 from pathlib import Path
 
@@ -6,6 +7,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from helpers import tiny_run_overrides  # noqa: E402
 
@@ -13,3 +15,13 @@ from helpers import tiny_run_overrides  # noqa: E402
 @pytest.fixture
 def tiny_overrides(tmp_path: Path) -> list[str]:
     return tiny_run_overrides(tmp_path / "runs")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``@pytest.mark.cuda`` tests need a CUDA GPU: skipped (not failed) where there is none."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (torch.cuda.is_available() is false)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)

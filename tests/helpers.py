@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from qaft.models import build_tiny_llama
@@ -20,6 +21,9 @@ from qaft.models import build_tiny_llama
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
 VOCAB = 256
+# Parametrise a test over these to run it on CPU and, where there is a GPU, on CUDA (tests/conftest.py skips it
+# otherwise; experiments/bench/device_check.py runs the `cuda` ones).
+DEVICES = (pytest.param("cpu"), pytest.param("cuda", marks=pytest.mark.cuda))
 
 
 def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.nn.Module:

@@ -40,7 +40,7 @@ import torch
 from safetensors.torch import save_file
 
 import qaft
-from qaft.deploy import backend_counts, export_gguf, greedy_generate, prepare_for_inference, save_quantized
+from qaft.deploy import backend_counts, greedy_generate, prepare_for_inference, save_quantized
 from qaft.deploy.packed import packed_bytes, unique_tensors
 from qaft.models import load_causal_lm
 
@@ -231,6 +231,8 @@ def build_all(args: argparse.Namespace, base: torch.nn.Module, work: Path) -> tu
 
 
 def measure(args: argparse.Namespace) -> dict:
+    from qaft.deploy import export_gguf  # imports gguf: not at module level (device_check.py imports this module)
+
     base, tok = load_causal_lm(args.model)
     prompt = tok("The capital of France is", return_tensors="pt").input_ids
     prefill_ids = torch.randint(0, len(tok), (1, args.prefill), generator=torch.Generator().manual_seed(0))

@@ -82,36 +82,51 @@ def add_weight_gradient_gemm(model: torch.nn.Module) -> None:
 
 
 class Trainee:
-    """One method's model, optimizer and batch; ``step()`` is one timed training step."""
+    """One method's model, optimizer and batch; ``step()`` is one timed training step.
 
-    def __init__(self, model_name: str, row: str, args: argparse.Namespace) -> None:
+    ``model``: a name for :func:`build_model`, or a model to apply the method to (experiments/bench/device_check.py
+    passes a random Llama-2-7B-shaped one on CUDA). ``autocast``: run forward under autocast to that dtype (what
+    ``trainer.precision=bf16-mixed`` does); ``checkpointing``: transformers' gradient checkpointing (non-reentrant).
+    """
+
+    def __init__(self, model: str | torch.nn.Module, row: str, args: argparse.Namespace,
+                 device: torch.device | None = None, autocast: torch.dtype | None = None,
+                 checkpointing: bool = False) -> None:
         method, extra = METHODS[row]
-        self.model = build_model(model_name)
+        self.model = build_model(model) if isinstance(model, str) else model
         wanted = {"rank": args.rank, "bits": args.bits, "group_size": args.group_size}
         known = qaft.methods.config.registered(method).field_names()
         config = qaft.config_for(method, **{**{k: v for k, v in wanted.items() if k in known}, **extra})
         qaft.apply_method(self.model, config)
         if row == "floor":
             add_weight_gradient_gemm(self.model)
+        if checkpointing:
+            self.model.config.use_cache = False
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model.train()
         params = [p for group in qaft.parameter_groups(self.model).values() for p in group]
         self.opt = torch.optim.AdamW(params, lr=1e-5)
         self.ids = torch.randint(0, self.model.config.vocab_size, (args.batch, args.seq),
-                                 generator=torch.Generator().manual_seed(1))
+                                 generator=torch.Generator().manual_seed(1)).to(device or "cpu")
         self.trainable = qaft.count_parameters(self.model)
-        self.config = config
+        self.config, self.device, self.autocast = config, self.ids.device, autocast
 
     def loss(self) -> torch.Tensor:
         """The training loss the shared Lightning module computes: labels, or distillation where there is a teacher."""
         batch = {"input_ids": self.ids, "attention_mask": torch.ones_like(self.ids), "labels": self.ids}
         teacher = self.config.teacher(self.model)
-        return self.model(**batch).loss if teacher is None else distilled_loss(self.model, batch, teacher)
+        with torch.autocast(self.device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None):
+            return self.model(**batch).loss if teacher is None else distilled_loss(self.model, batch, teacher)
 
     def step(self) -> float:
+        """Seconds of one forward, backward and AdamW step (CUDA: synchronised at both ends)."""
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        sync()
         t = time.perf_counter()
         self.loss().backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
+        sync()
         return time.perf_counter() - t
 
 

@@ -8,14 +8,16 @@ set (``qaft.data.quiz``) takes Alpaca's place.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from datasets import Dataset, DatasetDict, load_dataset
 
 from qaft.data.loaders import SplitDataModule
 from qaft.data.local import JSON_SUFFIXES, json_records, records_dataset, split_files
 from qaft.data.quiz import quiz_items
+
+if TYPE_CHECKING:  # imported where used: a GPU check imports qaft.data on machines without `datasets`
+    from datasets import Dataset, DatasetDict
 
 IGNORE_INDEX = -100
 # Verbatim from Stanford Alpaca (train.py, PROMPT_DICT), so checkpoints match its format.
@@ -84,6 +86,8 @@ class PadCollator:
 def _local_splits(source: str, read: dict[str, str] | None) -> DatasetDict:
     """A local JSON / JSON-lines file (all of it is ``train``), or a folder of such files, one per split
     (``train`` required; ``valid``/``validation`` and ``test`` optional), parsed here (:mod:`qaft.data.local`)."""
+    from datasets import DatasetDict
+
     path = Path(source).expanduser()
     if path.is_dir():
         files = split_files(path, JSON_SUFFIXES)
@@ -108,6 +112,8 @@ def load_instruct_source(source: str, seed: int = 0, val_fraction: float = 0.05,
     of the files parsed. Hub or local sources without a validation split get one carved from train by ``seed``;
     their test split is the validation split when they have none.
     """
+    from datasets import Dataset, DatasetDict, load_dataset
+
     from qaft.data import validate_data_source
 
     validate_data_source("instruct", source)

@@ -20,13 +20,14 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
-
-from datasets import Dataset
+from typing import TYPE_CHECKING, Any
 
 from qaft.files import sha256_file
 
 # A split's file in a folder source: its stem holds the split's name (or the short form, ``valid``).
+if TYPE_CHECKING:  # imported where used: a GPU check imports qaft.data on machines without `datasets`
+    from datasets import Dataset
+
 SPLIT_NAMES = {"train": "train", "validation": "valid", "test": "test"}
 JSON_SUFFIXES = (".json", ".jsonl")
 
@@ -116,6 +117,8 @@ def records_dataset(records: list[dict[str, Any]]) -> Dataset:
     (``Dataset.from_list`` would take the columns of the first record only.)
     """
     fields = list(dict.fromkeys(k for r in records for k in r))
+    from datasets import Dataset
+
     return Dataset.from_dict({k: [r.get(k) for r in records] for k in fields})
 
 

@@ -11,7 +11,8 @@ Paths, each built once from a ``QuantizedLinear`` (weights converted at construc
   Constraints: group size in {32, 64, 128, 256}; CUDA also needs bf16 activations, ``in % 32 == 0``
   and ``out % 8 == 0``. On CPU, inputs of :data:`PREFILL_ROWS` tokens or more (prefill, perplexity windows)
   unpack the weight from the kernel's layout and run the dense GEMM, which is faster there than the kernel;
-  nothing extra is kept in memory.
+  nothing extra is kept in memory. The two kernels take different weight layouts (:func:`pack_int4`): the
+  layer packs for the device it is built on, and repacks when moved to the other (``.to("cuda")``, ``.cpu()``).
 * :class:`Int8Linear`: ``_weight_int8pack_mm`` takes one scale per output channel and no offset, so it
   serves per-channel 8-bit layers; an offset ``b`` is added back exactly as ``rowsum(x) * b``.
 * :class:`Int8x8Linear` (W8A8): where a per-channel 8-bit layer also quantizes its input per token at 8 bits
@@ -55,6 +56,7 @@ the tinygemm kernel torchao's own int4 CUDA layout uses.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -112,6 +114,49 @@ def int4_codes(layer: QuantizedLinear) -> torch.Tensor:
     return layer.codes().to(torch.int32) + 8
 
 
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """Codes ``u4`` (out, in) in the int4 kernel's weight layout for the device they are on.
+
+    CPU: ``_convert_weight_to_int4pack_for_cpu`` takes the int32 codes. CUDA (PyTorch >= 2.5): the tinygemm
+    conversion ``_convert_weight_to_int4pack(uint8 (out, in/2), inner_k_tiles)`` takes two codes per byte, the
+    even column in the high nibble (:func:`qaft.quant.packing.pack_codes`' 4-bit layout), and returns int32
+    ``(out/8, in/(16 inner_k_tiles), 32, inner_k_tiles/2)``; ``inner_k_tiles`` is the widest of 8, 4, 2 whose
+    k-tile ``16 inner_k_tiles`` divides ``in`` (``in % 32 == 0`` is required, so 2 always does).
+    """
+    if codes.is_cuda:
+        codes = codes.to(torch.uint8)
+        packed = (codes[:, ::2] << 4 | codes[:, 1::2]).contiguous()
+        tiles = next(t for t in (8, 4, 2) if codes.shape[1] % (16 * t) == 0)
+        return torch.ops.aten._convert_weight_to_int4pack(packed, tiles)
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
+
+
+def _int4_mm(x: torch.Tensor, weight: torch.Tensor, group_size: int, scales_and_zeros: torch.Tensor) -> torch.Tensor:
+    mm = torch.ops.aten._weight_int4pack_mm if x.is_cuda else torch.ops.aten._weight_int4pack_mm_for_cpu
+    return mm(x, weight, group_size, scales_and_zeros)
+
+
+@torch.no_grad()
+def unpack_int4(weight: torch.Tensor, in_features: int, out_features: int, group_size: int,
+                rows: int = 1024) -> torch.Tensor:
+    """The codes ``u4`` (out, in), int32, of a weight in either kernel's layout, read through the kernel itself.
+
+    With scale 1 and zero 8 the kernel's weight is ``(u4 - 8) * 1 + 8 = u4``, so multiplying the identity by it
+    returns the codes, transposed; they are integers 0..15, exact in bf16. One layout-free inverse for both
+    devices (the CUDA tile layout is nowhere written down as a formula); ``rows`` identity rows at a time.
+    """
+    dev = weight.device
+    unit = torch.tensor([1.0, 8.0], dtype=torch.bfloat16, device=dev)
+    scales_and_zeros = unit.expand(in_features // group_size, out_features, 2).contiguous()
+    parts = []
+    for start in range(0, in_features, rows):
+        n = min(rows, in_features - start)
+        eye = torch.zeros(n, in_features, dtype=torch.bfloat16, device=dev)
+        eye[torch.arange(n, device=dev), start + torch.arange(n, device=dev)] = 1
+        parts.append(_int4_mm(eye, weight, group_size, scales_and_zeros).to(torch.int32))
+    return torch.cat(parts).T.contiguous()
+
+
 class Int4Linear(nn.Module):
     """PyTorch's int4 weight-only GEMM: ``W = (u4 - 8) * scale + zero`` per group, zero = qaft's offset."""
 
@@ -119,19 +164,26 @@ class Int4Linear(nn.Module):
         super().__init__()
         self.in_features, self.out_features, self.bits = layer.in_features, layer.out_features, layer.bits
         self.group_size = layer.group_size
-        codes = int4_codes(layer).to(layer.qweight.device)
-        if layer.qweight.is_cuda:
-            # The CUDA conversion takes two codes per byte, even column in the high nibble.
-            packed = (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8)
-            # tinygemm tiles k by 16 * inner_k_tiles; take the widest tiling that divides in_features.
-            tiles = next(t for t in (8, 4, 2) if self.in_features % (16 * t) == 0)
-            weight = torch.ops.aten._convert_weight_to_int4pack(packed, tiles)
-        else:
-            weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
-        self.register_buffer("weight", weight)
+        self.register_buffer("weight", pack_int4(int4_codes(layer).to(layer.qweight.device)))
         # (n_groups, out, 2): the kernels' scale-and-zero layout.
         self.register_buffer("scales_and_zeros", torch.stack([layer.scale.T, layer.offset.T], -1).to(dtype).contiguous())
         self.register_buffer("bias", _bias(layer, dtype))
+
+    def codes(self) -> torch.Tensor:
+        """The unsigned codes ``u4`` (out, in), int32, read back out of the kernel layout (:func:`unpack_int4`)."""
+        return unpack_int4(self.weight, self.in_features, self.out_features, self.group_size)
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Int4Linear:
+        """``.to(device)`` / ``.cuda()`` / ``.cpu()``: the CPU and CUDA kernels take different weight layouts, so
+        a move across device types repacks the codes for the new device (a move of the bytes alone would hand
+        one kernel the other's layout). Dtype casts leave the integer weight alone, as for any module."""
+        target = fn(self.weight[:0]).device  # where fn sends a tensor: an empty view costs nothing to move
+        if target.type == self.weight.device.type:
+            return super()._apply(fn, recurse)
+        codes = self.codes()
+        super()._apply(fn, recurse)
+        self.weight = pack_int4(codes.to(target))
+        return self
 
     def dense_weight(self) -> torch.Tensor:
         """``W = (u4 - 8) * scale + zero`` unpacked from the CPU kernel's layout ((out/64, in, 32) bytes: row
@@ -152,12 +204,10 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = _as_2d(x.to(self.scales_and_zeros.dtype))
-        if x2.is_cuda:
-            y = torch.ops.aten._weight_int4pack_mm(x2, self.weight, self.group_size, self.scales_and_zeros)
-        elif x2.shape[0] >= PREFILL_ROWS and self.out_features % 64 == 0:
+        if not x2.is_cuda and x2.shape[0] >= PREFILL_ROWS and self.out_features % 64 == 0:
             y = F.linear(x2, self.dense_weight())  # prefill: unpack once per call, then the dense GEMM
         else:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight, self.group_size, self.scales_and_zeros)
+            y = _int4_mm(x2, self.weight, self.group_size, self.scales_and_zeros)
         y = y.reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
@@ -189,6 +239,23 @@ class Int8Linear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, bits=8, per-channel (int8 kernel)"
 
 
+# cuBLAS's int8 GEMM behind torch._int_mm on CUDA takes more than this many rows only (a decode step has one).
+CUDA_INT_MM_MIN_ROWS = 17
+
+
+def _int_mm(codes: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
+    """``torch._int_mm``, with a CUDA input of too few rows padded by zero rows (their outputs are dropped)."""
+    rows = codes.shape[0]
+    if codes.is_cuda and rows < CUDA_INT_MM_MIN_ROWS:
+        return torch._int_mm(F.pad(codes, (0, 0, 0, CUDA_INT_MM_MIN_ROWS - rows)), weight_t)[:rows]
+    return torch._int_mm(codes, weight_t)
+
+
+def has_kernel(op: str, device: torch.device) -> bool:
+    """Whether this PyTorch build registers ``aten::op`` for ``device`` (CUDA ``_weight_int8pack_mm`` is recent)."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"aten::{op}", device.type.upper())
+
+
 class Int8x8Linear(nn.Module):
     """W8A8: int8 per-token activation codes times int8 per-channel weight codes (``torch._int_mm``, int32
     accumulation), rescaled in float32; the offset ``b`` enters exactly as ``s_x rowsum(c_x) b``."""
@@ -205,7 +272,7 @@ class Int8x8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         codes, scale = quantize_per_token(_as_2d(x), 8)
-        acc = torch._int_mm(codes, self.weight_t).float()
+        acc = _int_mm(codes, self.weight_t).float()
         y = acc * self.scales
         if self.offset is not None:
             y = y + codes.float().sum(-1, keepdim=True) * self.offset
@@ -220,7 +287,8 @@ def int8x8_applicable(layer: QuantizedLinear, device: torch.device) -> bool:
     """A per-channel 8-bit layer whose input is quantized at 8 bits per token (a W8A8 layer)."""
     quantizer = getattr(layer, INPUT, None)
     return isinstance(quantizer, PerTokenQuantizer) and quantizer.bits == 8 and layer.bits == 8 \
-        and layer.scale.shape[1] == 1 and device.type in ("cpu", "cuda")
+        and layer.scale.shape[1] == 1 and device.type in ("cpu", "cuda") \
+        and (device.type == "cpu" or layer.in_features % 8 == layer.out_features % 8 == 0)  # cuBLAS int8 shapes
 
 
 def int4_applicable(layer: QuantizedLinear, dtype: torch.dtype, device: torch.device) -> bool:
@@ -236,7 +304,7 @@ def int4_applicable(layer: QuantizedLinear, dtype: torch.dtype, device: torch.de
 def int8_applicable(layer: QuantizedLinear, dtype: torch.dtype, device: torch.device) -> bool:
     """The int8 kernel has one scale per output channel: per-channel 8-bit layers only."""
     return layer.bits == 8 and layer.scale.shape[1] == 1 and device.type in ("cpu", "cuda") \
-        and dtype in (torch.float32, torch.bfloat16, torch.float16)
+        and dtype in (torch.float32, torch.bfloat16, torch.float16) and has_kernel("_weight_int8pack_mm", device)
 
 
 def _kernel_is_fast(dtype: torch.dtype, device: torch.device) -> bool:

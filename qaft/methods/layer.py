@@ -173,8 +173,9 @@ class _RecomputedLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        w = ctx.weight_fn(*ctx.saved_tensors)
-        return (grad @ w.to(grad.dtype), None) + (None,) * len(ctx.saved_tensors)
+        state = ctx.saved_tensors  # read once: non-reentrant gradient checkpointing unpacks each saved tensor once
+        w = ctx.weight_fn(*state)
+        return (grad @ w.to(grad.dtype), None) + (None,) * len(state)
 
 
 def recomputed_linear(x: torch.Tensor, weight_fn: Callable[..., torch.Tensor], *state: torch.Tensor) -> torch.Tensor:

@@ -43,9 +43,11 @@ def row_blocks(out_features: int, in_features: int) -> list[slice]:
 
 
 def effective_weight(w0, a, b, scaling, rows: slice) -> torch.Tensor:
-    """``W0 + alpha B A`` for a block of rows, in float32 (float64 for float64 inputs), in one fused op."""
+    """``W0 + alpha B A`` for a block of rows, in float32 (float64 for float64 inputs), in one fused op; also under
+    autocast (bf16-mixed training), which would round it to bf16 and so give other codes than the merge's."""
     dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
-    return torch.addmm(w0[rows].to(dtype), b[rows], a, alpha=scaling)
+    with torch.autocast(w0.device.type, enabled=False):
+        return torch.addmm(w0[rows].to(dtype), b[rows], a, alpha=scaling)
 
 
 def _scaled(v: torch.Tensor, s, off, rows: slice) -> torch.Tensor:
@@ -136,7 +138,9 @@ class _LowRankFakeQuantLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, w0, a, b, s, off, m = ctx.saved_tensors
-        x2, g2 = x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])
+        # Under autocast (bf16-mixed training) the forward's GEMMs ran in bf16 and ``grad`` arrives in bf16 while a
+        # float32 ``x`` was saved: the backward GEMMs run in grad's dtype, as autocast runs a linear layer's.
+        x2, g2 = x.reshape(-1, x.shape[-1]).to(grad.dtype), grad.reshape(-1, grad.shape[-1])
         grads = _Grads(x2, w0, a, b, s, off, m, ctx.needs_input_grad, ctx.bits)
         block = grads.compiled_block if ctx.compiled else grads.block
         for rows in row_blocks(*w0.shape):

@@ -6,6 +6,8 @@ import qaft.quant as Q
 from qaft.quant.init import MIN_SCALE
 from qaft.quant.packing import packed_length
 
+from helpers import DEVICES
+
 
 def _weights(out=16, inp=128, seed=0, dtype=torch.float64):
     return torch.randn(out, inp, generator=torch.Generator().manual_seed(seed), dtype=dtype)
@@ -14,8 +16,9 @@ def _weights(out=16, inp=128, seed=0, dtype=torch.float64):
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("group_size", [32, -1])
 @pytest.mark.parametrize("grad_scale", [1.0, 0.05])
-def test_fake_quantize_gradients_equal_autograd_of_naive_formula(bits, group_size, grad_scale):
-    w = _weights()
+@pytest.mark.parametrize("device", DEVICES)
+def test_fake_quantize_gradients_equal_autograd_of_naive_formula(bits, group_size, grad_scale, device):
+    w = _weights().to(device)
     s, b = Q.init_scale_offset(w, bits, group_size)
     s, b = s * 0.8, b + 0.01  # shrink the range so that some values clip
     g = torch.randn_like(w)

@@ -13,7 +13,7 @@ from qaft.quant.affine import _v, offset_of_zero
 from qaft.quant.gptq import HessianAccumulator, gptq_quantize_weight
 from qaft.quant.init import init_scale_zero
 
-from helpers import token_batch
+from helpers import DEVICES, token_batch
 from method_matrix import applied, int_zero_fields, methods
 
 QUANT_METHODS = methods(zero_point=True)
@@ -194,10 +194,11 @@ def _naive_offset(s: torch.Tensor, z: torch.Tensor, bits: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("grad_scale", [1.0, 0.05])
-def test_fake_quantize_int_zero_gradients_equal_autograd(bits, grad_scale):
-    w = _weights(16, 128, dtype=torch.float64)
+@pytest.mark.parametrize("device", DEVICES)
+def test_fake_quantize_int_zero_gradients_equal_autograd(bits, grad_scale, device):
+    w = _weights(16, 128, dtype=torch.float64).to(device)
     s, z = init_scale_zero(w, bits, 32)
-    s, z = s * 0.8, z + 0.3 * torch.randn(z.shape, dtype=torch.float64)  # some values clip; z off-integer
+    s, z = s * 0.8, z + 0.3 * torch.randn(z.shape, dtype=torch.float64).to(device)  # some values clip; z off-integer
     g = torch.randn_like(w)
     grads = []
     for custom in (True, False):
