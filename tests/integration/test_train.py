@@ -28,7 +28,11 @@ def run_main(overrides: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def records(root: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted(root.rglob("record.json"))]
+    """Every record under ``root``, with ``run_dir`` where its folder is (as qaft's readers set it); the record
+    itself names only the folder, relative to the runs root."""
+    found = [(p, json.loads(p.read_text())) for p in sorted(root.rglob("record.json"))]
+    assert all(r["run_dir"] == p.parent.name and p.parent.parent == root for p, r in found)
+    return [{**r, "run_dir": str(p.parent)} for p, r in found]
 
 
 def metric_rows(run_dir: Path) -> list[dict]:
