@@ -119,6 +119,28 @@ def test_bad_config_fails_fast_with_one_message_and_no_record(name, tmp_path, mo
     assert not root.exists() or not any(root.iterdir()), list(root.rglob("*"))
 
 
+GPU_ONLY = {  # what needs a CUDA GPU: refused on a machine without one, before a model loads or a folder is made
+    "FSDP, even with a CPU accelerator": (["trainer=fsdp", "trainer.accelerator=cpu"], "trainer.strategy=FSDPStrategy"),
+    "FSDP as the preset has it": (["trainer=fsdp"], "trainer.accelerator=gpu"),
+    "DeepSpeed by name": (["trainer.strategy=deepspeed_stage_2"], "trainer.strategy=deepspeed_stage_2"),
+    "fp16 mixed precision": (["trainer.precision=16-mixed"], "trainer.precision=16-mixed"),
+}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="these settings are valid where there is a CUDA GPU")
+@pytest.mark.parametrize("name", list(GPU_ONLY))
+def test_gpu_only_settings_are_refused_without_a_gpu(name, tmp_path, monkeypatch, capsys):
+    overrides, setting = GPU_ONLY[name]
+    root = tmp_path / "runs"
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(["model=tiny-llama", f"runs_root={root}", *overrides], monkeypatch)
+    out = capsys.readouterr()
+    assert exit_info.value.code == 2 and "GPU available" not in out.out + out.err  # no Trainer, no model
+    assert out.err.strip() == f"qaft-train: invalid config: {setting} needs a CUDA GPU, and this machine has none " \
+        "(on a CPU: trainer=default, or trainer=ddp trainer.accelerator=cpu trainer.devices=N)"
+    assert not root.exists()
+
+
 def test_bad_config_exit_status_from_the_console_script(tmp_path):
     root = tmp_path / "runs"
     proc = subprocess.run(["qaft-train", "model=tiny-llama", f"runs_root={root}", "method.bits=5"],
