@@ -393,15 +393,18 @@ def fraction_of_steps(fraction: float, steps: int) -> int:
 
 def register_conf() -> None:
     """What ``conf/train.yaml`` needs from Python (idempotent): the method schemas and the GPTQ options' schema
-    (:mod:`qaft.training.schemas`), and the resolvers ``${qaft.run_name:...}``, ``${qaft.digest:}``
+    (:mod:`qaft.training.schemas`), and the resolvers ``${qaft.run_folder:...}`` (:mod:`qaft.training.naming`),
+    ``${qaft.run_name:...}``, ``${qaft.digest:}``
     (:mod:`qaft.training.identity`), ``${qaft.precision:...}``, ``${qaft.steps_fraction:...}``, ``${qaft.experiments_dir:}``.
 
     Not done at import (importing qaft changes no global state): whatever composes ``conf/train.yaml`` calls it
     first, as :mod:`qaft.training.cli` does.
     """
     from qaft.training.identity import digest_resolver
+    from qaft.training.naming import run_folder_name
 
     register_method_schemas()
     for name, fn in (("qaft.run_name", run_name), ("qaft.digest", digest_resolver), ("qaft.precision", precision),
+                     ("qaft.run_folder", run_folder_name),
                      ("qaft.steps_fraction", fraction_of_steps), ("qaft.experiments_dir", experiments_dir)):
         OmegaConf.register_new_resolver(name, fn, replace=True)

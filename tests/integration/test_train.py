@@ -151,12 +151,28 @@ def test_bad_config_exit_status_from_the_console_script(tmp_path):
     assert "Traceback" not in proc.stderr and not root.exists()
 
 
-def test_sweep_names_each_run_from_its_config(tmp_path):
+def test_a_sweep_names_each_run_by_its_swept_values_and_ends_with_a_summary(tmp_path):
+    """One ``qaft-train -m`` process: folders say the swept value (``init@minmax``) and end with the config's digest;
+    the sweep ends with a table of its jobs and exit 0 (every job ok); no empty cli.log, no pid in a released lock."""
     root = tmp_path / "runs"
-    proc = run_qaft_train(["-m", *tiny_run_overrides(root, steps=2), "method.bits=4,3"])
+    proc = run_qaft_train(["-m", *tiny_run_overrides(root, steps=2), "method.init=minmax,mse"])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    names = sorted(Path(r["run_dir"]).name for r in records(root))
-    assert len(names) == 2 and names[0].startswith("l4q-w3g64-r16-s0") and names[1].startswith("l4q-w4g64-r16-s0")
+    found = records(root)
+    names = sorted(Path(r["run_dir"]).name for r in found)
+    assert [n.split("-init@")[1].split("-")[0] for n in names] == ["minmax", "mse"], names
+    for name, record in zip(names, sorted(found, key=lambda r: Path(r["run_dir"]).name)):
+        assert name.startswith("l4q-w4g64-r16-s0-tiny-llama-austen-init@") and len(name) < 200, name
+        assert name.endswith(f"-{record['identity']}") and "=" not in name and "," not in name, name
+        assert "-batch_size@2-" in name and "-+4-" in name  # the tiny run's other overrides, cut to a bounded length
+        folder = root / name
+        assert not (folder / "cli.log").exists() and (folder / ".qaft.lock").read_text() == ""
+    summary = proc.stdout[proc.stdout.index("sweep: 2 jobs in"):].splitlines()
+    assert [line.split()[:2] for line in summary[2:4]] == [["0", "ok"], ["1", "ok"]], summary
+    for line, record in zip(summary[2:4], sorted(found, key=lambda r: "mse" in r["run_dir"])):
+        ppl, folder = line.split()[2:]
+        assert float(ppl) == pytest.approx(record["metrics"]["ppl_merged"], abs=5e-4)
+        assert folder == Path(record["run_dir"]).name
+    assert summary[4] == "sweep: every job ended ok"
 
 
 @pytest.mark.slow

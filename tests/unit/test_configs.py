@@ -159,3 +159,19 @@ def test_llm_qat_on_generated_data_composes_with_its_recipe_and_the_generation_i
                      "generation_batch_size=8"]:
         assert config_digest(_compose([*base, f"data.datamodule.{override}"])) != digest, override
     assert config_digest(_compose([*base, "data.datamodule.cache_dir=/somewhere/else"])) == digest
+
+
+def test_override_tag_names_what_the_run_name_does_not_show():
+    """The readable part of a run folder's name: ``key@value`` per override the name does not show yet, in an order
+    that does not depend on the command line's, Hydra-safe (no ``=`` or ``,``), portable and bounded."""
+    from qaft.training.naming import TAG_CHARS, override_tag
+
+    given = ["trainer.max_steps=2", "method.init=minmax", "model=tiny-llama", "method.bits=3", "runs_root=/r",
+             "progress.every_s=5", "+callbacks.p={_target_: x.Y}", "data.datamodule.seq_len=32", "eval.seq_len=32",
+             "data.source=/data/my file.jsonl", "~eval.corpus", "trainer=debug"]
+    tag = override_tag(given)
+    assert tag == ("init@minmax-datamodule.seq_len@32-source@my_file.jsonl-corpus@deleted-eval.seq_len@32-"
+                   "trainer@debug-max_steps@2")
+    assert override_tag(reversed(given)) == tag and override_tag(["seed=1", "logger=wandb"]) == ""
+    long = override_tag([f"optim.k{i}={'v' * 40}" for i in range(20)])
+    assert len(long) <= TAG_CHARS + 4 and long.endswith("-+17") and "v" * 33 not in long
