@@ -391,11 +391,19 @@ def fraction_of_steps(fraction: float, steps: int) -> int:
     return max(1, int(float(fraction) * int(steps)))
 
 
+def sequences_used(steps: int, batch_size: int, accumulate: int, devices: Any = 1, nodes: int = 1) -> int:
+    """``${qaft.sequences_used:...}``: the training sequences a run reads (``conf/data/generated.yaml``): steps x
+    batch x accumulation x devices x nodes; devices that are not a count (``auto``, a list) count as 1."""
+    per_device = int(batch_size) * int(accumulate) * int(nodes)
+    return int(steps) * per_device * (devices if isinstance(devices, int) and devices > 0 else 1)
+
+
 def register_conf() -> None:
     """What ``conf/train.yaml`` needs from Python (idempotent): the method schemas and the GPTQ options' schema
     (:mod:`qaft.training.schemas`), and the resolvers ``${qaft.run_folder:...}`` (:mod:`qaft.training.naming`),
     ``${qaft.run_name:...}``, ``${qaft.digest:}``
-    (:mod:`qaft.training.identity`), ``${qaft.precision:...}``, ``${qaft.steps_fraction:...}``, ``${qaft.experiments_dir:}``.
+    (:mod:`qaft.training.identity`), ``${qaft.precision:...}``, ``${qaft.steps_fraction:...}``, ``${qaft.sequences_used:...}``,
+    ``${qaft.experiments_dir:}``.
 
     Not done at import (importing qaft changes no global state): whatever composes ``conf/train.yaml`` calls it
     first, as :mod:`qaft.training.cli` does.
@@ -405,6 +413,6 @@ def register_conf() -> None:
 
     register_method_schemas()
     for name, fn in (("qaft.run_name", run_name), ("qaft.digest", digest_resolver), ("qaft.precision", precision),
-                     ("qaft.run_folder", run_folder_name),
+                     ("qaft.run_folder", run_folder_name), ("qaft.sequences_used", sequences_used),
                      ("qaft.steps_fraction", fraction_of_steps), ("qaft.experiments_dir", experiments_dir)):
         OmegaConf.register_new_resolver(name, fn, replace=True)

@@ -397,17 +397,19 @@ def test_resume_of_a_qalora_gptq_run_rebuilds_the_same_base(tmp_path, monkeypatc
 def _llm_qat_args(root: Path, cache: Path) -> list[str]:
     return ["model=tiny-llama", f"runs_root={root}", "method=llm_qat", "data=generated", "quant=w4a8kv8",
             "trainer.max_steps=4", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
-            "data.datamodule.seq_len=32", "data.datamodule.count=8", "data.datamodule.batch_size=2",
+            "data.datamodule.seq_len=32", "data.datamodule.batch_size=2",
             f"data.datamodule.cache_dir={cache}", "data.datamodule.max_eval_tokens=256", "eval.seq_len=32",
             "eval.max_tokens=256", "eval.baselines=false", "save_model=true", "optim.warmup_steps=1",
             "checkpoint.every_n_steps=2"]
 
 
-def test_llm_qat_on_generated_data_generates_once_and_resumes_bit_identically(tmp_path, monkeypatch):
+def test_llm_qat_on_generated_data_generates_once_and_resumes_bit_identically(tmp_path, monkeypatch, capsys):
     from safetensors.torch import load_file
 
     cache, clean, resumed = tmp_path / "cache", tmp_path / "clean", tmp_path / "resumed"
     run_main(_llm_qat_args(clean, cache), monkeypatch)
+    out = capsys.readouterr().out  # what the run reads, 4 steps x 2, is what it generates, and it says so
+    assert "generating training data (8 x 32 tokens): started (8 sequences)" in out and "asks for more" not in out
     (a,) = records(clean)
     m = a["metrics"]
     assert a["status"] == "ok" and a["method"] == "llm_qat" and m["global_step"] == 4
