@@ -2,8 +2,9 @@
 
 Two identical commands started together would otherwise interleave ``metrics.jsonl`` and overwrite each other's
 checkpoints; the second is refused with one line (:class:`RunBusy`, exit 4). It is an ``flock``, so the kernel
-releases it when its holder dies, even by SIGKILL: whoever holds it knows no other writer of the folder is alive. The file holds its holder's pid while it is
-held and is empty once released (after a SIGKILL it keeps the dead pid until the next holder writes its own).
+releases it when its holder dies, even by SIGKILL: whoever holds it knows no other writer of the folder is alive.
+The file holds its holder's pid while it is held and is empty once released (after a SIGKILL it keeps the dead pid
+until the next holder writes its own).
 """
 from __future__ import annotations
 

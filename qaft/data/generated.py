@@ -95,7 +95,8 @@ def _continue(model: nn.Module, ids: torch.Tensor, eos_id: int, pad_id: int, **o
 
 @torch.no_grad()
 def generate_sequences(model: nn.Module, settings: GenerationSettings, starts: torch.Tensor, greedy: torch.Tensor,
-                       eos_id: int, pad_id: int, phase: progress.Phase | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                       eos_id: int, pad_id: int,
+                       phase: progress.Phase | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(input_ids [count, seq_len] padded with pad_id, lengths [count])``: greedy for each sequence's ``greedy``
     tokens after its start token, then sampled (see the module doc). Sequences with the same greedy length are
     generated together, ``settings.batch_size`` at a time; ``phase`` counts them (progress lines)."""

@@ -402,8 +402,8 @@ def register_conf() -> None:
     """What ``conf/train.yaml`` needs from Python (idempotent): the method schemas and the GPTQ options' schema
     (:mod:`qaft.training.schemas`), and the resolvers ``${qaft.run_folder:...}`` (:mod:`qaft.training.naming`),
     ``${qaft.run_name:...}``, ``${qaft.digest:}``
-    (:mod:`qaft.training.identity`), ``${qaft.precision:...}``, ``${qaft.steps_fraction:...}``, ``${qaft.sequences_used:...}``,
-    ``${qaft.experiments_dir:}``.
+    (:mod:`qaft.training.identity`), ``${qaft.precision:...}``, ``${qaft.steps_fraction:...}``,
+    ``${qaft.sequences_used:...}``, ``${qaft.experiments_dir:}``.
 
     Not done at import (importing qaft changes no global state): whatever composes ``conf/train.yaml`` calls it
     first, as :mod:`qaft.training.cli` does.

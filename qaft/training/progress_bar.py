@@ -4,8 +4,8 @@ Rich estimates a task's speed from the progress samples of its last ``speed_esti
 default) and has none while fewer than two fall in that window. A step that takes longer than 30 s (a CPU, or a
 large model) leaves one sample at most, so Lightning's bar read ``3/32 0:01:40 • -:--:-- 0.00it/s`` on every
 step: no rate, no time left. :class:`RateProgressBar` keeps every sample (rich keeps the last 1000 at most), so
-the rate is the mean over the run so far, as qaft's log-file lines have it (:class:`qaft.training.module.ProgressLines`),
-and the time left is the remaining steps at that rate.
+the rate is the mean over the run so far, as qaft's log-file lines have it
+(:class:`qaft.training.module.ProgressLines`), and the time left is the remaining steps at that rate.
 """
 from __future__ import annotations
 

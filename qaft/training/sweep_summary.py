@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
@@ -93,7 +93,7 @@ class SweepSummary(Callback):
     State is on the class: Hydra instantiates its callbacks itself, and ``qaft-train``'s ``main()`` reads it."""
 
     root: str | None = None  # the sweep's folder while a sweep is on
-    lines: list[JobLine] = []
+    lines: ClassVar[list[JobLine]] = []
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         SweepSummary.root, SweepSummary.lines = str(config.hydra.sweep.dir), []

@@ -91,7 +91,7 @@ def test_the_terminal_bar_shows_a_rate_and_an_eta_however_slow_a_step(step_s):
         finally:
             bar._stop_progress()
 
-    eta = str(datetime.timedelta(seconds=int(math.ceil(29 * step_s))))
+    eta = str(datetime.timedelta(seconds=math.ceil(29 * step_s)))
     assert rendered(RateProgressBar) == f"3/32 {datetime.timedelta(seconds=int(2 * step_s))} • {eta} " \
         f"{1 / step_s:.2f}it/s"
     if step_s > 30:  # what Lightning's own bar shows
