@@ -10,7 +10,8 @@ The overrides are Hydra's ``hydra.overrides.task`` of the job. Left out: the key
 that do not change what a run computes (:data:`qaft.training.identity.IGNORED`: ``runs_root``, ``progress``, ...).
 A key is shown by its last part (``init``), or more of it where two overrides share one (``datamodule.seq_len``,
 ``eval.seq_len``); ``method.*`` keys come first, then the others in order of their keys, so the order on the
-command line does not matter. A value that names a file shows its file name.
+command line does not matter. A value is shown as YAML spells it (``false``, whether typed so or rebuilt by a sweep
+as ``False``), a list as its items joined by ``+``, a value that names a file by its file name.
 
 ``=`` and ``,`` are what a Hydra command line splits on: a folder named with them could not be given unquoted to
 ``qaft-eval run_dir=`` or ``qaft-export run_dir=``, hence ``@``. Values keep only ``[A-Za-z0-9._+-]`` (others
@@ -25,7 +26,10 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
 from omegaconf import DictConfig
 
 from qaft.training.config import run_name
@@ -37,13 +41,30 @@ TAG_CHARS = 120
 SHOWN = frozenset({"method", "method.name", "method.bits", "method.group_size", "method.rank", "method.act_bits",
                    "method.kv_bits", "quant", "model", "model.name_or_path", "data", "data.name", "seed"})
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+-]")
+_PARSER = OverridesParser.create()
+
+
+def _text(value: Any) -> str:
+    """A parsed override value as YAML spells it: a sweep job's overrides are rebuilt from parsed values (``False``),
+    a single run's are as typed (``false``); the same config must get the same name either way."""
+    if isinstance(value, bool) or value is None:
+        return {True: "true", False: "false", None: "null"}[value]
+    if isinstance(value, list):
+        return "+".join(_text(v) for v in value)
+    if isinstance(value, dict):
+        return "+".join(f"{k}_{_text(v)}" for k, v in value.items())
+    return str(value)
 
 
 def _parsed(override: str) -> tuple[str, str]:
     """``(key, value)`` of one override as Hydra spells it (``+key=v``, ``++key=v``, ``~key``, ``group@pkg=v``)."""
-    deleted = override.startswith("~")
-    key, _, value = override.lstrip("+~").partition("=")
-    return key.split("@", 1)[0], ("deleted" if deleted else value)
+    try:
+        parsed = _PARSER.parse_override(override)
+    except HydraException:  # not an override Hydra reads; it never got this far
+        key, _, value = override.lstrip("+~").partition("=")
+        return key.split("@", 1)[0], value
+    key = parsed.key_or_group.split("@", 1)[0]
+    return key, "deleted" if parsed.is_delete() else _text(parsed.value())
 
 
 def _ignored(key: str) -> bool:

@@ -173,5 +173,8 @@ def test_override_tag_names_what_the_run_name_does_not_show():
     assert tag == ("init@minmax-datamodule.seq_len@32-source@my_file.jsonl-corpus@deleted-eval.seq_len@32-"
                    "trainer@debug-max_steps@2")
     assert override_tag(reversed(given)) == tag and override_tag(["seed=1", "logger=wandb"]) == ""
+    # a sweep job's overrides are rebuilt from parsed values: the same value, the same name
+    assert override_tag(["eval.baselines=False"]) == override_tag(["eval.baselines=false"]) == "baselines@false"
+    assert override_tag(["eval.tasks=[quiz_mc,austen_ppl]"]) == "tasks@quiz_mc+austen_ppl"
     long = override_tag([f"optim.k{i}={'v' * 40}" for i in range(20)])
     assert len(long) <= TAG_CHARS + 4 and long.endswith("-+17") and "v" * 33 not in long
