@@ -132,6 +132,14 @@ def _cut_at_eos(ids: torch.Tensor, eos_id: int, pad_id: int) -> tuple[torch.Tens
     return ids, first
 
 
+def sequences_used(steps: int, batch_size: int, accumulate: int, devices: Any = 1, nodes: int = 1) -> int:
+    """``${qaft.sequences_used:...}`` (``conf/data/generated.yaml``: ``count``'s default): the training sequences a
+    run reads, steps x batch x accumulation x devices x nodes; devices that are not a count (``auto``, a list)
+    count as 1."""
+    per_device = int(batch_size) * int(accumulate) * int(nodes)
+    return int(steps) * per_device * (devices if isinstance(devices, int) and devices > 0 else 1)
+
+
 @runtime_checkable
 class NeedsModel(Protocol):
     """A DataModule whose data comes from the float model: the run hands it a loader before any data is read."""
@@ -260,4 +268,5 @@ class GeneratedDataModule(SplitDataModule):
             self.splits[split] = TokenRows(windows)
 
 
-__all__ = ["GeneratedDataModule", "GenerationSettings", "NeedsModel", "generate_sequences", "start_tokens"]
+__all__ = ["GeneratedDataModule", "GenerationSettings", "NeedsModel", "generate_sequences", "sequences_used",
+           "start_tokens"]

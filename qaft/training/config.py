@@ -391,13 +391,6 @@ def fraction_of_steps(fraction: float, steps: int) -> int:
     return max(1, int(float(fraction) * int(steps)))
 
 
-def sequences_used(steps: int, batch_size: int, accumulate: int, devices: Any = 1, nodes: int = 1) -> int:
-    """``${qaft.sequences_used:...}``: the training sequences a run reads (``conf/data/generated.yaml``): steps x
-    batch x accumulation x devices x nodes; devices that are not a count (``auto``, a list) count as 1."""
-    per_device = int(batch_size) * int(accumulate) * int(nodes)
-    return int(steps) * per_device * (devices if isinstance(devices, int) and devices > 0 else 1)
-
-
 def register_conf() -> None:
     """What ``conf/train.yaml`` needs from Python (idempotent): the method schemas and the GPTQ options' schema
     (:mod:`qaft.training.schemas`), and the resolvers ``${qaft.run_folder:...}`` (:mod:`qaft.training.naming`),
@@ -408,6 +401,7 @@ def register_conf() -> None:
     Not done at import (importing qaft changes no global state): whatever composes ``conf/train.yaml`` calls it
     first, as :mod:`qaft.training.cli` does.
     """
+    from qaft.data.generated import sequences_used
     from qaft.training.identity import digest_resolver
     from qaft.training.naming import run_folder_name
 

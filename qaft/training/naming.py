@@ -9,9 +9,10 @@ say which is which; reports still find runs by their config, never by the name.
 The overrides are Hydra's ``hydra.overrides.task`` of the job. Left out: the keys the name already shows, and those
 that do not change what a run computes (:data:`qaft.training.identity.IGNORED`: ``runs_root``, ``progress``, ...).
 A key is shown by its last part (``init``), or more of it where two overrides share one (``datamodule.seq_len``,
-``eval.seq_len``); ``method.*`` keys come first, then the others in order of their keys, so the order on the
-command line does not matter. A value is shown as YAML spells it (``false``, whether typed so or rebuilt by a sweep
-as ``False``), a list as its items joined by ``+``, a value that names a file by its file name.
+``eval.seq_len``); ``method.*`` keys come first, then config options (``experiment@groupwise``), then the
+others, each in order of their keys, so the order on the command line does not matter. A value is shown as YAML
+spells it (``false``, whether typed so or rebuilt by a sweep as ``False``), a list as its items joined by ``+``, a
+value that names a file by its file name.
 
 ``=`` and ``,`` are what a Hydra command line splits on: a folder named with them could not be given unquoted to
 ``qaft-eval run_dir=`` or ``qaft-export run_dir=``, hence ``@``. Values keep only ``[A-Za-z0-9._+-]`` (others
@@ -94,7 +95,8 @@ def override_tag(overrides: Iterable[str]) -> str:
     """``init@minmax-max_steps@2``: the overrides the readable name does not show (see the module doc); ``""``
     where there are none."""
     pairs = dict(_parsed(str(o)) for o in overrides)
-    keys = sorted((k for k in pairs if not _ignored(k)), key=lambda k: (not k.startswith("method."), k))
+    # method.* first, then config options (experiment=..., trainer=...), then the other keys
+    keys = sorted((k for k in pairs if not _ignored(k)), key=lambda k: (not k.startswith("method."), "." in k, k))
     short = _short_keys(keys)
     items = [f"{short[k]}@{_shown_value(pairs[k])}" for k in keys]
     kept: list[str] = []

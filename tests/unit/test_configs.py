@@ -170,8 +170,8 @@ def test_override_tag_names_what_the_run_name_does_not_show():
              "progress.every_s=5", "+callbacks.p={_target_: x.Y}", "data.datamodule.seq_len=32", "eval.seq_len=32",
              "data.source=/data/my file.jsonl", "~eval.corpus", "trainer=debug"]
     tag = override_tag(given)
-    assert tag == ("init@minmax-datamodule.seq_len@32-source@my_file.jsonl-corpus@deleted-eval.seq_len@32-"
-                   "trainer@debug-max_steps@2")
+    assert tag == ("init@minmax-trainer@debug-datamodule.seq_len@32-source@my_file.jsonl-corpus@deleted-"
+                   "eval.seq_len@32-max_steps@2")
     assert override_tag(reversed(given)) == tag and override_tag(["seed=1", "logger=wandb"]) == ""
     # a sweep job's overrides are rebuilt from parsed values: the same value, the same name
     assert override_tag(["eval.baselines=False"]) == override_tag(["eval.baselines=false"]) == "baselines@false"
