@@ -81,9 +81,9 @@ def render(lines: list[JobLine], root: str, screen: int = SCREEN_LINES) -> str:
         if line.note:
             out.append(f"  {'':>4}  {line.note}")
     if len(shown) < len(lines):
-        out.append(f"  ... and {len(lines) - len(shown)} more ok")
-    out.append("sweep: every job ended ok" if not failed else
-               f"sweep: {len(failed)} of {len(lines)} jobs did not end ok (exit status non-zero)")
+        out.append(f"  ... and {len(lines) - len(shown)} more {Status.OK}")
+    out.append(f"sweep: every job ended {Status.OK}" if not failed else
+               f"sweep: {len(failed)} of {len(lines)} jobs did not end {Status.OK} (exit status non-zero)")
     return "\n".join(out)
 
 
