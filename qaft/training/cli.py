@@ -7,8 +7,9 @@ sweeps; ``hydra/launcher=slurm`` sends each sweep job to a cluster as a DDP run.
 Exit status: 0 ``ok``; 1 ``failed``; 2 invalid config (one line, nothing written: a single run is validated before
 Hydra makes its folder, :mod:`qaft.training.run_dir`; an unknown key or option, or an override Hydra cannot parse,
 is the same one line); 3 ``diverged``; 4 the run folder is in use by another process; 128 + signal
-``interrupted`` (resumable). In a sweep, a job that did not finish does not stop the others; the sweep exits
-non-zero at the end.
+``interrupted`` (resumable). In a sweep, a job that did not finish does not stop the others; the sweep ends with a
+table of its jobs (:mod:`qaft.training.sweep_summary`) and exits 0 only where every job ended ``ok`` (else with the
+status of the first that did not).
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from qaft.run_folder import RunFolder, Status
 from qaft.training.config import ConfigError, register_conf, validate
 from qaft.training.run_dir import EXIT_INVALID, RunFolderGuard, discard_run_dir, refuse
 from qaft.training.sweep_cleanup import SweepCleanup
+from qaft.training.sweep_summary import SweepSummary
 
 # Absolute, because Hydra resolves a relative path against the calling module.
 CONF_DIR = str(conf_dir())
@@ -128,15 +130,19 @@ def main() -> None:
     with _hydra_errors_raised() as full_error:
         try:
             _main()
+            SweepSummary.report()  # a sweep's table of jobs; nothing after a single run
         except SystemExit as done:
+            SweepSummary.report()
             if done.code not in (0, None):
                 SweepCleanup.after_failure()
             raise
         except Exception as err:
+            SweepSummary.report()  # before the line about the first failed job
             SweepCleanup.after_failure()
             _exit_for(err, full_error)
             raise
         except BaseException:
+            SweepSummary.report()
             SweepCleanup.after_failure()
             raise
 

@@ -52,6 +52,10 @@ _IN_FEATURES = {
 }
 _LLAMA_STYLE = ("llama", "mistral", "qwen2", "qwen3")  # model types whose linear layers are exactly those
 CORPUS_KEYS = ("name", "source", "split", "seq_len", "batch_size")
+# Trainer settings Lightning runs only on a CUDA GPU (gpu_only_settings).
+_GPU_ACCELERATORS = ("gpu", "cuda")
+_GPU_STRATEGIES = ("fsdp", "deepspeed")
+_GPU_PRECISIONS = ("16", "16-mixed")
 _EVAL_SPLITS = {"lm": ("train", "validation", "test"), "instruct": ("validation", "test")}
 
 
@@ -183,14 +187,30 @@ SHORTENED = {"fast_dev_run": (False, 0, None), "limit_train_batches": (1.0, None
              "max_time": (None,)}
 
 
+def gpu_only_settings(trainer: DictConfig) -> list[str]:
+    """``key=value`` of each trainer setting that Lightning runs only on a CUDA GPU: a GPU accelerator, a sharded
+    strategy (FSDP, DeepSpeed: "No supported gpu backend found!" on a CPU), fp16 mixed precision."""
+    found = []
+    if str(trainer.get("accelerator")) in _GPU_ACCELERATORS:
+        found.append(f"trainer.accelerator={trainer.accelerator}")
+    strategy = trainer.get("strategy")
+    name = str(strategy.get("_target_", "")).rsplit(".", 1)[-1] if OmegaConf.is_dict(strategy) else str(strategy)
+    if name.lower().startswith(_GPU_STRATEGIES):
+        found.append(f"trainer.strategy={name}")
+    if str(trainer.get("precision")) in _GPU_PRECISIONS:
+        found.append(f"trainer.precision={trainer.precision}")
+    return found
+
+
 def _check_trainer(cfg: DictConfig, method: MethodConfig, resources: bool) -> None:
-    """A GPU where the trainer asks for one (``resources``), and every phase of the method inside the run."""
+    """A GPU where the trainer needs one (``resources``), and every phase of the method inside the run."""
     trainer = cfg.trainer
-    if resources and trainer.get("accelerator") in ("gpu", "cuda"):
+    if resources and (needs_gpu := gpu_only_settings(trainer)):
         import torch
 
         if not torch.cuda.is_available():
-            raise ConfigError(f"trainer.accelerator={trainer.accelerator}: this machine has no CUDA GPU")
+            raise ConfigError(f"{needs_gpu[0]} needs a CUDA GPU, and this machine has none (on a CPU: "
+                              "trainer=default, or trainer=ddp trainer.accelerator=cpu trainer.devices=N)")
     for key, allowed in SHORTENED.items():
         value = trainer.get(key)
         if not any(value is a or (type(value) is type(a) and value == a) for a in allowed):
@@ -373,15 +393,20 @@ def fraction_of_steps(fraction: float, steps: int) -> int:
 
 def register_conf() -> None:
     """What ``conf/train.yaml`` needs from Python (idempotent): the method schemas and the GPTQ options' schema
-    (:mod:`qaft.training.schemas`), and the resolvers ``${qaft.run_name:...}``, ``${qaft.digest:}``
-    (:mod:`qaft.training.identity`), ``${qaft.precision:...}``, ``${qaft.steps_fraction:...}``, ``${qaft.experiments_dir:}``.
+    (:mod:`qaft.training.schemas`), and the resolvers ``${qaft.run_folder:...}`` (:mod:`qaft.training.naming`),
+    ``${qaft.run_name:...}``, ``${qaft.digest:}``
+    (:mod:`qaft.training.identity`), ``${qaft.precision:...}``, ``${qaft.steps_fraction:...}``,
+    ``${qaft.sequences_used:...}``, ``${qaft.experiments_dir:}``.
 
     Not done at import (importing qaft changes no global state): whatever composes ``conf/train.yaml`` calls it
     first, as :mod:`qaft.training.cli` does.
     """
+    from qaft.data.generated import sequences_used
     from qaft.training.identity import digest_resolver
+    from qaft.training.naming import run_folder_name
 
     register_method_schemas()
     for name, fn in (("qaft.run_name", run_name), ("qaft.digest", digest_resolver), ("qaft.precision", precision),
+                     ("qaft.run_folder", run_folder_name), ("qaft.sequences_used", sequences_used),
                      ("qaft.steps_fraction", fraction_of_steps), ("qaft.experiments_dir", experiments_dir)):
         OmegaConf.register_new_resolver(name, fn, replace=True)

@@ -34,6 +34,7 @@ from qaft.training.final_eval import check_finite, corpus_perplexity, evaluate, 
 from qaft.training.identity import config_digest, identity_config, unmatched_reads
 from qaft.training.module import DivergenceGuard, ProgressLines, QaftModule, SafeCheckpointIO, TrainingStats
 from qaft.training.outcomes import outcome
+from qaft.training.progress_bar import terminal_bar
 from qaft.training.records import MetricsRecorder, RunRecord, final_training_metrics, training_cost
 from qaft.training.resume import ResumeRefused, resume_checkpoint
 from qaft.training.run_control import SignalGuard, StopOnSignal
@@ -69,6 +70,7 @@ def build_trainer(cfg: DictConfig, spec: RunSpec, run_dir: Path, guard: SignalGu
     callbacks += [instantiate(node) for node in (cfg.get("callbacks") or {}).values() if node]
     logger = instantiate(cfg.logger, save_dir=str(run_dir), name=run_dir.name) if cfg.logger.get("_target_") else False
     bar = bool(cfg.trainer.get("enable_progress_bar", True)) and sys.stdout.isatty()
+    callbacks += terminal_bar() if bar else []  # a rate and an ETA on every step, however slow (progress_bar)
     return instantiate(cfg.trainer, callbacks=callbacks, logger=logger, default_root_dir=str(run_dir),
                        plugins=[SafeCheckpointIO()], enable_progress_bar=bar)
 

@@ -174,7 +174,8 @@ class RunRecord:
         non_finite: dict[str, str] = {}
         metrics = finite_json(metrics or {}, "metrics", non_finite)
         record = {"status": status.value, **self._summary(), "metrics": metrics,
-                  "timings": self.timings, "environment": self._environment(), "run_dir": str(self.run_dir),
+                  "timings": self.timings, "environment": self._environment(),
+                  "run_dir": self.run_dir.name,  # relative to the runs root, as a tracker's copy has it: folders move
                   "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), **(extra or {})}
         if non_finite:
             record["non_finite"] = non_finite

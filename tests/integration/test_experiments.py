@@ -114,7 +114,7 @@ def test_every_experiment_runs_on_the_tiny_model(name, tmp_path, monkeypatch):
     assert len({r["run_dir"] for r in records}) == len(records)  # no two points share a run folder
 
 
-def test_a_failed_run_leaves_the_others_and_the_report_intact(tmp_path, monkeypatch):
+def test_a_failed_run_leaves_the_others_and_the_report_intact(tmp_path, monkeypatch, capsys):
     from qaft.models import load_causal_lm
 
     local, broken = tmp_path / "tiny", tmp_path / "broken"
@@ -129,6 +129,12 @@ def test_a_failed_run_leaves_the_others_and_the_report_intact(tmp_path, monkeypa
     by_model = {Path(r["model"]).name: r for r in _records(root)}
     assert by_model["tiny"]["status"] == "ok"
     assert by_model["broken"]["status"] == "failed" and by_model["broken"]["error"]
+    out = capsys.readouterr()  # the sweep's summary: each job's status and folder, then what failed
+    jobs = [line.split() for line in out.out.splitlines() if line.startswith(("     0", "     1"))]
+    assert [j[:3] for j in jobs] == [["0", "failed", "-"], ["1", "ok", jobs[1][2]]], out.out
+    assert float(jobs[1][2]) == pytest.approx(by_model["tiny"]["metrics"]["ppl_merged"], abs=5e-4)
+    assert jobs[0][-1] == by_model["broken"]["run_dir"] and jobs[1][-1] == by_model["tiny"]["run_dir"]
+    assert "sweep: 1 of 2 jobs did not end ok (exit status non-zero)" in out.out
     spec = {"name": "robust", "where": {"experiment": "robust"}, "rows": ["model"],
             "columns": {"ppl": "metrics.deployed"}}
     table = report.build_table(report.load_runs(root), spec).set_index("model")

@@ -28,7 +28,11 @@ def run_main(overrides: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def records(root: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted(root.rglob("record.json"))]
+    """Every record under ``root``, with ``run_dir`` where its folder is (as qaft's readers set it); the record
+    itself names only the folder, relative to the runs root."""
+    found = [(p, json.loads(p.read_text())) for p in sorted(root.rglob("record.json"))]
+    assert all(r["run_dir"] == p.parent.name and p.parent.parent == root for p, r in found)
+    return [{**r, "run_dir": str(p.parent)} for p, r in found]
 
 
 def metric_rows(run_dir: Path) -> list[dict]:
@@ -115,6 +119,28 @@ def test_bad_config_fails_fast_with_one_message_and_no_record(name, tmp_path, mo
     assert not root.exists() or not any(root.iterdir()), list(root.rglob("*"))
 
 
+GPU_ONLY = {  # what needs a CUDA GPU: refused on a machine without one, before a model loads or a folder is made
+    "FSDP, even with a CPU accelerator": (["trainer=fsdp", "trainer.accelerator=cpu"], "trainer.strategy=FSDPStrategy"),
+    "FSDP as the preset has it": (["trainer=fsdp"], "trainer.accelerator=gpu"),
+    "DeepSpeed by name": (["trainer.strategy=deepspeed_stage_2"], "trainer.strategy=deepspeed_stage_2"),
+    "fp16 mixed precision": (["trainer.precision=16-mixed"], "trainer.precision=16-mixed"),
+}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="these settings are valid where there is a CUDA GPU")
+@pytest.mark.parametrize("name", list(GPU_ONLY))
+def test_gpu_only_settings_are_refused_without_a_gpu(name, tmp_path, monkeypatch, capsys):
+    overrides, setting = GPU_ONLY[name]
+    root = tmp_path / "runs"
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(["model=tiny-llama", f"runs_root={root}", *overrides], monkeypatch)
+    out = capsys.readouterr()
+    assert exit_info.value.code == 2 and "GPU available" not in out.out + out.err  # no Trainer, no model
+    assert out.err.strip() == f"qaft-train: invalid config: {setting} needs a CUDA GPU, and this machine has none " \
+        "(on a CPU: trainer=default, or trainer=ddp trainer.accelerator=cpu trainer.devices=N)"
+    assert not root.exists()
+
+
 def test_bad_config_exit_status_from_the_console_script(tmp_path):
     root = tmp_path / "runs"
     proc = subprocess.run(["qaft-train", "model=tiny-llama", f"runs_root={root}", "method.bits=5"],
@@ -125,12 +151,28 @@ def test_bad_config_exit_status_from_the_console_script(tmp_path):
     assert "Traceback" not in proc.stderr and not root.exists()
 
 
-def test_sweep_names_each_run_from_its_config(tmp_path):
+def test_a_sweep_names_each_run_by_its_swept_values_and_ends_with_a_summary(tmp_path):
+    """One ``qaft-train -m`` process: folders say the swept value (``init@minmax``) and end with the config's digest;
+    the sweep ends with a table of its jobs and exit 0 (every job ok); no empty cli.log, no pid in a released lock."""
     root = tmp_path / "runs"
-    proc = run_qaft_train(["-m", *tiny_run_overrides(root, steps=2), "method.bits=4,3"])
+    proc = run_qaft_train(["-m", *tiny_run_overrides(root, steps=2), "method.init=minmax,mse"])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    names = sorted(Path(r["run_dir"]).name for r in records(root))
-    assert len(names) == 2 and names[0].startswith("l4q-w3g64-r16-s0") and names[1].startswith("l4q-w4g64-r16-s0")
+    found = records(root)
+    names = sorted(Path(r["run_dir"]).name for r in found)
+    assert [n.split("-init@")[1].split("-")[0] for n in names] == ["minmax", "mse"], names
+    for name, record in zip(names, sorted(found, key=lambda r: Path(r["run_dir"]).name)):
+        assert name.startswith("l4q-w4g64-r16-s0-tiny-llama-austen-init@") and len(name) < 200, name
+        assert name.endswith(f"-{record['identity']}") and "=" not in name and "," not in name, name
+        assert "-batch_size@2-" in name and "-+4-" in name  # the tiny run's other overrides, cut to a bounded length
+        folder = root / name
+        assert not (folder / "cli.log").exists() and (folder / ".qaft.lock").read_text() == ""
+    summary = proc.stdout[proc.stdout.index("sweep: 2 jobs in"):].splitlines()
+    assert [line.split()[:2] for line in summary[2:4]] == [["0", "ok"], ["1", "ok"]], summary
+    for line, record in zip(summary[2:4], sorted(found, key=lambda r: "mse" in r["run_dir"])):
+        ppl, folder = line.split()[2:]
+        assert float(ppl) == pytest.approx(record["metrics"]["ppl_merged"], abs=5e-4)
+        assert folder == Path(record["run_dir"]).name
+    assert summary[4] == "sweep: every job ended ok"
 
 
 @pytest.mark.slow
@@ -355,17 +397,19 @@ def test_resume_of_a_qalora_gptq_run_rebuilds_the_same_base(tmp_path, monkeypatc
 def _llm_qat_args(root: Path, cache: Path) -> list[str]:
     return ["model=tiny-llama", f"runs_root={root}", "method=llm_qat", "data=generated", "quant=w4a8kv8",
             "trainer.max_steps=4", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
-            "data.datamodule.seq_len=32", "data.datamodule.count=8", "data.datamodule.batch_size=2",
+            "data.datamodule.seq_len=32", "data.datamodule.batch_size=2",
             f"data.datamodule.cache_dir={cache}", "data.datamodule.max_eval_tokens=256", "eval.seq_len=32",
             "eval.max_tokens=256", "eval.baselines=false", "save_model=true", "optim.warmup_steps=1",
             "checkpoint.every_n_steps=2"]
 
 
-def test_llm_qat_on_generated_data_generates_once_and_resumes_bit_identically(tmp_path, monkeypatch):
+def test_llm_qat_on_generated_data_generates_once_and_resumes_bit_identically(tmp_path, monkeypatch, capsys):
     from safetensors.torch import load_file
 
     cache, clean, resumed = tmp_path / "cache", tmp_path / "clean", tmp_path / "resumed"
     run_main(_llm_qat_args(clean, cache), monkeypatch)
+    out = capsys.readouterr().out  # what the run reads, 4 steps x 2, is what it generates, and it says so
+    assert "generating training data (8 x 32 tokens): started (8 sequences)" in out and "asks for more" not in out
     (a,) = records(clean)
     m = a["metrics"]
     assert a["status"] == "ok" and a["method"] == "llm_qat" and m["global_step"] == 4

@@ -159,3 +159,36 @@ def test_llm_qat_on_generated_data_composes_with_its_recipe_and_the_generation_i
                      "generation_batch_size=8"]:
         assert config_digest(_compose([*base, f"data.datamodule.{override}"])) != digest, override
     assert config_digest(_compose([*base, "data.datamodule.cache_dir=/somewhere/else"])) == digest
+
+
+def test_override_tag_names_what_the_run_name_does_not_show():
+    """The readable part of a run folder's name: ``key@value`` per override the name does not show yet, in an order
+    that does not depend on the command line's, Hydra-safe (no ``=`` or ``,``), portable and bounded."""
+    from qaft.training.naming import TAG_CHARS, override_tag
+
+    given = ["trainer.max_steps=2", "method.init=minmax", "model=tiny-llama", "method.bits=3", "runs_root=/r",
+             "progress.every_s=5", "+callbacks.p={_target_: x.Y}", "data.datamodule.seq_len=32", "eval.seq_len=32",
+             "data.source=/data/my file.jsonl", "~eval.corpus", "trainer=debug"]
+    tag = override_tag(given)
+    assert tag == ("init@minmax-trainer@debug-datamodule.seq_len@32-source@my_file.jsonl-corpus@deleted-"
+                   "eval.seq_len@32-max_steps@2")
+    assert override_tag(reversed(given)) == tag and override_tag(["seed=1", "logger=wandb"]) == ""
+    # a sweep job's overrides are rebuilt from parsed values: the same value, the same name
+    assert override_tag(["eval.baselines=False"]) == override_tag(["eval.baselines=false"]) == "baselines@false"
+    assert override_tag(["eval.tasks=[quiz_mc,austen_ppl]"]) == "tasks@quiz_mc+austen_ppl"
+    long = override_tag([f"optim.k{i}={'v' * 40}" for i in range(20)])
+    assert len(long) <= TAG_CHARS + 4 and long.endswith("-+17") and "v" * 33 not in long
+
+
+def test_a_long_sweep_summary_fits_a_screen_and_keeps_every_job_that_did_not_end_ok():
+    from qaft.training.sweep_summary import JobLine, render
+
+    lines = [JobLine(i, "ok", 40.0 + i, f"run-{i}") for i in range(40)]
+    lines[33] = JobLine(33, "failed", None, "run-33", "RuntimeError: boom")
+    text = render(lines, "runs", screen=10).splitlines()
+    assert text[:2] == ["sweep: 40 jobs in runs", "   job  status       ppl (deployed)  folder"]
+    jobs = [line.split()[0] for line in text[2:] if line.split()[0].isdigit()]
+    assert jobs == ["0", "1", "2", "3", "4", "5", "6", "7", "8", "33"]  # in job order, the failed one kept
+    assert "        RuntimeError: boom" in text and text[-2:] == ["  ... and 30 more ok",
+                                                              "sweep: 1 of 40 jobs did not end ok (exit status non-zero)"]
+    assert render(lines[:2], "runs").splitlines()[-1] == "sweep: every job ended ok"

@@ -2,10 +2,13 @@
 end-of-sequence token, cached once per model and settings, and its settings checked in one line."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from safetensors import safe_open
 
+from qaft import progress
 from qaft.data import GeneratedDataModule, GenerationSettings, NeedsModel
 from qaft.data.generated import _cut_at_eos, generate_sequences, start_tokens
 from qaft.models import load_causal_lm, load_tokenizer
@@ -53,13 +56,20 @@ def test_a_sequence_ends_at_its_first_eos_after_the_start():
     assert cut.tolist() == [[2, 5, 6, 2, 0, 0], [9, 8, 7, 6, 5, 4], [3, 2, 0, 0, 0, 0]]
 
 
-def test_generated_once_then_read_from_the_cache(tiny, tmp_path):
+def test_generated_once_then_read_from_the_cache(tiny, tmp_path, capsys):
     model, tokenizer = tiny
     loads: list = []
-    first = _module(tokenizer, tmp_path, loads, model)
+    first = _module(tokenizer, tmp_path, loads, model, sequences_used=4)  # a run that reads 4 of the 6
     assert isinstance(first, NeedsModel)
-    first.setup("fit")
+    with progress.reporting(True, every_s=0):  # as qaft-train has it: the generation says how far along it is
+        first.setup("fit")
     assert loads == [1]
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == ("generated data: data.datamodule.count=6 asks for more sequences than the 4 this run reads "
+                        "(trainer.max_steps x batch_size x accumulation): all are generated and cached")
+    assert lines[1] == "generating training data (6 x 12 tokens): started (6 sequences)"
+    assert re.fullmatch(r"generating training data \(6 x 12 tokens\): [1-5]/6 sequences, \d+s, ETA \d+s", lines[2])
+    assert lines[-1].startswith("generating training data (6 x 12 tokens): done, 6/6 sequences in ")
     (path,) = tmp_path.glob("*.safetensors")
     with safe_open(path, "pt") as f:
         assert set(f.keys()) == {"input_ids", "lengths"} and '"count": 6' in f.metadata()["settings"]

@@ -2,7 +2,10 @@
 and no part of a run's identity."""
 from __future__ import annotations
 
+import datetime
+import math
 import re
+from types import SimpleNamespace
 
 import pytest
 
@@ -61,3 +64,35 @@ def test_progress_settings_are_not_part_of_the_identity():
     shown = {**base, "progress": {"every_n_steps": 1, "every_s": 0},
              "trainer": {"max_steps": 4, "enable_progress_bar": True}}
     assert config_digest(shown) == config_digest(base)
+
+
+@pytest.mark.parametrize("step_s", [2.0, 45.0])
+def test_the_terminal_bar_shows_a_rate_and_an_eta_however_slow_a_step(step_s):
+    """Lightning's rich bar estimates speed over the last 30 s only: with steps slower than that it read
+    ``3/32 0:01:40 • -:--:-- 0.00it/s``. qaft's bar, after two steps of ``step_s`` seconds (a fake clock), shows the
+    rate and the time the other 30 steps take at it."""
+    from pytorch_lightning.callbacks import RichProgressBar
+
+    from qaft.training.progress_bar import RateProgressBar
+
+    def rendered(bar_class: type[RichProgressBar]) -> str:
+        bar, now = bar_class(), [100.0]
+        # the trainer is read only by the metrics column, which then draws nothing
+        bar._init_progress(SimpleNamespace(progress_bar_callback=bar, state=SimpleNamespace(fn="validate")))
+        try:
+            bar.progress.get_time = lambda: now[0]  # read by each task at every update
+            task = bar._add_task(32, "Epoch 0")
+            for step in (1, 2, 3):  # the first update starts the clock; two steps of step_s follow
+                bar.progress.update(task, completed=step)
+                now[0] += step_s
+            now[0] -= step_s
+            columns = bar.progress.columns[2:5]  # steps done, elapsed • ETA, rate
+            return " ".join(str(column.render(bar.progress.tasks[task])) for column in columns)
+        finally:
+            bar._stop_progress()
+
+    eta = str(datetime.timedelta(seconds=math.ceil(29 * step_s)))
+    assert rendered(RateProgressBar) == f"3/32 {datetime.timedelta(seconds=int(2 * step_s))} • {eta} " \
+        f"{1 / step_s:.2f}it/s"
+    if step_s > 30:  # what Lightning's own bar shows
+        assert rendered(RichProgressBar).endswith("• -:--:-- 0.00it/s")

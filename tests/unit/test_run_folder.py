@@ -128,3 +128,45 @@ def test_a_hand_edited_record_is_corrupt(tmp_path):
     legacy = {k: v for k, v in json.loads(edited).items() if k != "sha256"}  # records from before the digest
     folder.record_path.write_text(json.dumps(legacy))
     assert folder.record()["status"] == "ok"
+
+
+def test_written_files_get_the_umask_mode_whatever_their_writer_chose(tmp_path):
+    """safetensors and tempfile create 0600 / 0700; what qaft renames into place is readable as the umask says."""
+    import torch
+    from safetensors.torch import save_file
+
+    from qaft.files import atomic_folder, atomic_write, umask_modes
+
+    old = os.umask(0o022)
+    try:
+        assert umask_modes() == (0o644, 0o755)
+        with atomic_folder(tmp_path / "model") as tmp:
+            save_file({"w": torch.zeros(2)}, str(tmp / "model.safetensors"))
+            (tmp / "sub").mkdir(mode=0o700)
+            (tmp / "sub" / "x").write_text("x")
+            os.chmod(tmp / "sub" / "x", 0o600)
+        atomic_write(tmp_path / "one.bin", lambda f: f.write(b"1"))
+        modes = {p.relative_to(tmp_path).as_posix(): p.stat().st_mode & 0o777 for p in tmp_path.rglob("*")}
+        assert modes == {"model": 0o755, "model/model.safetensors": 0o644, "model/sub": 0o755,
+                         "model/sub/x": 0o644, "one.bin": 0o644}
+        os.umask(0o077)
+        atomic_write(tmp_path / "private.bin", lambda f: f.write(b"1"))
+        assert (tmp_path / "private.bin").stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)
+
+
+def test_a_released_lock_names_no_process(tmp_path):
+    """While held, the lock file names its holder (the refusal of a second process quotes it); released, it is
+    empty, and a second holder can take it."""
+    from qaft.run_lock import RunBusy, RunLock
+
+    lock = RunLock(tmp_path).acquire()
+    assert lock.path.read_text().strip() == str(os.getpid())
+    with pytest.raises(RunBusy, match=f"process {os.getpid()}"):
+        RunLock(tmp_path).acquire()
+    lock.release()
+    assert lock.path.read_text() == ""
+    with RunLock(tmp_path) as again:
+        assert again.path.read_text().strip() == str(os.getpid())
+    assert lock.path.read_text() == ""

@@ -23,6 +23,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from qaft.data import austen_splits, distractor_pool, quiz_items
+from qaft.files import apply_umask
 
 LOCAL_TASKS = ("quiz_mc", "austen_ppl")
 N_CHOICES = 4
@@ -81,6 +82,7 @@ def _write_if_changed(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(text)
+    apply_umask(tmp)  # mkstemp makes it 0600
     os.replace(tmp, path)
 
 
