@@ -31,10 +31,10 @@ def test_phases_say_what_they_do_and_how_far_along_they_are(capsys):
         gptq_quantize_model(model, [token_batch()], bits=3, group_size=-1)
     assert not progress.enabled()  # as it was before the block
     lines = capsys.readouterr().out.splitlines()
-    assert lines[:4] == ["perplexity [x]: started (3 batches)", lines[1], lines[2],
-                         f"perplexity [x]: done, 3/3 batches in 0s, perplexity {value:.3f}"]
-    assert [re.sub(r"\d+s", "T", line) for line in lines[1:3]] == [
-        "perplexity [x]: 1/3 batches, T, ETA T", "perplexity [x]: 2/3 batches, T, ETA T"]
+    # durations read as T: a loaded machine may take seconds over these batches (what matters is the shape)
+    assert [re.sub(r"\d+s", "T", line) for line in lines[:4]] == [
+        "perplexity [x]: started (3 batches)", "perplexity [x]: 1/3 batches, T, ETA T",
+        "perplexity [x]: 2/3 batches, T, ETA T", f"perplexity [x]: done, 3/3 batches in T, perplexity {value:.3f}"]
     assert lines[4] == "GPTQ w3 pc: started (2 blocks)" and lines[-1].startswith("GPTQ w3 pc: done, 2/2 blocks in ")
 
 
