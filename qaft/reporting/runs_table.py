@@ -1,8 +1,8 @@
 """``qaft-report runs=STORE`` without a spec: one table of every run in a store, for runs no spec describes.
 
 A row per run (:func:`qaft.reporting.store.load_runs`): its folder name, its status, the headline metrics where
-any run has them, and a column per config key whose value differs between the runs (keys equal in every run say
-nothing about a difference, so they are named once under the table instead). The metrics:
+any run has them, and a column per config key whose value differs between the runs (keys equal in every run that
+records them say nothing about a difference, so they are named once under the table instead). The metrics:
 
 * ``ppl deployed``: the perplexity of the model the run deployed, from the run's own final evaluation
   (``eval.seq_len``-token windows, 512 by default, over ``metrics.eval_tokens`` tokens);
@@ -57,8 +57,8 @@ def _text(column: pd.Series) -> pd.Series:
 
 
 def varying(frame: pd.DataFrame, keys: list[str]) -> list[str]:
-    """The keys whose value is not the same in every row (a missing value counts as a value)."""
-    return [k for k in keys if _text(frame[k]).nunique() > 1]
+    """The keys with more than one value among the runs that record them (a run that never finished may lack one)."""
+    return [k for k in keys if _text(frame[k]).replace("", pd.NA).nunique() > 1]
 
 
 def metric_columns(frame: pd.DataFrame) -> dict[str, str]:
@@ -100,7 +100,7 @@ def render(table: pd.DataFrame, same: dict[str, object], store: str) -> str:
     """The table as Markdown, with the store it came from and the keys every run shares."""
     body = table.to_markdown(index=False, disable_numparse=True) if len(table) else "(no runs)"
     shared = ", ".join(f"{k}={v}" for k, v in same.items())
-    notes = [f"{len(table)} runs in {store}"] + ([f"the same in every run: {shared}"] if shared else [])
+    notes = [f"{len(table)} runs in {store}"] + ([f"the same in every run that records it: {shared}"] if shared else [])
     notes.append("ppl deployed: the run's own final evaluation (eval.seq_len-token windows, 512 by default)")
     return body + "\n\n" + "\n".join(notes) + "\n"
 

@@ -377,7 +377,7 @@ def register_conf() -> None:
     (:mod:`qaft.training.identity`), ``${qaft.precision:...}``, ``${qaft.steps_fraction:...}``, ``${qaft.experiments_dir:}``.
 
     Not done at import (importing qaft changes no global state): whatever composes ``conf/train.yaml`` calls it
-    first, as :mod:`qaft.training.cli` does.
+    first, as :mod:`qaft.training.app` does.
     """
     from qaft.training.identity import digest_resolver
 

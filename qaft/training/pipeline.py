@@ -1,6 +1,6 @@
 """A whole run from a validated config: train, evaluate, save the deployable model, write the record.
 
-``qaft.training.cli`` validates and calls :func:`run`; everything here assumes :func:`qaft.training.config.validate`
+``qaft.training.app`` validates and calls :func:`run`; everything here assumes :func:`qaft.training.config.validate`
 has passed, so an exception from here on is a run that did not finish, recorded with its status
 (:mod:`qaft.training.records`): ``failed``, ``diverged`` or ``interrupted``. A run folder belongs to one process at a
 time (:class:`qaft.run_folder.RunLock`); a finished ``ok`` run is not run again (``resume=never`` forces it).
