@@ -9,5 +9,15 @@ _PUBLIC = {
     **dict.fromkeys(("LOCAL_TASKS", "quiz_mc_docs", "write_local_tasks"), "qaft.evaluation.tasks"),
 }
 __getattr__, __dir__ = exports(__name__, _PUBLIC)
-__all__ = ["DatasetUnreachableError", "EvalError", "LOCAL_TASKS", "PAPER_TASKS", "dequantized_once", "headline",
-    "parse_task", "quiz_mc_docs", "run_tasks", "write_local_tasks"]
+__all__ = [
+    "LOCAL_TASKS",
+    "PAPER_TASKS",
+    "DatasetUnreachableError",
+    "EvalError",
+    "dequantized_once",
+    "headline",
+    "parse_task",
+    "quiz_mc_docs",
+    "run_tasks",
+    "write_local_tasks",
+]

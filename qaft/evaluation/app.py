@@ -25,11 +25,14 @@ from omegaconf import DictConfig, OmegaConf
 from qaft import progress
 from qaft.confstore import store_schema
 from qaft.evaluation.harness import EvalError, dequantized_once, evaluate_tasks, headline
+from qaft.models import load_causal_lm  # at import, before Hydra configures logging: see below
 from qaft.paths import conf_dir
 from qaft.quant.gptq import GPTQOptions
 from qaft.quiet import silence_third_party_noise
 from qaft.run_folder import EXIT_BUSY, RunBusy
 
+# qaft.models is imported above, not in main: transformers' import imports torchao, whose import logs warnings that
+# reach the output only once Hydra has given logging a handler (the known noise is dropped by qaft.quiet).
 CONF_DIR = str(conf_dir())
 PTQ_ALGORITHMS = ("rtn", "gptq", "smoothquant")
 # conf/eval.yaml's ptq.gptq node: GPTQ's options and defaults from their one definition. At import, not in main:
@@ -40,7 +43,6 @@ silence_third_party_noise()  # known library noise out of the log (qaft.quiet)
 
 def _model(cfg: DictConfig) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
     from qaft.evaluation.runs import apply_ptq, load_deployed
-    from qaft.models import load_causal_lm
 
     dtype = getattr(torch, cfg.model.dtype)
     if cfg.run_dir:  # the deployed model, as the run's record scored it: a float merge gets its +PTQ
@@ -95,9 +97,8 @@ def _perplexity(model: torch.nn.Module, tokenizer: Any, p: DictConfig) -> tuple[
     return {**about, "value": scores.perplexity}, {"perplexity.value": scores.rows()}
 
 
-def _scores(cfg: DictConfig) -> tuple[dict[str, Any], Items]:
+def _scores(cfg: DictConfig, perplexity: bool) -> tuple[dict[str, Any], Items]:
     """The results, and their item scores keyed by the metric's path inside them."""
-    perplexity = wants_perplexity(cfg)  # before the model loads: a command asking for nothing costs nothing
     model, tokenizer, about = _model(cfg)
     results: dict[str, Any] = {**about}
     items: Items = {}
@@ -119,15 +120,15 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     from qaft.files import write_json
     from qaft.run_folder import RunFolder
 
-    wants_perplexity(cfg)  # a command that asks for nothing is refused before any folder is locked or written
+    perplexity = wants_perplexity(cfg)  # asking for nothing is refused before a model loads or a folder is locked
     if not cfg.run_dir:
-        results, _ = _scores(cfg)  # no run folder: no record to name item scores in
+        results, _ = _scores(cfg, perplexity)  # no run folder: no record to name item scores in
         write_json(Path(cfg.output or "eval_results.json"), results)
         return results
     folder = RunFolder(cfg.run_dir)
     with folder.lock():
         folder.remove_debris()
-        results, items = _scores(cfg)
+        results, items = _scores(cfg, perplexity)
         write_json(Path(cfg.output) if cfg.output else folder.eval_path, results)
         form = results["form"]  # the results are keyed by the form scored, their items' keys too
         folder.add_eval(form, results, {f"eval.{form}.{key}": rows for key, rows in items.items()})
