@@ -65,6 +65,9 @@ def experiments() -> dict[str, list[str]]:
             for folder in (conf_dir() / "experiment", experiments_dir() / "experiment") if folder.is_dir()}
 
 
+SHELL = ("bash", "sh", "shell", "")  # README code blocks whose lines are commands
+
+
 def _readme_text() -> str:
     readme = conf_dir().parent / "README.md"  # a checkout's; an installed wheel's conf/ is inside the package
     if readme.is_file():
@@ -80,11 +83,12 @@ def _readme_text() -> str:
 def readme_examples(tool: str) -> list[str]:
     """The README's command lines that run ``tool`` (from its shell code blocks), each once, in README order."""
     found: list[str] = []
-    for block in re.findall(r"```(?:bash|sh|shell)?\n(.*?)```", _readme_text(), re.DOTALL):
-        for line in block.splitlines():
-            command = line.strip()
-            if re.match(rf"{re.escape(tool)}(\s|$)", command) and command not in found:
-                found.append(command)
+    fence: str | None = None  # the language of the code block we are in, None outside one
+    for line in _readme_text().splitlines():
+        if line.startswith("```"):
+            fence = None if fence is not None else line[3:].strip()
+        elif fence in SHELL and re.match(rf"{re.escape(tool)}(\s|$)", line) and line.strip() not in found:
+            found.append(line.strip())  # a whole command (an indented line is part of a loop or a continuation)
     return found
 
 
