@@ -6,17 +6,18 @@ full; anything else, including a new message from the same library, still shows.
 
 Two scopes:
 
-* :func:`quiet_imports`, around ``qaft/__init__``'s imports: transformers' ``quantizers`` package imports torchao
-  whenever it is installed (``quantizer_torchao`` does it at module level), and ``modeling_utils`` imports that
-  package, so every process that builds a model imports torchao, writing a torchao format or not. torchao's
-  import logs that its optional CUDA / MX kernel libraries did not load and registers two enums the way torch
-  now deprecates. Neither says anything about a run, and torchao is imported once per process, so the filters
-  are removed again after the imports: importing qaft as a library leaves logging as it found it.
+* :func:`quiet_imports`, around the imports of ``qaft.models`` and of the attributes of ``qaft`` and
+  ``qaft.deploy`` (:mod:`qaft.lazy`): transformers' ``quantizers`` package imports torchao whenever it is
+  installed (``quantizer_torchao`` does it at module level), and ``modeling_utils`` imports that package,
+  so every process that builds a model imports torchao, writing a torchao format or not. torchao's import logs
+  that its optional CUDA / MX kernel libraries did not load and registers two enums the way torch now deprecates.
+  Neither says anything about a run, and torchao is imported once per process, so the filters are removed again
+  after the imports: importing qaft as a library leaves logging as it found it.
 * :func:`silence_third_party_noise`, called by each command-line tool when its module loads: the lines a run
   prints later (Lightning's litlogger advertisement and its own use of a deprecated torch class; bitsandbytes'
-  optional CPU kernel, fetched from the Hub when something imports it; transformers reading the stub
-  ``config.json`` of a qaft-packed folder when qaft loads the tokenizer beside it). These filters stay for the
-  process: the tools own it.
+  optional CPU kernel, fetched from the Hub when something imports it). These filters stay for the process: the
+  tools own it. (transformers' warning about a packed folder's stub ``config.json`` is not filtered: qaft reads the
+  tokenizer beside it with the folder's real config, :func:`qaft.deploy.packed.load_folder_tokenizer`.)
 """
 from __future__ import annotations
 
@@ -45,12 +46,6 @@ RUN_NOISE: tuple[tuple[str, str], ...] = (
     ("kernels._internals.hf_hub", re.escape(
         "Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes' because Hugging Face "
         "Hub is in offline mode.")),
-    # The stub's model_type is the message meant for someone loading the folder with transformers alone.
-    ("transformers.configuration_utils", r"You are using a model of type `qaft-packed \(.*\)` to instantiate a "
-     + re.escape("model of type ``. This may be expected if you are loading a checkpoint that shares a subset of "
-                 "the architecture (e.g., loading a `sam2_video` checkpoint into `Sam2Model`), but is otherwise not "
-                 "supported and can yield errors. Please verify that the checkpoint is compatible with the model "
-                 "you are instantiating.")),
 )
 # (category, module that warns, regular expression the whole message must match)
 RUN_WARNINGS: tuple[tuple[type[Warning], str, str], ...] = (

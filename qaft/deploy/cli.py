@@ -31,16 +31,13 @@ import os
 import re
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from qaft.deploy.hf_export import check_exportable, export_hf
-from qaft.deploy.merged import load_deployed
-from qaft.deploy.packed import QUANT_FILE, WEIGHTS_FILE, load_quantized, save_quantized
-from qaft.files import atomic_folder, remove_stale_temporaries
-from qaft.models import load_tokenizer
+from qaft import cli_help
 from qaft.quiet import silence_third_party_noise
-from qaft.run_folder import RunFolder
+
+if TYPE_CHECKING:  # torch and the model code load only once an export is asked for: --help answers without them
+    import torch
 
 silence_third_party_noise()  # known library noise out of the output (qaft.quiet)
 SLOTS = {"qaft": "export_qaft", "hf": "export_hf", "gguf": "export.gguf", "compressed-tensors": "export_ct"}  # each format's place in the run folder
@@ -51,13 +48,35 @@ SWITCHES = (*FLAGS, "overwrite")
 USAGE = ("usage: qaft-export RUN_DIR [format=qaft|hf|gguf|compressed-tensors] [out=PATH] [overwrite=true] "
          "[dtype=float32|bfloat16|float16 (format=hf|compressed-tensors)] [approximate=true] "
          "(format=gguf|compressed-tensors) [allow_float=true] (format=gguf)")
+KEYS = {  # qaft-export --help: one line per argument
+    "RUN_DIR": "a finished run folder (or a packed folder written by save_quantized); the first non-key argument",
+    "format": "qaft (packed folder, default) | hf (folder transformers loads, with torchao) | gguf (one .gguf file) "
+              "| compressed-tensors (pack-quantized folder that transformers and vLLM load)",
+    "out": f"where to write (default: the format's slot in the run folder: {', '.join(SLOTS.values())})",
+    "dtype": "format=hf|compressed-tensors: float32 (default) | bfloat16 | float16, for the layers kept in float",
+    "approximate": "format=gguf: true writes layers with no exact GGUF type as the closest type; "
+                   "format=compressed-tensors: true writes a float-offset grid on the nearest integer-zero grid "
+                   "(its measured error in the export's metadata)",
+    "allow_float": "format=gguf only: true writes layers with no exact GGUF type as F16",
+    "overwrite": "true replaces an existing export at out= (never the run's record or merged model)",
+}
+
+
+def help_text() -> str:
+    """``qaft-export --help``: usage, each argument on one line, the README's examples."""
+    keys = [f"{key:<12} {text}" for key, text in KEYS.items()]
+    return cli_help.page(USAGE, cli_help.section("Arguments (key=value, or --key value)", keys),
+                         cli_help.examples_section("qaft-export"))
 
 
 def load_run(run_dir: Path) -> tuple[torch.nn.Module, object | None]:
     """The deployed model of a run folder (its integer merge, or its float merge after the run's RTN) and its
     tokenizer; a folder written by ``save_quantized`` is accepted as it is."""
+    from qaft.deploy.merged import load_deployed
+    from qaft.deploy.packed import QUANT_FILE, load_folder_tokenizer, load_quantized
+
     if (run_dir / QUANT_FILE).is_file():
-        return load_quantized(run_dir), load_tokenizer(str(run_dir))
+        return load_quantized(run_dir), load_folder_tokenizer(run_dir)
     model, tokenizer, _, _ = load_deployed(run_dir)
     return model, tokenizer
 
@@ -90,6 +109,9 @@ def parse_args(argv: list[str]) -> tuple[Path, dict[str, str | None]]:
 
 def _kept(run_dir: Path) -> list[Path]:
     """What an export never replaces: the run's record and merged model (or a packed folder's own model)."""
+    from qaft.deploy.packed import QUANT_FILE, WEIGHTS_FILE
+    from qaft.run_folder import RunFolder
+
     if (run_dir / QUANT_FILE).is_file():
         return [run_dir / QUANT_FILE, run_dir / WEIGHTS_FILE]
     folder = RunFolder(run_dir)
@@ -117,6 +139,12 @@ def destination(run_dir: Path, options: dict[str, str | None]) -> Path:
 def export(model: torch.nn.Module, tokenizer: object | None, run_dir: Path, out: Path,
            options: dict[str, str | None]) -> Path:
     """Write the export, whole or not at all, after removing what killed exports of this run left behind."""
+    import torch
+
+    from qaft.deploy.hf_export import export_hf
+    from qaft.deploy.packed import save_quantized
+    from qaft.files import atomic_folder, remove_stale_temporaries
+
     remove_stale_temporaries(run_dir, SLOTS.values())
     remove_stale_temporaries(out.parent, [out.name])
     if options["format"] == "qaft":
@@ -142,9 +170,17 @@ def export(model: torch.nn.Module, tokenizer: object | None, run_dir: Path, out:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Console entry point; 0 on success, 2 on a usage error, an unreadable run folder or a refused ``out=``."""
+    """Console entry point; 0 on success (or ``--help``), 2 on a usage error (a Hydra flag too), an unreadable run
+    folder or a refused ``out=``."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if cli_help.wants_help(argv):
+        print(help_text(), end="")
+        return 0
+    if flag := cli_help.hydra_flag(argv):
+        print(cli_help.refuse_hydra_flag("qaft-export", flag), file=sys.stderr)
+        return 2
     try:
-        run_dir, options = parse_args(sys.argv[1:] if argv is None else argv)
+        run_dir, options = parse_args(argv)
     except ValueError as err:
         print(f"qaft-export: {err}\n{USAGE}", file=sys.stderr)
         return 2
@@ -152,9 +188,12 @@ def main(argv: list[str] | None = None) -> int:
         out = destination(run_dir, options)
         model, tokenizer = load_run(run_dir)
         if options["format"] == "hf":
+            from qaft.deploy.hf_export import check_exportable
+
             check_exportable(model)
         elif options["format"] == "compressed-tensors":
             from qaft.deploy.ct_export import check_exportable as check_ct_exportable
+
             check_ct_exportable(model)
         written = export(model, tokenizer, run_dir, out, options)
     except (ValueError, FileNotFoundError) as err:  # a layout GGUF cannot hold too: one line, nothing written

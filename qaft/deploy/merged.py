@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from qaft.deploy.packed import QUANT_FILE, is_integer_model, load_quantized, save_quantized
+from qaft.deploy.packed import QUANT_FILE, is_integer_model, load_folder_tokenizer, load_quantized, save_quantized
 from qaft.files import atomic_folder, sha256_file
 from qaft.methods import ptq_model
 from qaft.methods.act_kv import act_kv_layout, has_act_kv, restore_act_kv
@@ -96,7 +96,7 @@ def load_run_model(run_dir: Path | str, dtype: torch.dtype = torch.float32) -> t
     path = folder.merged_model(record)
     model = load_merged(path, dtype, record["metrics"].get(MERGED_DIGESTS))
     saved_tokenizer = (path / "tokenizer_config.json").is_file()
-    return model, load_tokenizer(str(path) if saved_tokenizer else record["model"]), record
+    return model, load_folder_tokenizer(path) if saved_tokenizer else load_tokenizer(record["model"]), record
 
 
 def load_deployed(run_dir: Path | str, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, Any, dict, dict]:

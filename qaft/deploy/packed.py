@@ -37,6 +37,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from qaft.methods.act_kv import act_kv_layout, has_act_kv, restore_act_kv
+from qaft.models import load_tokenizer
 from qaft.quant.linear import QuantizedLinear
 
 FORMAT = "qaft-packed"
@@ -145,6 +146,13 @@ def _hf_config(path: Path) -> Any:
         return AutoConfig.from_pretrained(str(path))
     entries = json.loads((path / HF_CONFIG_FILE).read_text())
     return AutoConfig.for_model(entries.pop("model_type"), **entries)
+
+
+def load_folder_tokenizer(path: str | Path) -> Any:
+    """The tokenizer saved in a packed folder (or any model folder), read with the folder's transformers config:
+    a packed folder's ``config.json`` is the stub, which transformers would read and warn about."""
+    path = Path(path)
+    return load_tokenizer(str(path), _hf_config(path) if (path / HF_CONFIG_FILE).is_file() else None)
 
 
 def load_quantized(path: str | Path, device: str | torch.device = "cpu") -> PreTrainedModel:

@@ -1,122 +1,46 @@
-"""``qaft-eval``: perplexity and lm-eval tasks on a run's deployed model or any HF model (see ``conf/eval.yaml``).
+"""``qaft-eval`` (and ``python -m qaft.evaluation.cli``): perplexity and lm-eval tasks on a run's deployed model or
+any HF model, as ``conf/eval.yaml`` describes (the app: :mod:`qaft.evaluation.app`, imported only for a run).
 
-A run's deployed model is what its record scored as deployed: the merged model for an integer merge, the
-float merge after its round-to-nearest PTQ (``merged+ptq``) otherwise; results name the form they scored.
-With ``run_dir=``, the results go into the run's record under ``eval.<form>``, and the item scores behind them
-(per-window NLL, per-document outcomes) into its ``item_scores`` under the keys ``eval.<form>.perplexity.value``
-and ``eval.<form>.lm_eval.results.<task>:<shots>.scores.<metric>`` (:mod:`qaft.run_folder`).
+``qaft-eval --help`` (``-h``) lists what evaluation reads, ``conf/eval.yaml``'s keys and the ``model`` presets, and
+none of training's groups, without loading torch (:mod:`qaft.cli_help`); Hydra's own flags (``--cfg job``,
+``--info``) work as in any Hydra app.
+
+Exit status: 0 done; 2 bad input (an unknown task, a missing run folder or model, nothing asked for: one line);
+4 the run folder is in use by another process.
 """
 from __future__ import annotations
 
 import sys
-from pathlib import Path
-from typing import Any
 
-import hydra
-import torch
-from omegaconf import DictConfig, OmegaConf
-
-from qaft import progress
-from qaft.confstore import store_schema
-from qaft.evaluation.harness import EvalError, dequantized_once, evaluate_tasks, headline
+from qaft import cli_help
 from qaft.paths import conf_dir
-from qaft.quant.gptq import GPTQOptions
-from qaft.quiet import silence_third_party_noise
-from qaft.run_folder import EXIT_BUSY, RunBusy
 
 CONF_DIR = str(conf_dir())
-PTQ_ALGORITHMS = ("rtn", "gptq", "smoothquant")
-# conf/eval.yaml's ptq.gptq node: GPTQ's options and defaults from their one definition. At import, not in main:
-# a launcher that rebuilds the config in another process imports this module without calling main.
-store_schema("schema", "gptq", GPTQOptions)
-silence_third_party_noise()  # known library noise out of the log (qaft.quiet)
+USAGE = "usage: qaft-eval [run_dir=RUN | model=PRESET] [key=value ...] [--cfg job]"
+ABOUT = ("Scores a qaft-train run's deployed model (run_dir=; results into its record) or any Hugging Face model, "
+         "optionally after RTN / GPTQ / SmoothQuant PTQ (ptq.algorithm=). It scores what it is asked to: the lm-eval "
+         "tasks, and perplexity only without tasks or with perplexity.enabled=true; a perplexity is printed with "
+         "its window length and token count (the run's own table uses 512-token windows, qaft-eval 2,048: the same "
+         "model scores differently).")
 
 
-def _model(cfg: DictConfig) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
-    from qaft.evaluation.runs import apply_ptq, load_deployed
-    from qaft.models import load_causal_lm
-
-    dtype = getattr(torch, cfg.model.dtype)
-    if cfg.run_dir:  # the deployed model, as the run's record scored it: a float merge gets its +PTQ
-        model, tokenizer, record, form = load_deployed(cfg.run_dir, dtype)
-        return model, tokenizer, {"model": record["model"], "run_dir": str(cfg.run_dir), **form}
-    model, tokenizer = load_causal_lm(cfg.model.name_or_path, dtype)
-    about = {"model": cfg.model.name_or_path, "form": "float"}
-    if cfg.ptq.algorithm:
-        if cfg.ptq.algorithm not in PTQ_ALGORITHMS:
-            raise ValueError(f"ptq.algorithm={cfg.ptq.algorithm!r} must be null or one of {PTQ_ALGORITHMS}")
-        ptq = OmegaConf.to_container(cfg.ptq, resolve=True)
-        model = apply_ptq(model, tokenizer, ptq, cfg.perplexity.source or "austen", cfg.perplexity.config)
-        about |= {"form": "ptq", "ptq": ptq}
-    return model, tokenizer, about
+def help_text() -> str:
+    """``qaft-eval --help``: the keys of ``conf/eval.yaml`` as written, the model presets, the README's examples."""
+    eval_yaml = conf_dir() / "eval.yaml"
+    return cli_help.page(USAGE, cli_help.wrap(ABOUT), cli_help.groups_section(cli_help.group_options(["model"])),
+                         cli_help.section(f"Keys (key=value; defaults and meaning from {eval_yaml.name})",
+                                          cli_help.config_body(eval_yaml)),
+                         cli_help.examples_section("qaft-eval"))
 
 
-Items = dict[str, list[dict[str, Any]]]  # metric key inside the results -> item-score rows
+def main() -> None:
+    """Console entry point (see the module doc for exit statuses)."""
+    if cli_help.wants_help(sys.argv[1:]):
+        print(help_text(), end="")
+        return
+    from qaft.evaluation.app import main as run
 
-
-def _perplexity(model: torch.nn.Module, tokenizer: Any, p: DictConfig) -> tuple[dict[str, Any], Items]:
-    from qaft.data import lm_eval_windows, load_lm_texts
-    from qaft.evaluation.perplexity import window_scores
-
-    windows = lm_eval_windows(tokenizer, load_lm_texts(p.source, p.config)[p.split], int(p.seq_len), p.max_tokens)
-    scores = window_scores(model, windows, int(p.batch_size))
-    return ({"source": p.source, "config": p.config, "split": p.split, "seq_len": int(p.seq_len),
-             "tokens": sum(w.numel() for w in windows), "value": scores.perplexity},
-            {"perplexity.value": scores.rows()})
-
-
-def _scores(cfg: DictConfig) -> tuple[dict[str, Any], Items]:
-    """The results, and their item scores keyed by the metric's path inside them."""
-    model, tokenizer, about = _model(cfg)
-    results: dict[str, Any] = {**about}
-    items: Items = {}
-    if cfg.perplexity.source:
-        with dequantized_once(model):
-            results["perplexity"], items = _perplexity(model, tokenizer, cfg.perplexity)
-    if cfg.tasks:
-        lm = evaluate_tasks(model, tokenizer, list(cfg.tasks), int(cfg.lm_eval.batch_size),
-                            int(cfg.lm_eval.max_length), about["form"], cfg.lm_eval.limit)
-        results["lm_eval"], results["headline"] = lm.results, headline(lm.results)
-        items |= {f"lm_eval.{key}": rows for key, rows in lm.items.items()}
-    return results, items
-
-
-def evaluate(cfg: DictConfig) -> dict[str, Any]:
-    """Everything ``cfg`` asks for, as one JSON-ready dict (also written to ``output`` / the run's record). A run
-    folder is held under its lock meanwhile (a rerun of its training waits its turn) and cleared of what killed
-    writers left first."""
-    from qaft.files import write_json
-    from qaft.run_folder import RunFolder
-
-    if not cfg.run_dir:
-        results, _ = _scores(cfg)  # no run folder: no record to name item scores in
-        write_json(Path(cfg.output or "eval_results.json"), results)
-        return results
-    folder = RunFolder(cfg.run_dir)
-    with folder.lock():
-        folder.remove_debris()
-        results, items = _scores(cfg)
-        write_json(Path(cfg.output) if cfg.output else folder.eval_path, results)
-        form = results["form"]  # the results are keyed by the form scored, their items' keys too
-        folder.add_eval(form, results, {f"eval.{form}.{key}": rows for key, rows in items.items()})
-    return results
-
-
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")
-def main(cfg: DictConfig) -> None:
-    try:
-        with progress.reporting(True, float(OmegaConf.select(cfg, "progress.every_s", default=30))):
-            results = evaluate(cfg)
-    except (EvalError, FileNotFoundError, ValueError) as err:
-        print(f"qaft-eval: {err}", file=sys.stderr)
-        sys.exit(2)
-    except RunBusy as err:
-        print(f"qaft-eval: {err}", file=sys.stderr)
-        sys.exit(EXIT_BUSY)
-    ppl = results.get("perplexity", {}).get("value")
-    print(f"qaft-eval: {results['model']} ({results['form']}) perplexity={ppl}")
-    for key, value in results.get("headline", {}).items():
-        print(f"  {key}: {value:.4f}")
+    run()
 
 
 if __name__ == "__main__":

@@ -113,7 +113,8 @@ MODEL_CALLS = ("_model_call", "_model_generate")  # HFLM's forward and generate,
 def _with_progress(lm: Any) -> Any:
     """``lm`` reporting in progress lines (lm-eval's own bars are unreadable in a log file): each request type
     as a phase, counted in scored rows per model call. A row is a request, one of several windows of a long
-    rolling request, or several choices sharing one context, so the count of requests is only the scale."""
+    rolling request, or several choices sharing one context, so the count of requests is only the scale while
+    the phase runs (``7/~80 requests``); its end says how many requests it answered (``done, 80/80 requests``)."""
     current: list[progress.Phase | None] = [None]
 
     def request_type(name: str) -> Any:
@@ -125,6 +126,8 @@ def _with_progress(lm: Any) -> Any:
                 out = inner(requests, *args, **kwargs)
             finally:
                 current[0] = None
+            # Answered, every request: the count is exact now (the rows counted meanwhile were only its scale).
+            phase.done, phase.about = len(requests), False
             phase.end()
             return out
         return run

@@ -95,9 +95,11 @@ def window_batches(windows: list[torch.Tensor], batch_size: int) -> list[Batch]:
     return out
 
 
-def window_scores(model: nn.Module, windows: list[torch.Tensor], batch_size: int = 4) -> ItemNLL:
-    """Per-window NLL of ``model`` on non-overlapping token windows (item ``i``: window ``i``)."""
-    return batches_scores(model, window_batches(windows, batch_size))
+def window_scores(model: nn.Module, windows: list[torch.Tensor], batch_size: int = 4,
+                  what: str = "perplexity") -> ItemNLL:
+    """Per-window NLL of ``model`` on non-overlapping token windows (item ``i``: window ``i``); ``what`` names it
+    in the progress lines."""
+    return batches_scores(model, window_batches(windows, batch_size), what)
 
 
 def perplexity(model: nn.Module, windows: list[torch.Tensor], batch_size: int = 4) -> float:

@@ -14,6 +14,7 @@ Anything else is handed to ``transformers`` as a hub id or local path.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -56,10 +57,12 @@ def resolve_model_source(name_or_path: str) -> str:
     return name_or_path
 
 
-def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
-    """Load only the tokenizer (``tiny-llama`` shares SmolLM2's), with a pad token set."""
+def load_tokenizer(name_or_path: str, config: Any = None) -> PreTrainedTokenizerBase:
+    """Load only the tokenizer (``tiny-llama`` shares SmolLM2's), with a pad token set. ``config``: the model's
+    transformers config where the folder's ``config.json`` is not one (a packed folder's stub)."""
     source = SMOLLM2 if name_or_path == TINY_LLAMA else name_or_path
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_source(source))
+    extra = {} if config is None else {"config": config}
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_source(source), **extra)
     ensure_pad_token(tokenizer)
     return tokenizer
 

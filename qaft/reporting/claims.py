@@ -67,7 +67,7 @@ from qaft.reporting.bootstrap import SideScores, bootstrap_effect, verdict
 from qaft.reporting.claims_output import write_outputs
 from qaft.reporting.claims_paper import PaperError, PaperNumbers, parse_paper
 from qaft.reporting.store import _archived, _read, _row, warn
-from qaft.reporting.tables import _newest_per_seed, _not_ok, _ok, _select
+from qaft.reporting.tables import _newest_per_seed, _not_ok, _ok, select_runs
 from qaft.run_folder import RECORD_FILE, CorruptRun, read_item_scores
 
 # The perplexities a run record can hold: the deployed model's and each scored form's (qaft.evaluation.deployed),
@@ -202,7 +202,7 @@ def _check_one_config(claim: Claim, side: str, runs: pd.DataFrame) -> None:
 def side_runs(claim: Claim, side: str, frame: pd.DataFrame) -> pd.DataFrame:
     """The ok runs a side selects, one per seed (the newest), checked to be one config."""
     filters = {**claim.where, **(claim.a if side == "a" else claim.b)}
-    runs = _ok(_select(frame, filters)) if not frame.empty else frame
+    runs = _ok(select_runs(frame, filters)) if not frame.empty else frame
     _check_one_config(claim, side, runs)
     return _newest_per_seed(runs, filters) if len(runs) else runs
 
@@ -306,7 +306,7 @@ def _absent(claim: Claim, runs: dict[str, pd.DataFrame], frame: pd.DataFrame) ->
     for side in ("a", "b"):
         if runs[side].empty:
             filters = {**claim.where, **(claim.a if side == "a" else claim.b)}
-            status = _not_ok(_select(frame, filters)) if not frame.empty else MISSING
+            status = _not_ok(select_runs(frame, filters)) if not frame.empty else MISSING
             gone.append(f"{side} {status}: {{{', '.join(f'{k}: {v}' for k, v in filters.items())}}}")
     return "no ok run with the metric for " + "; ".join(gone)
 

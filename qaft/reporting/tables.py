@@ -43,7 +43,8 @@ NOT_APPLICABLE = "—"
 NOT_OK = tuple(s.value for s in (Status.FAILED, Status.DIVERGED, Status.INTERRUPTED, Status.CORRUPT, Status.INCOMPLETE))
 
 
-def _select(frame: pd.DataFrame, where: dict[str, Any]) -> pd.DataFrame:
+def select_runs(frame: pd.DataFrame, where: dict[str, Any]) -> pd.DataFrame:
+    """The runs whose flattened keys hold the values ``where`` names (a list: any of them)."""
     for key, value in where.items():
         if key not in frame:
             return frame.iloc[0:0]
@@ -138,7 +139,7 @@ def _ratios(frame: pd.DataFrame, spec: dict[str, Any], row: dict[str, Any], runs
     relative = spec.get("relative")
     if not relative:
         return {}
-    candidates = _select(frame, {**{k: v for k, v in row.items() if k not in relative["to"]}, **relative["to"]})
+    candidates = select_runs(frame, {**{k: v for k, v in row.items() if k not in relative["to"]}, **relative["to"]})
     reference = _ok(candidates)
     name = "/".join(str(v) for v in relative["to"].values())
     out = {}
@@ -155,11 +156,11 @@ def _ratios(frame: pd.DataFrame, spec: dict[str, Any], row: dict[str, Any], runs
 def build_table(frame: pd.DataFrame, spec: dict[str, Any]) -> pd.DataFrame:
     """Rows ``spec['rows']`` x metric columns ``spec['columns']``, mean ± 95% CI over seeds (see the module doc)."""
     keys, columns = list(spec["rows"]), dict(spec["columns"])
-    frame = _select(frame, spec.get("where", {}))
+    frame = select_runs(frame, spec.get("where", {}))
     out = []
     for combo in _grid(frame, spec):
         row = dict(zip(keys, combo))
-        runs = _select(frame, row)
+        runs = select_runs(frame, row)
         ok = _newest_per_seed(_ok(runs), row)
         for label, column in columns.items():
             row[label] = _not_ok(runs) if ok.empty else _cell(_values(ok, column), spec.get("decimals", 2))
@@ -175,7 +176,7 @@ def paper_vs_reproduced(table: pd.DataFrame, spec: dict[str, Any]) -> pd.DataFra
         return None
     keys, rows = list(spec["rows"]), []
     for cell in spec["paper"]:
-        match = _select(table, {k: cell[k] for k in keys})
+        match = select_runs(table, {k: cell[k] for k in keys})
         ours = match[cell["column"]].iloc[0] if len(match) else MISSING
         rows.append({**{k: cell[k] for k in keys}, "metric": cell["column"], "paper": cell["value"],
                      "reproduced": ours, "paper setting": cell.get("setting", "")})
@@ -219,7 +220,7 @@ def _draw(ax: Any, ok: pd.DataFrame, plot: dict[str, Any], order: list[Any]) -> 
 def plot_table(frame: pd.DataFrame, spec: dict[str, Any], out: Path) -> Path | None:
     """The spec's plot (mean over seeds of ok runs), or None when the spec has none or no run has the data."""
     plot = _plot_spec(spec)
-    frame = _select(frame, {**spec.get("where", {}), **((plot or {}).get("where") or {})})
+    frame = select_runs(frame, {**spec.get("where", {}), **((plot or {}).get("where") or {})})
     if plot is None or any(k not in frame for k in (plot["x"], plot["y"])):
         return None
     ok = _ok(frame).dropna(subset=[plot["y"], plot["x"]])

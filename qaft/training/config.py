@@ -399,7 +399,7 @@ def register_conf() -> None:
     ``${qaft.sequences_used:...}``, ``${qaft.experiments_dir:}``.
 
     Not done at import (importing qaft changes no global state): whatever composes ``conf/train.yaml`` calls it
-    first, as :mod:`qaft.training.cli` does.
+    first, as :mod:`qaft.training.app` does.
     """
     from qaft.data.generated import sequences_used
     from qaft.training.identity import digest_resolver

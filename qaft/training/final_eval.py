@@ -57,6 +57,16 @@ def _gptq_deployment(spec: RunSpec, data: RunData) -> Callable[[torch.nn.Module]
                              percdamp=options.percdamp)
 
 
+def scored_on(spec: RunSpec, tokens: int) -> str:
+    """The line under the run's table: what its perplexities were measured on. A perplexity depends on the window
+    length (a window's first tokens are predicted from little context), so ``qaft-eval``'s default 2,048-token
+    windows give a lower number than the run's own 512 on the same model: both are right, this says which."""
+    held_out = f"{spec.data_name} {spec.eval.split}"
+    if spec.data_kind == "lm":
+        return f"perplexity on {held_out}: {spec.eval.seq_len}-token windows (eval.seq_len), {tokens} tokens scored"
+    return f"perplexity on {held_out}: the responses' tokens, {tokens} scored"
+
+
 def evaluate(spec: RunSpec, module: QaftModule, data: RunData,
              staged: Path | None) -> tuple[EndOfRun, int, dict[str, str]]:
     """The end-of-run scores, the number of held-out tokens, and the digests of the merged model's files, saved to

@@ -1,6 +1,6 @@
 """A whole run from a validated config: train, evaluate, save the deployable model, write the record.
 
-``qaft.training.cli`` validates and calls :func:`run`; everything here assumes :func:`qaft.training.config.validate`
+``qaft.training.app`` validates and calls :func:`run`; everything here assumes :func:`qaft.training.config.validate`
 has passed, so an exception from here on is a run that did not finish, recorded with its status
 (:mod:`qaft.training.records`): ``failed``, ``diverged`` or ``interrupted``. A run folder belongs to one process at a
 time (:class:`qaft.run_folder.RunLock`); a finished ``ok`` run is not run again (``resume=never`` forces it).
@@ -30,7 +30,7 @@ from qaft.evaluation.deployed import deployed_perplexity
 from qaft.models import load_causal_lm, load_tokenizer
 from qaft.run_folder import MERGED_MODEL, RunFolder, Status
 from qaft.training.config import ConfigError, run_name, validate
-from qaft.training.final_eval import check_finite, corpus_perplexity, evaluate, form_items, lm_eval
+from qaft.training.final_eval import check_finite, corpus_perplexity, evaluate, form_items, lm_eval, scored_on
 from qaft.training.identity import config_digest, identity_config, unmatched_reads
 from qaft.training.module import DivergenceGuard, ProgressLines, QaftModule, SafeCheckpointIO, TrainingStats
 from qaft.training.outcomes import outcome
@@ -171,7 +171,7 @@ class _Attempt:
             self.metrics |= {"merged_model_path": MERGED_MODEL, MERGED_DIGESTS: saved}  # relative: folders move
             self.record.lap("save")
         self.record.finish(Status.OK, self.metrics, extra=folder.store_item_scores(items, aliases))
-        print(f"\n{result.table(spec.method.name)}")
+        print(f"\n{result.table(spec.method.name)}\n{scored_on(spec, tokens)}")
         print(f"record: {folder.record_path}")
         return self.metrics
 

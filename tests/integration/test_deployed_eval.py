@@ -24,7 +24,7 @@ LIMIT = 40  # quiz_mc documents: enough for a score that random weights would no
 def _evaluate(run_dir, *overrides):
     from hydra import compose, initialize_config_dir
 
-    from qaft.evaluation.cli import CONF_DIR, evaluate
+    from qaft.evaluation.app import CONF_DIR, evaluate
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("eval", overrides=[f"run_dir={run_dir}", "perplexity.seq_len=64", "perplexity.max_tokens=256",

@@ -61,7 +61,7 @@ def test_eval_log_starts_with_qafts_own_line(tmp_path):
     proc = _run(["qaft.evaluation.cli", "model=tiny-llama", "perplexity.seq_len=32", "perplexity.max_tokens=128",
                  "tasks=[]", f"output={tmp_path / 'eval.json'}"], tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:]
-    _assert_quiet(proc.stdout, "perplexity: started")
+    _assert_quiet(proc.stdout, "perplexity (austen test, 32-token windows, 128 tokens): started")
 
 
 class KernelPreference(enum.Enum):  # renders as torchao's enum of that name does: "<enum 'KernelPreference'>"

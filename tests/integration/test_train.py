@@ -42,7 +42,7 @@ def metric_rows(run_dir: Path) -> list[dict]:
 
 
 @pytest.mark.parametrize("method", available())
-def test_every_method_runs_end_to_end(method, tmp_path, monkeypatch):
+def test_every_method_runs_end_to_end(method, tmp_path, monkeypatch, capsys):
     root = tmp_path / "runs"
     run_main([*tiny_run_overrides(root, steps=2), f"method={method}", "save_model=true"], monkeypatch)
     (record,) = records(root)
@@ -56,6 +56,9 @@ def test_every_method_runs_end_to_end(method, tmp_path, monkeypatch):
         assert ppl["global_step"] == 2 and [r["step"] for r in metric_rows(run_dir)] == [1, 2]
     if "ppl_merged_ptq" not in ppl:  # integer methods: the deployed model is the trained one
         assert ppl["ppl_merged"] == pytest.approx(ppl["ppl_trained"], rel=1e-3)
+    # the table says what its perplexities were measured on (qaft-eval's windows are longer by default)
+    scored = f"perplexity on austen test: 32-token windows (eval.seq_len), {ppl['eval_tokens']} tokens scored"
+    assert scored in capsys.readouterr().out
 
 
 BAD = {

@@ -23,7 +23,8 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from qaft.training.cli import CONF_DIR, hydra_error_line, main
+from qaft.training.app import hydra_error_line
+from qaft.training.cli import CONF_DIR, main
 from qaft.training.config import ConfigError, register_conf, validate
 
 from helpers import run_qaft_train

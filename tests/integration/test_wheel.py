@@ -142,6 +142,6 @@ def test_installed_qaft_train_runs_and_composes_the_experiments(installed, tmp_p
 def test_importing_qaft_registers_no_resolver():
     code = ("from omegaconf import OmegaConf; import qaft, qaft.training.config; "
             "print(OmegaConf.has_resolver('qaft.run_name'), OmegaConf.has_resolver('qaft.experiments_dir')); "
-            "import qaft.training.cli; print(OmegaConf.has_resolver('qaft.run_name'))")
+            "import qaft.training.app; print(OmegaConf.has_resolver('qaft.run_name'))")
     lines = _run([sys.executable, "-c", code], ROOT).stdout.splitlines()[-2:]
     assert lines == ["False False", "True"]  # the CLI registers them, for Hydra; a library import does not

@@ -111,7 +111,7 @@ def test_run_folder_merged_model_is_evaluated_into_its_record(tmp_path):
     from hydra import compose, initialize_config_dir
 
     from qaft.deploy.merged import save_merged
-    from qaft.evaluation.cli import CONF_DIR, evaluate
+    from qaft.evaluation.app import CONF_DIR, evaluate
     from qaft.evaluation.runs import load_run_model
 
     base, tokenizer = load_causal_lm("tiny-llama")

@@ -112,14 +112,15 @@ def test_lm_eval_items_average_to_the_reported_accuracies():
 def test_qaft_eval_adds_its_item_scores_to_the_run(tmp_path):
     from hydra import compose, initialize_config_dir
 
-    from qaft.evaluation.cli import CONF_DIR, evaluate
+    from qaft.evaluation.app import CONF_DIR, evaluate
 
     base, _ = load_causal_lm("tiny-llama")
     run_dir = tmp_path / "run"
     fake_run_folder(run_dir, qaft.merge_model(qaft.apply_method(base, qaft.config_for("l4q", bits=4, group_size=32))))
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("eval", overrides=[f"run_dir={run_dir}", "perplexity.seq_len=32", "perplexity.max_tokens=128",
-                                         "model.dtype=float32", "tasks=[quiz_mc]", "lm_eval.limit=4"])
+                                         "model.dtype=float32", "tasks=[quiz_mc]", "lm_eval.limit=4",
+                                         "perplexity.enabled=true"])
     results = evaluate(cfg)
     folder = RunFolder(run_dir)
     record, form = folder.record(), results["form"]

@@ -185,7 +185,8 @@ def test_cli_key_value_writes_what_report_writes(store, tmp_path, monkeypatch, c
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["runs=runs"], "missing spec="),
+    (["runs="], "nothing to report: no spec=, claims=, runs= or wandb="),
+    (["runs=nowhere"], "runs=nowhere: no such run store"),
     (["spec=nowhere/*.yaml"], "spec 'nowhere/*.yaml' matches no file"),
     (["spec=SPEC", "colour=red"], "unknown key 'colour' (keys: spec, claims, runs, out, archive, wandb)"),
     (["SPEC"], "expected key=value, got"),
@@ -203,12 +204,57 @@ def test_cli_bad_arguments_exit_2_in_one_line(store, tmp_path, capsys, argv, mes
     assert not (tmp_path / "results").exists()
 
 
+def test_cli_without_a_spec_prints_one_table_of_every_run(store, tmp_path, monkeypatch, capsys):
+    """Every run of the store, its status, its headline metrics (the run's and qaft-eval's, windows named), and a
+    column only for the config keys that differ; saved only where out= says."""
+    from qaft.reporting import cli
+
+    root, _ = store
+    lm_eval = {"results": {"quiz_mc:0": {"scores": {"acc": 0.5, "acc_norm": 0.25}}}}
+    qaft_eval = {"merged": {"perplexity": {"value": 30.0, "seq_len": 2048, "tokens": 4096}}}
+    _record(root, "g", method="qlora", bits=3, metrics={"ppl_merged": 50.0, "lm_eval": lm_eval}, eval=qaft_eval)
+    monkeypatch.chdir(tmp_path)
+    cli.main([f"runs={root}"])
+    printed = capsys.readouterr().out
+    assert not (tmp_path / "results").exists()  # no out=: printed only
+    header, _, *rows = [[c.strip() for c in line.strip("|").split("|")] for line in printed.split("\n\n")[0].splitlines()]
+    table = pd.DataFrame(rows, columns=header).set_index("run")
+    assert sorted(table.index) == ["a", "b", "c", "d", "e", "f", "g"]
+    assert table.loc["d", "status"] == "failed" and table.loc["f", "status"] == "incomplete"
+    assert table.loc["c", "ppl deployed"] == "44.0000" and table.loc["g", "quiz_mc:0 acc"] == "0.5000"
+    assert table.loc["g", "qaft-eval merged ppl (2048-token windows)"] == "30.0000"
+    assert {"method", "bits", "seed", "data"} <= set(header) and not {"model", "group_size"} & set(header)
+    assert "the same in every run that records it: " in printed and "model=smollm2-135m" in printed
+    assert table.loc["e", "data"] == "quiz" and table.loc["b", "seed"] == "1"
+
+    cli.main([f"runs={root}", "out=adhoc"])
+    assert (tmp_path / "adhoc" / "runs.md").read_text() in capsys.readouterr().out
+    assert len(pd.read_csv(tmp_path / "adhoc" / "runs.csv")) == 7
+
+
+def test_cli_spec_matching_no_run_says_so_and_writes_nothing(store, tmp_path, capsys):
+    from qaft.reporting import cli
+
+    root, spec = store
+    stray = tmp_path / "stray.yaml"
+    stray.write_text(yaml.safe_dump({**SPEC, "name": "stray", "where": {"data": "wikitext"}}))
+    with pytest.raises(SystemExit) as done:
+        cli.main([f"spec={stray}", f"runs={root}", f"out={tmp_path / 'out'}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert done.value.code == 1 and len(err) == 1 and str(stray) in err[0] and "matches no run" in err[0]
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit):  # with a spec that matches: its tables are written, the stray's are not
+        cli.main([f"spec={spec},{stray}", f"runs={root}", f"out={tmp_path / 'out'}"])
+    written = {p.stem for p in (tmp_path / "out").iterdir()}
+    assert "groupwise" in written and "stray" not in written
+
+
 def test_cli_help(capsys):
     from qaft.reporting import cli
 
     cli.main(["--help"])
     out = capsys.readouterr().out
-    assert out.startswith("usage: qaft-report spec=") and "archive" in out and "wandb" in out
+    assert out.startswith("usage: qaft-report [spec=") and "archive" in out and "wandb" in out
 
 
 def test_cli_finds_the_shipped_specs_from_anywhere(tmp_path, monkeypatch):

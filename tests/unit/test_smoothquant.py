@@ -202,7 +202,7 @@ def _eval_cfg(overrides: list[str]):
 def test_qaft_eval_smoothquant_uses_gptqs_calibration_data():
     """``qaft-eval ptq.algorithm=smoothquant``: the model is SmoothQuant of the float model on exactly the blocks
     GPTQ would calibrate on (ptq.gptq.calib_batches x ptq.calib_seq_len of the train split)."""
-    from qaft.evaluation.cli import _model
+    from qaft.evaluation.app import _model
     from qaft.evaluation.runs import calibration_batches
     from qaft.methods.smoothquant import smoothquant_quantize_model
     from qaft.models import load_causal_lm
@@ -225,7 +225,7 @@ def test_qaft_eval_smoothquant_uses_gptqs_calibration_data():
 
 
 def test_qaft_eval_rejects_a_bad_smooth_alpha():
-    from qaft.evaluation.cli import _model
+    from qaft.evaluation.app import _model
 
     with pytest.raises(ValueError, match=r"^smooth_alpha must be a number in \(0, 1\], got 2"):
         _model(_eval_cfg(["model=tiny-llama", "ptq.algorithm=smoothquant", "ptq.smooth_alpha=2"]))
