@@ -1,0 +1,112 @@
+"""Every decoder-only causal LM transformers ships: the method matrix on ten layouts, every other architecture
+through one integer method (or its reviewed refusal), and the README's list generated from the table."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import qaft
+from qaft.methods import INTEGER, QuantizedLinear, traits
+from qaft.methods.api import qaft_layers
+from qaft.methods.targets import TargetError, decoder_blocks
+from qaft.models.architectures import (
+    BUILD,
+    MATRIX_ARCHITECTURES,
+    NOT_TRIED,
+    REFUSED,
+    causal_lm_types,
+    render_markdown,
+    small_model,
+)
+
+from method_matrix import config, methods
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _ids(seed: int = 1, vocab: int = 100) -> torch.Tensor:
+    return torch.randint(3, vocab, (2, 8), generator=torch.Generator().manual_seed(seed))
+
+
+def _train(model: nn.Module, steps: int = 2) -> nn.Module:
+    params = [p for group in qaft.parameter_groups(model).values() for p in group]
+    opt = torch.optim.AdamW(params, lr=1e-2) if params else None
+    ids = _ids()
+    model.train()
+    for step in range(steps):
+        qaft.set_training_step(model, step)
+        loss = model(input_ids=ids, labels=ids).loss
+        if opt is not None:
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+    return model.eval()
+
+
+def _check_every_block_linear_quantized(model: nn.Module) -> None:
+    plan = model.qaft_targets
+    blocks = decoder_blocks(model)
+    assert plan.quantized and not plan.unquantizable
+    assert not [n for n in plan.float_linears if any(n.startswith(f"{b}.") for b in blocks)]
+    assert len(qaft_layers(model)) == len(plan.quantized) or traits(model.qaft_config.name).merges_to == INTEGER
+
+
+@pytest.mark.parametrize("name", methods())
+@pytest.mark.parametrize("arch", MATRIX_ARCHITECTURES)
+def test_method_matrix_on_every_layout(arch, name):
+    """Every block linear quantized; the merge computes the trained model (bit for bit where the method says so);
+    a state dict reloads into a freshly built model."""
+    model = qaft.apply_method(small_model(arch), config(name))
+    _check_every_block_linear_quantized(model)
+    _train(model)
+    merged = qaft.merge_model(model)
+    ids = _ids(seed=7)
+    tol = {"rtol": 0, "atol": 0} if traits(name).bit_exact else {"rtol": 1e-5, "atol": 1e-5}
+    with torch.no_grad():
+        trained = model(input_ids=ids).logits
+        torch.testing.assert_close(merged(input_ids=ids).logits, trained, **tol)
+    if traits(name).merges_to == INTEGER:
+        assert sum(isinstance(m, QuantizedLinear) for m in merged.modules()) == len(model.qaft_targets.quantized)
+    fresh = qaft.apply_method(small_model(arch), config(name))
+    fresh.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.eval()(input_ids=ids).logits, trained, rtol=0, atol=0)
+
+
+def _quick_check(model_type: str) -> None:
+    """One integer method (L4Q, per channel, with its adapter trained a step) with the default targets."""
+    model = small_model(model_type)
+    qaft.apply_method(model, qaft.config_for("l4q", group_size=-1, rank=2, warmup_steps=0))
+    _check_every_block_linear_quantized(model)
+    for p in (p for group in qaft.parameter_groups(model).values() for p in group):
+        p.data.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(0)))
+    ids = _ids(vocab=100)
+    with torch.no_grad():
+        merged = qaft.merge_model(model)
+        torch.testing.assert_close(merged(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
+    assert sum(isinstance(m, QuantizedLinear) for m in merged.modules()) == len(model.qaft_targets.quantized)
+
+
+@pytest.mark.parametrize("model_type", causal_lm_types())
+def test_every_causal_lm_architecture_passes_or_is_refused_for_its_stated_reason(model_type):
+    refusal = REFUSED.get(model_type)
+    if refusal is None:
+        _quick_check(model_type)
+    elif refusal.stage == NOT_TRIED:
+        pytest.skip(refusal.reason)
+    elif refusal.stage == BUILD:  # transformers itself cannot build / run it from the small config
+        with pytest.raises(Exception):  # noqa: B017 - transformers' own error, whatever it is
+            small_model(model_type)(input_ids=_ids())
+    else:
+        with pytest.raises(TargetError, match="would stay float"):
+            qaft.apply_method(small_model(model_type), qaft.config_for("l4q", group_size=-1))
+
+
+def test_readme_lists_the_architectures_of_the_table():
+    readme = (ROOT / "README.md").read_text()
+    found = re.search(r"<!-- architectures:begin -->\n(.*?)<!-- architectures:end -->", readme, re.DOTALL)
+    assert found is not None and found.group(1) == render_markdown()
