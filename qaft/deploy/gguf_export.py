@@ -48,13 +48,14 @@ class GGUFArch:
     arch: gguf.MODEL_ARCH
     rope_permute: bool  # q/k rows interleaved per head (llama.cpp's LLaMA rotary layout)
     biases: tuple[str, ...]  # linear layers that may carry a bias (the reader knows where to put it)
+    key_length_read: bool = False  # readers take head_dim from attention.key_length, not hidden / heads
 
 
 GGUF_ARCHES = {
     "llama": GGUFArch(gguf.MODEL_ARCH.LLAMA, True, ()),
     "mistral": GGUFArch(gguf.MODEL_ARCH.LLAMA, True, ()),  # llama.cpp has no separate Mistral (v0.x) arch
     "qwen2": GGUFArch(gguf.MODEL_ARCH.QWEN2, False, ("q_proj", "k_proj", "v_proj")),
-    "qwen3": GGUFArch(gguf.MODEL_ARCH.QWEN3, False, ()),  # qwen2's layout without biases, plus q/k RMSNorms
+    "qwen3": GGUFArch(gguf.MODEL_ARCH.QWEN3, False, (), key_length_read=True),  # qwen2's layout without biases, plus q/k RMSNorms
 }
 
 
@@ -155,7 +156,8 @@ def check_exportable(model: nn.Module) -> GGUFArch:
         if isinstance(module, (nn.Linear, QuantizedLinear)) and module.bias is not None \
                 and name.rsplit(".", 1)[-1] not in spec.biases:
             raise ValueError(f"{name} has a bias, which the {config.model_type} GGUF layout has no tensor for")
-    if not spec.rope_permute and _head_dim(config) * config.num_attention_heads != config.hidden_size:
+    if not (spec.rope_permute or spec.key_length_read) and _head_dim(config) * config.num_attention_heads \
+            != config.hidden_size:
         raise ValueError(f"{config.model_type}: head_dim {_head_dim(config)} != hidden/heads, which GGUF readers "
                          "assume for this architecture")
     return spec

@@ -17,7 +17,8 @@ torchao's allow-listed tensor classes), with ``config.json`` holding transformer
 One byte per code on disk: this is the exact hand-over format, not the compact one (GGUF / ``format=qaft``).
 
 Models that quantize activations or the KV cache (W-A-KV) are refused: no format transformers loads applies
-qaft's per-token activation quantizers.
+qaft's per-token activation quantizers; so are integer layers in the place of GPT-2's ``Conv1D`` (torchao's loader
+quantizes ``nn.Linear`` modules only).
 """
 from __future__ import annotations
 
@@ -103,6 +104,22 @@ def check_exportable(model: nn.Module) -> None:
                          "use format=qaft (qaft.deploy.load_quantized)")
     if not is_integer_model(model):
         raise ValueError("format=hf: the model holds no integer layers (merge it with qaft.merge_model first)")
+    transposed = _conv1d_positions(model)
+    if transposed:
+        raise ValueError(f"format=hf: {transposed[0]} (and {len(transposed) - 1} more) is a GPT-2 style Conv1D in "
+                         f"{model.config.model_type!r}, which torchao's transformers loader does not quantize; use "
+                         "format=qaft (qaft.deploy.load_quantized)")
+
+
+def _conv1d_positions(model: nn.Module) -> list[str]:
+    """Integer layers that sit where the architecture builds a ``Conv1D`` (its class, built on the meta device)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
+
+    with torch.device("meta"):
+        fresh = AutoModelForCausalLM.from_config(model.config)
+    modules = dict(fresh.named_modules())
+    return [n for n, m in model.named_modules() if isinstance(m, QuantizedLinear) and isinstance(modules.get(n), Conv1D)]
 
 
 def export_hf(model: PreTrainedModel, path: str | Path, tokenizer: Any = None,

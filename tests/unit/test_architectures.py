@@ -23,6 +23,7 @@ from qaft.models.architectures import (
     small_model,
 )
 
+from helpers import plain_python
 from method_matrix import config, methods
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -110,3 +111,44 @@ def test_readme_lists_the_architectures_of_the_table():
     readme = (ROOT / "README.md").read_text()
     found = re.search(r"<!-- architectures:begin -->\n(.*?)<!-- architectures:end -->", readme, re.DOTALL)
     assert found is not None and found.group(1) == render_markdown()
+
+
+# One fresh interpreter for every architecture (without qaft: transformers + torchao only).
+_LOAD_ALL = """
+import sys, torch
+from transformers import AutoModelForCausalLM
+ids = torch.load(sys.argv[1], weights_only=True)
+for folder in sys.argv[2:]:
+    with torch.no_grad():
+        torch.save(AutoModelForCausalLM.from_pretrained(folder).eval()(ids).logits, folder + "/logits.pt")
+assert not [m for m in sys.modules if m == "qaft" or m.startswith("qaft.")], "qaft was imported"
+"""
+HF_EXPORTED = ("llama", "qwen3", "phi3", "gemma2", "opt", "gpt_neox", "falcon")
+
+
+def test_format_hf_exports_load_in_transformers_alone(tmp_path):
+    from qaft.deploy.hf_export import export_hf
+
+    ids = _ids(seed=5)
+    torch.save(ids, tmp_path / "ids.pt")
+    refs = {}
+    for arch in HF_EXPORTED:
+        merged = qaft.merge_model(qaft.apply_method(small_model(arch), qaft.config_for("ptq", group_size=32)))
+        with torch.no_grad():
+            refs[arch] = merged(input_ids=ids).logits
+        export_hf(merged, tmp_path / arch)
+    done = plain_python("-c", _LOAD_ALL, str(tmp_path / "ids.pt"), *(str(tmp_path / a) for a in HF_EXPORTED))
+    assert done.returncode == 0, done.stderr[-3000:]
+    for arch, ref in refs.items():
+        out = torch.load(tmp_path / arch / "logits.pt", weights_only=True)
+        # (q - z) s against s q + b: float32 rounding of the weights (tests/unit/test_hf_export.py)
+        assert (out - ref).abs().max().item() <= 1e-4 * max(1.0, ref.abs().max().item()), arch
+
+
+def test_format_hf_refuses_gpt2_conv1d_in_one_line(tmp_path):
+    from qaft.deploy.hf_export import export_hf
+
+    merged = qaft.merge_model(qaft.apply_method(small_model("gpt2"), qaft.config_for("ptq", group_size=32)))
+    with pytest.raises(ValueError, match=r"^format=hf: transformer\.h\.0\.attn\.c_attn .* Conv1D .* format=qaft"):
+        export_hf(merged, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()

@@ -42,7 +42,10 @@ def tiny_model(arch: str) -> torch.nn.Module:
     config_cls, model_cls = ARCHES[arch]
     config = config_cls(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                        rms_norm_eps=1e-5, tie_word_embeddings=arch != "mistral", rope_theta=5e4, head_dim=16)
+                        rms_norm_eps=1e-5, tie_word_embeddings=arch != "mistral", rope_theta=5e4,
+                        # transformers' GGUF reader takes qwen3's head_dim from Qwen3Config's default (128, as in every
+                        # real Qwen3), not from the file's attention.key_length, which qaft writes (llama.cpp reads it)
+                        head_dim=128 if arch == "qwen3" else 16)
     if arch == "mistral":
         config.sliding_window = 128
     with torch.random.fork_rng(devices=[]):
