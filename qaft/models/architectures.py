@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import transformers
 from transformers import CONFIG_MAPPING, AutoModelForCausalLM, PretrainedConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -83,7 +84,8 @@ REFUSED: dict[str, Refusal] = {
     "falcon_h1": Refusal(_RECURRENT, TARGETS),
     "falcon_mamba": Refusal(_RECURRENT, TARGETS),
     "flex_olmo": Refusal(_MOE, TARGETS),
-    "gemma3": Refusal(_MOE, TARGETS),
+    "gemma3": Refusal("its vision tower pools with torch's MultiheadAttention, whose projections are bare parameters, "
+                      "no linear layers: an integer merge would leave them float", TARGETS),
     "gemma3n": Refusal(_NO_SMALL + "its vision tower needs the timm library, which qaft does not install", BUILD),
     "gemma3n_text": Refusal(_NO_SMALL + "list assignment index out of range", BUILD),
     "gemma4": Refusal(_PER_LAYER, BUILD),
@@ -199,9 +201,13 @@ def supported() -> list[str]:
 
 def render_markdown() -> str:
     """The README's architecture list: the supported ones, then each refusal and its reason."""
-    lines = [f"Supported ({len(supported())} of {len(causal_lm_types())} causal-LM types in transformers): "
-             + ", ".join(f"`{t}`" for t in supported()) + ".", "", "Refused:", ""]
-    lines += [f"* `{t}`: {refusal.reason}" for t, refusal in sorted(REFUSED.items())]
+    by_reason: dict[str, list[str]] = {}
+    for model_type, refusal in sorted(REFUSED.items()):
+        by_reason.setdefault(refusal.reason, []).append(model_type)
+    lines = [f"Supported ({len(supported())} of {len(causal_lm_types())} causal-LM types in transformers "
+             f"{transformers.__version__}): " + ", ".join(f"`{t}`" for t in supported()) + ".", "",
+             f"Refused ({len(REFUSED)}), by reason:", ""]
+    lines += [f"* {', '.join(f'`{t}`' for t in types)}: {reason}" for reason, types in sorted(by_reason.items())]
     return "\n".join(lines) + "\n"
 
 
