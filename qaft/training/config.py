@@ -24,6 +24,7 @@ from qaft.data import validate_data_source
 from qaft.evaluation.harness import EvalError, parse_task
 from qaft.methods import GPTQOptions, MethodConfig, available, config_for
 from qaft.methods.api import plan_targets
+from qaft.methods.targets import TargetError
 from qaft.models import SMOLLM2, TINY_CONFIGS, cache_dir, tiny_config, validate_model_source
 from qaft.quant.activation import OFF
 from qaft.quant.affine import VALID_BITS
@@ -123,8 +124,12 @@ def _check_model(cfg: DictConfig, method: MethodConfig, group_size: int, shape: 
     name = cfg.model.name_or_path
     try:
         plan = plan_targets(model, method)
-    except ValueError as err:
-        raise ConfigError(f"model {name!r}: method.{err}" if str(err).startswith("target_modules") else f"model {name!r}: {err}") from None
+    except TargetError as err:
+        field = "method." if str(err).startswith("target_modules") else ""
+        raise ConfigError(f"model {name!r}: {field}{err}") from None
+    except ValueError as err:  # a layer's shape does not fit the method (its group size)
+        raise ConfigError(f"method.group_size={getattr(method, 'group_size', None)} does not fit model {name!r}: "
+                          f"{err}") from None
     for target in plan.quantized:
         layer = model.get_submodule(target)
         width = layer.in_features if isinstance(layer, torch.nn.Linear) else layer.weight.shape[0]

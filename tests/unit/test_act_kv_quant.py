@@ -162,7 +162,7 @@ def test_activation_quantizer_sits_at_every_target_input_only():
             module.register_forward_hook(lambda m, a, out, n=name: inputs.__setitem__(n, a[0].detach()))
     with torch.no_grad():
         model(token_batch())
-    targets = [n for n in inputs if n.rsplit(".", 1)[-1] in qaft.methods.DEFAULT_TARGETS]
+    targets = [n for n in inputs if n in model.qaft_targets.quantized]
     assert len(targets) == 14 and all(_on_grid(inputs[n], 8) for n in targets)
     assert not _on_grid(inputs["lm_head"], 8)  # the head stays float
     assert not any(n.endswith(OUTPUT) for n, _ in model.named_modules())  # kv_bits=16: no KV quantizer
