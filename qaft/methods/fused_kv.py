@@ -43,8 +43,8 @@ def _head_dim(config: Any) -> int:
 
 def _per_head(n_heads: int, d: int) -> Parts:
     """``[q_h | k_h | v_h]`` for each head ``h``."""
-    return _parts(sum((_span(3 * d * h + d, d) for h in range(n_heads)), []),
-                  sum((_span(3 * d * h + 2 * d, d) for h in range(n_heads)), []))
+    return _parts([i for h in range(n_heads) for i in _span(3 * d * h + d, d)],
+                  [i for h in range(n_heads) for i in _span(3 * d * h + 2 * d, d)])
 
 
 def _gpt2(config: Any) -> Parts:
@@ -71,8 +71,8 @@ def _falcon(config: Any) -> Parts:
     if config.new_decoder_architecture:
         groups = config.num_kv_heads
         width = (heads // groups + 2) * d  # each group's queries, then its key and value
-        return _parts(sum((_span(g * width + width - 2 * d, d) for g in range(groups)), []),
-                      sum((_span(g * width + width - d, d) for g in range(groups)), []))
+        return _parts([i for g in range(groups) for i in _span(g * width + width - 2 * d, d)],
+                      [i for g in range(groups) for i in _span(g * width + width - d, d)])
     if config.multi_query:
         return _parts(_span(heads * d, d), _span((heads + 1) * d, d))
     return _per_head(heads, d)

@@ -170,12 +170,17 @@ def causal_lm_types() -> list[str]:
 
 
 def _shrink(config: PretrainedConfig) -> None:
+    layers = getattr(config, "num_hidden_layers", None)
     for key, value in SMALL_SIZES.items():
         if hasattr(config, key):
             try:
                 setattr(config, key, value)
             except (AttributeError, TypeError, ValueError):
                 continue  # a derived or per-layer attribute: the config keeps its own
+    if isinstance(layers, int) and getattr(config, "num_hidden_layers", layers) != layers:
+        for key, value in list(vars(config).items()):  # per-layer lists (layer_types, ...) follow the layer count
+            if isinstance(value, list) and len(value) == layers:
+                setattr(config, key, value[: config.num_hidden_layers])
 
 
 def small_config(model_type: str) -> PretrainedConfig:
