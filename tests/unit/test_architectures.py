@@ -50,12 +50,17 @@ def _train(model: nn.Module, steps: int = 2) -> nn.Module:
     return model.eval()
 
 
-def _check_every_block_linear_quantized(model: nn.Module) -> None:
-    plan = model.qaft_targets
+def _applied(model: nn.Module, config: qaft.MethodConfig) -> nn.Module:
+    """``config`` applied to ``model``; checks that every linear layer of every decoder block (found before the
+    method replaced them) is quantized and that no block holds a weight matrix left float."""
     blocks = decoder_blocks(model)
+    qaft.apply_method(model, config)
+    plan = model.qaft_targets
     assert plan.quantized and not plan.unquantizable
+    assert all(any(n.startswith(f"{b}.") for b in blocks) for n in plan.quantized)
     assert not [n for n in plan.float_linears if any(n.startswith(f"{b}.") for b in blocks)]
-    assert len(qaft_layers(model)) == len(plan.quantized) or traits(model.qaft_config.name).merges_to == INTEGER
+    assert len(qaft_layers(model)) == len(plan.quantized)
+    return model
 
 
 @pytest.mark.parametrize("name", methods())
@@ -63,8 +68,7 @@ def _check_every_block_linear_quantized(model: nn.Module) -> None:
 def test_method_matrix_on_every_layout(arch, name):
     """Every block linear quantized; the merge computes the trained model (bit for bit where the method says so);
     a state dict reloads into a freshly built model."""
-    model = qaft.apply_method(small_model(arch), config(name))
-    _check_every_block_linear_quantized(model)
+    model = _applied(small_model(arch), config(name))
     fresh = copy.deepcopy(model)  # untrained: what a resume rebuilds before it loads the state dict
     _train(model)
     merged = qaft.merge_model(model)
@@ -82,9 +86,7 @@ def test_method_matrix_on_every_layout(arch, name):
 
 def _quick_check(model_type: str) -> None:
     """One integer method (L4Q, per channel, with its adapter trained a step) with the default targets."""
-    model = small_model(model_type)
-    qaft.apply_method(model, qaft.config_for("l4q", group_size=-1, rank=2, warmup_steps=0))
-    _check_every_block_linear_quantized(model)
+    model = _applied(small_model(model_type), qaft.config_for("l4q", group_size=-1, rank=2, warmup_steps=0))
     for p in (p for group in qaft.parameter_groups(model).values() for p in group):
         p.data.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(0)))
     ids = _ids(vocab=100)
@@ -130,7 +132,7 @@ for folder in sys.argv[2:]:
         torch.save(AutoModelForCausalLM.from_pretrained(folder).eval()(ids).logits, folder + "/logits.pt")
 assert not [m for m in sys.modules if m == "qaft" or m.startswith("qaft.")], "qaft was imported"
 """
-HF_EXPORTED = ("llama", "qwen3", "phi3", "gemma2", "opt", "gpt_neox", "falcon")
+HF_EXPORTED = ("llama", "qwen3", "phi3", "gemma2", "opt", "gpt_neox")
 
 
 def test_format_hf_exports_load_in_transformers_alone(tmp_path):
@@ -152,10 +154,14 @@ def test_format_hf_exports_load_in_transformers_alone(tmp_path):
         assert (out - ref).abs().max().item() <= 1e-4 * max(1.0, ref.abs().max().item()), arch
 
 
-def test_format_hf_refuses_gpt2_conv1d_in_one_line(tmp_path):
+@pytest.mark.parametrize("arch, first, kind", [("gpt2", "transformer.h.0.attn.c_attn", "Conv1D"),
+                                               ("falcon", "transformer.h.0.self_attention.query_key_value",
+                                                "FalconLinear")])
+def test_format_hf_refuses_layers_torchao_does_not_run_in_one_line(tmp_path, arch, first, kind):
     from qaft.deploy.hf_export import export_hf
 
-    merged = qaft.merge_model(qaft.apply_method(small_model("gpt2"), qaft.config_for("ptq", group_size=32)))
-    with pytest.raises(ValueError, match=r"^format=hf: transformer\.h\.0\.attn\.c_attn .* Conv1D .* format=qaft"):
+    merged = qaft.merge_model(qaft.apply_method(small_model(arch), qaft.config_for("ptq", group_size=32)))
+    with pytest.raises(ValueError, match=rf"^format=hf: {re.escape(first)} \(and \d+ more\) is a {kind} in "
+                                         rf"'{arch}', .* use format=qaft"):
         export_hf(merged, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
