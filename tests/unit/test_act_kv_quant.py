@@ -99,8 +99,10 @@ def test_kv_bits_without_kv_projections_raise_before_the_model_changes():
         layer.self_attn.kv_fused = layer.self_attn.k_proj
         del layer.self_attn.k_proj
     before = copy.deepcopy(model.state_dict())
-    with pytest.raises(ValueError, match=r"kv_bits=8 quantizes the outputs of \['k_proj', 'v_proj'\], but the model "
-                                         r"has no k_proj module: set kv_bits=16"):
+    with pytest.raises(ValueError, match=r"kv_bits=8 quantizes the outputs of \['k_proj', 'v_proj'\] or the K / V "
+                                         r"columns of a mapped fused projection \(\['bloom', 'falcon', 'gpt2', "
+                                         r"'gpt_neox', 'phi3'\]\), but this 'llama' model has no k_proj module: set "
+                                         r"kv_bits=16"):
         qaft.apply_method(model, qaft.config_for("l4q", group_size=32, kv_bits=8, act_bits=8,
                                                  target_modules=("q_proj", "v_proj")))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
