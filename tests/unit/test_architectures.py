@@ -11,8 +11,7 @@ import torch
 from torch import nn
 
 import qaft
-from qaft.methods import INTEGER, QuantizedLinear, traits
-from qaft.methods.api import qaft_layers
+from qaft.methods import INTEGER, QaftLinear, QuantizedLinear, traits
 from qaft.methods.targets import TargetError, decoder_blocks
 from qaft.models.architectures import (
     BUILD,
@@ -59,7 +58,7 @@ def _applied(model: nn.Module, config: qaft.MethodConfig) -> nn.Module:
     assert plan.quantized and not plan.unquantizable
     assert all(any(n.startswith(f"{b}.") for b in blocks) for n in plan.quantized)
     assert not [n for n in plan.float_linears if any(n.startswith(f"{b}.") for b in blocks)]
-    assert len(qaft_layers(model)) == len(plan.quantized)
+    assert sum(isinstance(m, (QaftLinear, QuantizedLinear)) for m in model.modules()) == len(plan.quantized)
     return model
 
 
