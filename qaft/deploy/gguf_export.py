@@ -16,7 +16,8 @@ length, within which windowed and full attention agree); llama/mistral ``q_proj`
 dimension -- and readers such as transformers' GGUF loader undo it; qwen2 keeps HF's rotary layout and its
 q/k/v biases; qwen3 is qwen2's layout without biases, with per-head q/k RMSNorms (``attn_q_norm`` / ``attn_k_norm``).
 Other architectures are refused in one line naming these (phi3's fused ``qkv_proj`` / ``gate_up_proj`` and gemma2's
-shifted norms, soft-capping and embedding scale need their own writer, not yet checked against a reader). The tokenizer is the model's own (:mod:`qaft.deploy.gguf_vocab`).
+shifted norms, soft-capping and embedding scale need their own writer, not yet checked against a reader). The
+tokenizer is the model's own (:mod:`qaft.deploy.gguf_vocab`).
 """
 from __future__ import annotations
 
@@ -55,7 +56,8 @@ GGUF_ARCHES = {
     "llama": GGUFArch(gguf.MODEL_ARCH.LLAMA, True, ()),
     "mistral": GGUFArch(gguf.MODEL_ARCH.LLAMA, True, ()),  # llama.cpp has no separate Mistral (v0.x) arch
     "qwen2": GGUFArch(gguf.MODEL_ARCH.QWEN2, False, ("q_proj", "k_proj", "v_proj")),
-    "qwen3": GGUFArch(gguf.MODEL_ARCH.QWEN3, False, (), key_length_read=True),  # qwen2's layout without biases, plus q/k RMSNorms
+    # qwen2's layout without biases, plus per-head q/k RMSNorms; llama.cpp reads head_dim from key_length
+    "qwen3": GGUFArch(gguf.MODEL_ARCH.QWEN3, False, (), key_length_read=True),
 }
 
 

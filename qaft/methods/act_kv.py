@@ -5,8 +5,9 @@ as the submodule ``input_quantizer``, applied by a forward pre-hook). ``kv_bits 
 ``v_proj`` (targeted or not) quantizes its output (``output_quantizer``, a forward hook): one token's K or V over
 all heads, before LLaMA's attention applies RoPE to K (LLM-QAT's placement). Architectures that compute Q, K and V
 in one fused projection (GPT-2's ``c_attn``, GPT-NeoX's ``query_key_value``, Phi-3's ``qkv_proj``, ...) quantize
-the K and V columns of its output, each as ``k_proj`` / ``v_proj`` would (:mod:`qaft.methods.fused_kv`). Embeddings, norms, ``lm_head`` and
-``q_proj``'s output stay float. With both at 16 nothing is installed: the model is exactly the weight-only one.
+the K and V columns of its output, each as ``k_proj`` / ``v_proj`` would (:mod:`qaft.methods.fused_kv`).
+Embeddings, norms, ``lm_head`` and ``q_proj``'s output stay float. With both at 16 nothing is installed: the model
+is exactly the weight-only one.
 
 Why hooks on the existing modules rather than wrapper modules: a quantizer has no state, so the state dict, the
 module names (what checkpoints, GPTQ and the deploy code look up) and every method layer stay as they are. The

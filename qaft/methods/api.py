@@ -64,8 +64,9 @@ def apply_method(model: nn.Module, config: MethodConfig, calib_batches: Iterable
 
     ``config.target_modules`` is resolved on the model (:func:`plan_targets`; the default is every linear layer
     of every decoder block, :mod:`qaft.methods.targets`); ``model.qaft_targets`` keeps the resulting
-    :class:`~qaft.methods.targets.TargetPlan` (what a run records). Every target layer is validated (e.g. the group size divides its width, ``kv_bits`` finds ``k_proj`` and
-    ``v_proj``) before any is replaced, so a bad config leaves the model untouched. ``act_bits`` / ``kv_bits``
+    :class:`~qaft.methods.targets.TargetPlan` (what a run records). Every target layer is validated (e.g. the
+    group size divides its width, ``kv_bits`` finds the K and V projections) before any is replaced, so a bad
+    config leaves the model untouched. ``act_bits`` / ``kv_bits``
     below 16 install the per-token quantizers on the float layers first (:mod:`qaft.methods.act_kv`), so GPTQ
     calibrates on the quantized inputs the layers will see, and every replacement keeps them.
 

@@ -316,5 +316,5 @@ def config_for(name: str, **fields: Any) -> MethodConfig:
     return cls(**fields)
 
 
-__all__ = ["ALL_LINEAR", "DEFAULT_TARGETS", "FLOAT", "INTEGER", "GPTQFields", "MethodConfig", "MethodTraits", "available",
-           "config_for", "field", "register", "registered", "traits"]
+__all__ = ["ALL_LINEAR", "DEFAULT_TARGETS", "FLOAT", "INTEGER", "GPTQFields", "MethodConfig", "MethodTraits",
+           "available", "config_for", "field", "register", "registered", "traits"]

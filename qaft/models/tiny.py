@@ -39,7 +39,8 @@ def tiny_config(name: str, vocab_size: int = 49152) -> PretrainedConfig:
     return TINY_CONFIGS[name](vocab_size)
 
 
-def build_tiny(name: str, vocab_size: int = 49152, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+def build_tiny(name: str, vocab_size: int = 49152, seed: int = 0,
+               dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """The tiny built-in model ``name``; same random weights on every call, the callers' RNG untouched."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
