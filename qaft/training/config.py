@@ -43,9 +43,10 @@ from qaft.training.schemas import (
 )
 from qaft.training.spec import RunSpec, run_spec
 
-# SmolLM2-135M's shape, so a bad group size is caught before the first (slow) GGUF conversion.
+# SmolLM2-135M's shape, so a bad group size or target is caught before the first (slow) GGUF conversion.
 _SMOLLM2_SHAPE = {"hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9, "head_dim": 64,
-                  "max_position_embeddings": 8192, "model_type": "llama"}
+                  "num_key_value_heads": 3, "num_hidden_layers": 30, "vocab_size": 49152,
+                  "tie_word_embeddings": True, "max_position_embeddings": 8192, "model_type": "llama"}
 CORPUS_KEYS = ("name", "source", "split", "seq_len", "batch_size")
 _EVAL_SPLITS = {"lm": ("train", "validation", "test"), "instruct": ("validation", "test")}
 
