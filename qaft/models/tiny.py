@@ -28,7 +28,7 @@ def tiny_llama_config(vocab_size: int = 49152) -> LlamaConfig:
 def tiny_gpt2_config(vocab_size: int = 49152) -> GPT2Config:
     """GPT-2 at the tiny LLaMA's widths (64 wide, MLP 256: GPT-2's fixed 4x)."""
     return GPT2Config(vocab_size=vocab_size, n_embd=64, n_layer=2, n_head=4, n_positions=2048,
-                      tie_word_embeddings=True)
+                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)  # the tiny LLaMA's (LlamaConfig's)
 
 
 TINY_CONFIGS = {TINY_LLAMA: tiny_llama_config, TINY_GPT2: tiny_gpt2_config}
