@@ -13,3 +13,14 @@ from helpers import tiny_run_overrides  # noqa: E402
 @pytest.fixture
 def tiny_overrides(tmp_path: Path) -> list[str]:
     return tiny_run_overrides(tmp_path / "runs")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread (more only add synchronisation, badly so on a busy machine)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

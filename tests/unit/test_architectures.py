@@ -28,6 +28,7 @@ from helpers import plain_python
 from method_matrix import config, methods
 
 ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _ids(seed: int = 1, vocab: int = 100) -> torch.Tensor:

@@ -16,6 +16,8 @@ from qaft.models.architectures import small_config, small_model
 from qaft.quant.activation import fake_quantize_per_token
 from qaft.training.fsdp import NoSplitModulesPolicy
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 @pytest.mark.parametrize("targets, what", [(("c_attn", "nope"), r"'nope' is no layer of the model"),
                                            (("wte",), r"'wte' is a Embedding, not a linear layer qaft can quantize")])
