@@ -10,6 +10,7 @@ is a :class:`ConfigError`: one line that names the field and says what to change
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -102,13 +103,17 @@ def _read_shape(name_or_path: str, fetch: bool = True) -> dict[str, Any] | None:
 
 def meta_model(shape: dict[str, Any] | None) -> Any:
     """The model a config describes, built on the meta device (module names and shapes, no memory, no weights);
-    ``None`` where transformers cannot build it from the config alone."""
-    if shape is None:
-        return None
+    ``None`` where transformers cannot build it from the config alone. Read only: cached per config."""
+    return None if shape is None else _meta_model(json.dumps(shape, sort_keys=True, default=str))
+
+
+@functools.lru_cache(maxsize=4)
+def _meta_model(shape_json: str) -> Any:
     from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 
+    shape = json.loads(shape_json)
     try:
-        config = CONFIG_MAPPING[shape["model_type"]].from_dict(dict(shape))
+        config = CONFIG_MAPPING[shape["model_type"]].from_dict(shape)
         with torch.device("meta"):
             return AutoModelForCausalLM.from_config(config)
     except Exception:  # noqa: BLE001 - an unknown or unusual config: the load itself will say what is wrong
