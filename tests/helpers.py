@@ -41,6 +41,14 @@ def _env() -> dict[str, str]:
             "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))}
 
 
+def plain_python(*args: str) -> subprocess.CompletedProcess:
+    """``python *args`` in a fresh interpreter without qaft on the path (what a user of an export has)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1",
+                                                                         "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, *args], check=False, capture_output=True, text=True, env=env, timeout=300,
+                          cwd="/")
+
+
 def tiny_run_overrides(runs_root: Path, steps: int = 4) -> list[str]:
     """A seconds-long run of the whole pipeline on the random tiny LLaMA and a slice of Austen."""
     return [

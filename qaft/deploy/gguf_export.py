@@ -1,4 +1,4 @@
-"""GGUF export of a merged LLaMA-family qaft model (llama, mistral, qwen2): how a qaft model reaches llama.cpp.
+"""GGUF export of a merged LLaMA-family qaft model (llama, mistral, qwen2, qwen3): how a qaft model reaches llama.cpp.
 
 GGUF's Q4_1 stores per block of 32 weights ``w = d * u + m`` with fp16 ``d``, ``m`` and 4-bit unsigned ``u``.
 qaft's ``W = s * (u - 2^(n-1)) + b`` (``n``-bit unsigned codes ``u``) maps onto it with ``d = s`` and
@@ -14,7 +14,10 @@ Architectures follow llama.cpp's converter: Mistral is written as ``llama`` (its
 length, within which windowed and full attention agree); llama/mistral ``q_proj``/``k_proj`` rows are permuted
 (rotary halves interleaved per head) -- exact for the codes, scales and offsets, as groups run along the input
 dimension -- and readers such as transformers' GGUF loader undo it; qwen2 keeps HF's rotary layout and its
-q/k/v biases. The tokenizer is the model's own (:mod:`qaft.deploy.gguf_vocab`).
+q/k/v biases; qwen3 is qwen2's layout without biases, with per-head q/k RMSNorms (``attn_q_norm`` / ``attn_k_norm``).
+Other architectures are refused in one line naming these (phi3's fused ``qkv_proj`` / ``gate_up_proj`` and gemma2's
+shifted norms, soft-capping and embedding scale need their own writer, not yet checked against a reader). The
+tokenizer is the model's own (:mod:`qaft.deploy.gguf_vocab`).
 """
 from __future__ import annotations
 
@@ -46,12 +49,15 @@ class GGUFArch:
     arch: gguf.MODEL_ARCH
     rope_permute: bool  # q/k rows interleaved per head (llama.cpp's LLaMA rotary layout)
     biases: tuple[str, ...]  # linear layers that may carry a bias (the reader knows where to put it)
+    key_length_read: bool = False  # readers take head_dim from attention.key_length, not hidden / heads
 
 
 GGUF_ARCHES = {
     "llama": GGUFArch(gguf.MODEL_ARCH.LLAMA, True, ()),
     "mistral": GGUFArch(gguf.MODEL_ARCH.LLAMA, True, ()),  # llama.cpp has no separate Mistral (v0.x) arch
     "qwen2": GGUFArch(gguf.MODEL_ARCH.QWEN2, False, ("q_proj", "k_proj", "v_proj")),
+    # qwen2's layout without biases, plus per-head q/k RMSNorms; llama.cpp reads head_dim from key_length
+    "qwen3": GGUFArch(gguf.MODEL_ARCH.QWEN3, False, (), key_length_read=True),
 }
 
 
@@ -152,7 +158,8 @@ def check_exportable(model: nn.Module) -> GGUFArch:
         if isinstance(module, (nn.Linear, QuantizedLinear)) and module.bias is not None \
                 and name.rsplit(".", 1)[-1] not in spec.biases:
             raise ValueError(f"{name} has a bias, which the {config.model_type} GGUF layout has no tensor for")
-    if not spec.rope_permute and _head_dim(config) * config.num_attention_heads != config.hidden_size:
+    if not (spec.rope_permute or spec.key_length_read) and _head_dim(config) * config.num_attention_heads \
+            != config.hidden_size:
         raise ValueError(f"{config.model_type}: head_dim {_head_dim(config)} != hidden/heads, which GGUF readers "
                          "assume for this architecture")
     return spec
@@ -234,7 +241,7 @@ def _add_tensors(writer: gguf.GGUFWriter, model: nn.Module, spec: GGUFArch, appr
 
 def export_gguf(model: nn.Module, path: str | Path, tokenizer: Any = None, approximate: bool = False,
                 allow_float: bool = False, name: str = "qaft") -> Path:
-    """Write a merged llama / mistral / qwen2 model and its HF fast ``tokenizer`` as GGUF; returns ``path``.
+    """Write a merged llama / mistral / qwen2 / qwen3 model and its HF fast ``tokenizer`` as GGUF; returns ``path``.
 
     Integer layers become exact Q4_1 blocks; a layer with no exact type is refused with the measured
     error of the closest type, unless ``approximate`` (write the closest type) or ``allow_float`` (F16).

@@ -17,7 +17,9 @@ torchao's allow-listed tensor classes), with ``config.json`` holding transformer
 One byte per code on disk: this is the exact hand-over format, not the compact one (GGUF / ``format=qaft``).
 
 Models that quantize activations or the KV cache (W-A-KV) are refused: no format transformers loads applies
-qaft's per-token activation quantizers.
+qaft's per-token activation quantizers; so are integer layers in the place of GPT-2's ``Conv1D`` (torchao's loader
+quantizes ``nn.Linear`` modules only), and where the architecture's own ``nn.Linear`` subclass (Falcon's
+``FalconLinear``: ``input @ weight.T``) does not run on torchao's tensors.
 """
 from __future__ import annotations
 
@@ -103,6 +105,24 @@ def check_exportable(model: nn.Module) -> None:
                          "use format=qaft (qaft.deploy.load_quantized)")
     if not is_integer_model(model):
         raise ValueError("format=hf: the model holds no integer layers (merge it with qaft.merge_model first)")
+    foreign = _foreign_positions(model)
+    if foreign:
+        name, kind = foreign[0]
+        raise ValueError(f"format=hf: {name} (and {len(foreign) - 1} more) is a {kind} in {model.config.model_type!r}, "
+                         "not an nn.Linear: torchao's transformers loader quantizes nn.Linear modules only (and a "
+                         "subclass with its own forward does not run on torchao weights); use format=qaft "
+                         "(qaft.deploy.load_quantized)")
+
+
+def _foreign_positions(model: nn.Module) -> list[tuple[str, str]]:
+    """``(name, class)`` of integer layers that sit where the architecture builds something other than an exact
+    ``nn.Linear`` (GPT-2's ``Conv1D``, Falcon's ``FalconLinear``), from its class built on the meta device."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        fresh = dict(AutoModelForCausalLM.from_config(model.config).named_modules())
+    return [(n, type(fresh[n]).__name__) for n, m in model.named_modules()
+            if isinstance(m, QuantizedLinear) and n in fresh and type(fresh[n]) is not nn.Linear]
 
 
 def export_hf(model: PreTrainedModel, path: str | Path, tokenizer: Any = None,

@@ -16,6 +16,7 @@ from qaft.deploy.merged import load_deployed, load_run_model
 from qaft.methods import DEFAULT_TARGETS, GPTQOptions, gptq_quantize_model, ptq_model
 from qaft.methods.act_kv import install_act_kv
 from qaft.methods.smoothquant import check_alpha, smoothquant_quantize_model
+from qaft.methods.targets import resolve_targets
 from qaft.quant.activation import OFF
 
 
@@ -35,8 +36,7 @@ def apply_ptq(model: nn.Module, tokenizer: Any, ptq: dict[str, Any], source: str
     quantizers (SmoothQuant's W8A8 / W4A8KV8 rows), as ``qaft.apply_method`` does for a PTQ config."""
     bits, group_size, init, zero = int(ptq["bits"]), int(ptq["group_size"]), ptq["init"], ptq["zero_point"]
     alpha = check_alpha(ptq.get("smooth_alpha", 0.5))  # before any data is read
-    targets = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in
-               DEFAULT_TARGETS]
+    targets = list(resolve_targets(model, DEFAULT_TARGETS).quantized)
     install_act_kv(model, targets, int(ptq.get("act_bits", OFF)), int(ptq.get("kv_bits", OFF)))
     if ptq["algorithm"] == "rtn":
         return ptq_model(model, bits, group_size, init, inplace=True, zero_point=zero)

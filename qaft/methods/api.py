@@ -8,39 +8,65 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from qaft.methods.act_kv import install_act_kv
-from qaft.methods.config import MethodConfig, config_for
+from qaft.methods.config import ALL_LINEAR, INTEGER, MethodConfig, config_for
 from qaft.methods.layer import QaftLinear, replace_module
+from qaft.methods.targets import TargetError, TargetPlan, as_conv1d, as_linear, linear_names, resolve_targets
 
 
-def _targets(model: nn.Module, target_modules: tuple[str, ...]) -> list[tuple[str, nn.Linear]]:
-    found = [(name, m) for name, m in model.named_modules()
-             if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in target_modules]
-    if not found:
-        raise ValueError(f"target_modules={list(target_modules)} matched no nn.Linear in the model")
-    return found
+def _shape(module: nn.Module) -> nn.Linear:
+    """An ``nn.Linear`` of ``module``'s shape on the meta device (a ``Conv1D`` stores ``[in, out]``), to validate."""
+    if isinstance(module, nn.Linear):
+        return module
+    n_in, n_out = module.weight.shape
+    return nn.Linear(n_in, n_out, bias=module.bias is not None, device="meta")
 
 
-def _validated_targets(model: nn.Module, config: MethodConfig) -> list[tuple[str, nn.Linear]]:
-    """Every target layer, each validated (so a bad config raises before anything is replaced)."""
-    targets = _targets(model, config.target_modules)
-    for name, linear in targets:
-        config.validate_layer(name, linear)
-    return targets
+def plan_targets(model: nn.Module, config: MethodConfig) -> TargetPlan:
+    """The layers ``config`` quantizes in ``model``, every one validated, before anything is replaced.
+
+    Raises :class:`~qaft.methods.targets.TargetError` (a ``ValueError``, one line) for targets the model lacks,
+    and where a method whose merge is integer would leave a weight matrix of a decoder block float under the
+    default targets (its deployed "integer model" would not be one). Works on a model on the meta device (the
+    run config check builds one from ``config.json`` before any weight loads)."""
+    plan = resolve_targets(model, config.target_modules)
+    if config.traits.merges_to == INTEGER and ALL_LINEAR in config.target_modules and plan.unquantizable:
+        kinds = sorted({type(model.get_submodule(n)).__name__ for n in plan.unquantizable})
+        raise TargetError(f"method {config.name!r} merges to integer layers, but {len(plan.unquantizable)} weight "
+                          f"matrices of the decoder blocks are no linear layer qaft can quantize ({', '.join(kinds)}: "
+                          f"{plan.unquantizable[0]}, ...) and would stay float; name the layers to quantize in "
+                          f"target_modules (the model's linear layers: {linear_names(model)})")
+    for name in plan.quantized:
+        config.validate_layer(name, _shape(model.get_submodule(name)))
+    return plan
 
 
-def _swap_targets(model: nn.Module, config: MethodConfig,
-                  targets: list[tuple[str, nn.Linear]] | None = None) -> None:
-    for name, linear in _validated_targets(model, config) if targets is None else targets:
-        replace_module(model, name, config.make_layer(linear))
+def _as_linears(model: nn.Module, plan: TargetPlan) -> None:
+    """Replace every targeted ``Conv1D`` by its exact ``nn.Linear`` (what every method layer is built from)."""
+    for name in plan.transposed:
+        module = model.get_submodule(name)
+        if isinstance(module, Conv1D):
+            replace_module(model, name, as_linear(module))
+
+
+def _swap_targets(model: nn.Module, config: MethodConfig, plan: TargetPlan | None = None) -> TargetPlan:
+    plan = plan_targets(model, config) if plan is None else plan
+    _as_linears(model, plan)
+    for name in plan.quantized:
+        replace_module(model, name, config.make_layer(model.get_submodule(name)))
+    return plan
 
 
 def apply_method(model: nn.Module, config: MethodConfig, calib_batches: Iterable[Any] | None = None) -> nn.Module:
     """Replace the target linear layers of ``model`` by ``config``'s layers; freeze everything else.
 
-    Every target layer is validated (e.g. the group size divides its width, ``kv_bits`` finds ``k_proj`` and
-    ``v_proj``) before any is replaced, so a bad config leaves the model untouched. ``act_bits`` / ``kv_bits``
+    ``config.target_modules`` is resolved on the model (:func:`plan_targets`; the default is every linear layer
+    of every decoder block, :mod:`qaft.methods.targets`); ``model.qaft_targets`` keeps the resulting
+    :class:`~qaft.methods.targets.TargetPlan` (what a run records). Every target layer is validated (e.g. the
+    group size divides its width, ``kv_bits`` finds the K and V projections) before any is replaced, so a bad
+    config leaves the model untouched. ``act_bits`` / ``kv_bits``
     below 16 install the per-token quantizers on the float layers first (:mod:`qaft.methods.act_kv`), so GPTQ
     calibrates on the quantized inputs the layers will see, and every replacement keeps them.
 
@@ -53,14 +79,16 @@ def apply_method(model: nn.Module, config: MethodConfig, calib_batches: Iterable
     if options is not None and calib_batches is None:
         raise ValueError(f"method {config.name!r} needs calibration data ({options.calib_batches} "
                          "batches by its calib_batches): call apply_method(model, config, calib_batches=batches)")
-    targets = _validated_targets(model, config)
-    install_act_kv(model, [name for name, _ in targets], config.act_bits, config.kv_bits)
+    plan = plan_targets(model, config)
+    install_act_kv(model, list(plan.quantized), config.act_bits, config.kv_bits)
     if options is None:
-        _swap_targets(model, config, targets)
+        _swap_targets(model, config, plan)
     else:
+        _as_linears(model, plan)
         config.apply_calibrated(model, calib_batches)
     model.requires_grad_(False)  # set_training_step below re-enables what the first phase trains
     model.qaft_config = config
+    model.qaft_targets = plan
     set_training_step(model, 0)
     return model
 
@@ -110,8 +138,12 @@ def merge_model(model: nn.Module, inplace: bool = False) -> nn.Module:
     merged = model if inplace else copy.deepcopy(model)
     # Names only: holding the layers themselves would keep every one alive until the loop ends.
     names = [name for name, module in merged.named_modules() if isinstance(module, QaftLinear)]
+    plan: TargetPlan | None = getattr(merged, "qaft_targets", None)
+    transposed = set(plan.transposed) if plan is not None else set()
     for name in names:
-        replace_module(merged, name, merged.get_submodule(name).merge())
+        layer = merged.get_submodule(name).merge()
+        # A float merge of a GPT-2 Conv1D goes back to Conv1D, so the saved model loads into its own class.
+        replace_module(merged, name, as_conv1d(layer) if name in transposed and type(layer) is nn.Linear else layer)
     merged.eval()
     return merged
 

@@ -34,7 +34,9 @@ from qaft.quant.gptq import GPTQOptions
 from qaft.quant.granularity import granularity
 from qaft.quant.init import parse_init, parse_zero_point
 
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# The default target_modules: every linear layer of every decoder block, resolved per model (qaft.methods.targets).
+ALL_LINEAR = "all-linear"
+DEFAULT_TARGETS = (ALL_LINEAR,)
 TRAIN = "train"  # the phase name of single-phase methods
 INTEGER, FLOAT = "integer", "float"  # what a merge deploys (MethodTraits.merges_to)
 
@@ -92,6 +94,8 @@ class MethodTraits:
 class MethodConfig:
     """Fields every method has; subclasses add theirs and implement :meth:`make_layer`.
 
+    ``target_modules``: :data:`ALL_LINEAR` (every linear layer of every decoder block) and / or linear layers by
+    their last name component (``q_proj``, ``lm_head``, ...); :mod:`qaft.methods.targets` resolves them on the model.
     ``act_bits`` / ``kv_bits``: the dynamic per-token quantizer (:mod:`qaft.quant.activation`) on the input of
     every target linear / on the outputs of ``k_proj`` and ``v_proj`` (the KV cache), 2..8 bits; 16 (the
     default) leaves them float and the model exactly the weight-only one (:mod:`qaft.methods.act_kv`).
@@ -317,5 +321,5 @@ def config_for(name: str, **fields: Any) -> MethodConfig:
     return cls(**fields)
 
 
-__all__ = ["DEFAULT_TARGETS", "FLOAT", "INTEGER", "GPTQFields", "MethodConfig", "MethodTraits", "available",
-           "config_for", "field", "register", "registered", "traits"]
+__all__ = ["ALL_LINEAR", "DEFAULT_TARGETS", "FLOAT", "INTEGER", "GPTQFields", "MethodConfig", "MethodTraits",
+           "available", "config_for", "field", "register", "registered", "traits"]

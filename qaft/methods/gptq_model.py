@@ -32,6 +32,7 @@ from torch import nn
 
 from qaft.methods.config import DEFAULT_TARGETS
 from qaft.methods.layer import replace_module
+from qaft.methods.targets import resolve_targets
 from qaft.progress import Phase
 from qaft.quant.gptq import GPTQOptions, HessianAccumulator, gptq_quantize_weight
 from qaft.quant.linear import QuantizedLinear
@@ -41,13 +42,13 @@ class _Captured(Exception):
     """Raised by the first block's pre-hook: everything before it has run, nothing after needs to."""
 
 
-def _decoder_blocks(model: nn.Module, targets: tuple[str, ...]) -> nn.ModuleList:
-    """The first ``ModuleList`` whose children hold target linears (``model.model.layers`` for LLaMA)."""
-    for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) and any(
-                isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in targets for n, m in module[0].named_modules()):
-            return module
-    raise ValueError(f"GPTQ: found no decoder blocks holding target_modules={list(targets)}")
+def _decoder_blocks(model: nn.Module, chosen: set[str]) -> list[tuple[str, nn.Module]]:
+    """``(name, block)`` of the first ``ModuleList``'s children that hold target linears (``model.model.layers``
+    for LLaMA), in order."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) and any(n.startswith(f"{name}.0.") for n in chosen):
+            return [(f"{name}.{i}", block) for i, block in enumerate(module)]
+    raise ValueError(f"GPTQ: found no decoder blocks holding the target linears {sorted(chosen)[:3]} ...")
 
 
 def calibration_inputs(batch: Any, device: torch.device) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
@@ -96,9 +97,10 @@ def _next_inputs(block: nn.Module, args: tuple, kwargs: dict, keep: torch.Tensor
     return args, {**kwargs, "hidden_states": hidden}, keep
 
 
-def _quantize_block(block: nn.Module, inputs: list[_BlockInput], targets: tuple[str, ...],
+def _quantize_block(block: nn.Module, inputs: list[_BlockInput], targets: set[str],
                     gptq_kwargs: dict[str, Any]) -> None:
-    linears = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in targets}
+    """GPTQ of the linears of ``block`` named (relative to the block) in ``targets``."""
+    linears = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear) and n in targets}
     stats = {n: HessianAccumulator(m.in_features, m.weight.device) for n, m in linears.items()}
     rows: list[torch.Tensor | None] = [None]  # the real-token mask of the batch being run
 
@@ -145,15 +147,15 @@ def gptq_quantize_model(
     model = model if inplace else copy.deepcopy(model)
     was_training = model.training
     model.eval()
-    targets = tuple(target_modules)
-    blocks = _decoder_blocks(model, targets)
-    inputs = _block_inputs(model, blocks[0], list(calib_batches))
+    chosen = set(resolve_targets(model, tuple(target_modules)).quantized)
+    blocks = _decoder_blocks(model, chosen)
+    inputs = _block_inputs(model, blocks[0][1], list(calib_batches))
     options = {"bits": bits, "group_size": group_size, "act_order": act_order, "percdamp": percdamp,
                "init": init, "symmetric": symmetric, "block_size": block_size, "zero_point": zero_point}
     group = "pc" if group_size == -1 else f"g{group_size}"
     phase = Phase(f"GPTQ w{bits} {group}", len(blocks), "blocks")
-    for block in blocks:
-        _quantize_block(block, inputs, targets, options)
+    for prefix, block in blocks:
+        _quantize_block(block, inputs, {n[len(prefix) + 1:] for n in chosen if n.startswith(f"{prefix}.")}, options)
         inputs = [_next_inputs(block, *entry) for entry in inputs]
         phase.step()
     phase.end()

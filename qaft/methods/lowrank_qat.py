@@ -132,8 +132,9 @@ class _LowRankFakeQuantLinear(torch.autograd.Function):
     def forward(ctx, x, w0, a, b, s, off, m, scaling, bits, grad_scale, compiled):
         ctx.save_for_backward(x, w0, a, b, s, off, m)
         ctx.scaling, ctx.bits, ctx.grad_scale, ctx.compiled = scaling, bits, grad_scale, compiled
-        y = _forward_blocks(x.reshape(-1, x.shape[-1]), w0, a, b, s, off, m, scaling, bits)
-        return y.reshape(*x.shape[:-1], w0.shape[0])
+        # [tokens, out]: the caller reshapes, outside the Function, because a view made inside one cannot be
+        # modified in place afterwards (Falcon adds the attention output into the MLP's output in place).
+        return _forward_blocks(x.reshape(-1, x.shape[-1]), w0, a, b, s, off, m, scaling, bits)
 
     @staticmethod
     def backward(ctx, grad):
@@ -235,7 +236,8 @@ def lowrank_fake_quant_linear(x, w0, a, b, s, off, m, scaling: float, bits: int,
     memory benchmark's "naive" row); ``compiled`` compiles the custom backward's elementwise terms.
     """
     if memory_efficient:
-        return _LowRankFakeQuantLinear.apply(x, w0, a, b, s, off, m, scaling, bits, grad_scale, compiled)
+        y = _LowRankFakeQuantLinear.apply(x, w0, a, b, s, off, m, scaling, bits, grad_scale, compiled)
+        return y.reshape(*x.shape[:-1], w0.shape[0])
     s_, off_ = _grad_scaled(s, grad_scale), _grad_scaled(off, grad_scale)
     wp = w0.to(a.dtype) + scaling * (b @ a)
     wq = fake_quantize_reference(wp, s_, off_, bits)

@@ -42,6 +42,7 @@ from qaft.methods.act_kv import float_activations
 from qaft.methods.config import DEFAULT_TARGETS
 from qaft.methods.gptq_model import calibration_inputs
 from qaft.methods.layer import replace_module
+from qaft.methods.targets import resolve_targets
 from qaft.quant.linear import rtn_quantize_linear
 
 # (producer, readers) inside a LLaMA decoder block. Order matters for the balance each group reaches: a group
@@ -86,6 +87,7 @@ def weight_column_max(weights: Sequence[torch.Tensor]) -> torch.Tensor:
 def smooth_groups(model: nn.Module, targets: tuple[str, ...]) -> list[SmoothGroup]:
     """Every group of every LLaMA decoder block in which some reader is a target linear (all readers of the input
     are rescaled, targets or not, so the model stays the same function)."""
+    chosen = set(resolve_targets(model, targets).quantized)
     groups = []
     for name, block in model.named_modules():
         if not all(hasattr(block, a) for a in ("input_layernorm", "post_attention_layernorm", "self_attn", "mlp")):
@@ -94,7 +96,7 @@ def smooth_groups(model: nn.Module, targets: tuple[str, ...]) -> list[SmoothGrou
         for producer, readers in _GROUPS:
             if producer.endswith("v_proj") and v.out_features != o.in_features:
                 continue  # grouped-query attention: see the module docstring
-            if any(r.rsplit(".", 1)[-1] in targets for r in readers):
+            if any(f"{name}.{r}" in chosen for r in readers):
                 groups.append(SmoothGroup(f"{name}.{producer}", tuple(f"{name}.{r}" for r in readers)))
     if not groups:
         raise ValueError("smoothquant found no LLaMA decoder block (input_layernorm, self_attn, "
@@ -188,7 +190,7 @@ def smoothquant_quantize_model(model: nn.Module, calib_batches: Iterable[Any], b
     model = model if inplace else copy.deepcopy(model)
     targets = tuple(target_modules)
     smooth_model(model, calib_batches, alpha, targets)
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in targets]
+    names = [n for n in resolve_targets(model, targets).quantized if isinstance(model.get_submodule(n), nn.Linear)]
     for name in names:
         linear = model.get_submodule(name)
         replace_module(model, name, rtn_quantize_linear(linear, bits, group_size, init, symmetric, zero_point))

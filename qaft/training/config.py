@@ -10,11 +10,13 @@ is a :class:`ConfigError`: one line that names the field and says what to change
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
 from typing import Any
 
+import torch
 from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 
@@ -22,7 +24,9 @@ from qaft import paths
 from qaft.data import validate_data_source
 from qaft.evaluation.harness import EvalError, parse_task
 from qaft.methods import GPTQOptions, MethodConfig, available, config_for
-from qaft.models import SMOLLM2, TINY_LLAMA, cache_dir, tiny_llama_config, validate_model_source
+from qaft.methods.api import plan_targets
+from qaft.methods.targets import TargetError
+from qaft.models import SMOLLM2, TINY_CONFIGS, cache_dir, tiny_config, validate_model_source
 from qaft.quant.activation import OFF
 from qaft.quant.affine import VALID_BITS
 from qaft.quant.granularity import granularity
@@ -40,17 +44,10 @@ from qaft.training.schemas import (
 )
 from qaft.training.spec import RunSpec, run_spec
 
-# SmolLM2-135M's shape, so a bad group size is caught before the first (slow) GGUF conversion.
+# SmolLM2-135M's shape, so a bad group size or target is caught before the first (slow) GGUF conversion.
 _SMOLLM2_SHAPE = {"hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9, "head_dim": 64,
-                  "max_position_embeddings": 8192, "model_type": "llama"}
-# Input width of each target projection, from a LLaMA-style config.
-_IN_FEATURES = {
-    "q_proj": lambda c: c["hidden_size"], "k_proj": lambda c: c["hidden_size"],
-    "v_proj": lambda c: c["hidden_size"], "gate_proj": lambda c: c["hidden_size"],
-    "up_proj": lambda c: c["hidden_size"], "down_proj": lambda c: c["intermediate_size"],
-    "o_proj": lambda c: c["num_attention_heads"] * (c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]),
-}
-_LLAMA_STYLE = ("llama", "mistral", "qwen2", "qwen3")  # model types whose linear layers are exactly those
+                  "num_key_value_heads": 3, "num_hidden_layers": 30, "vocab_size": 49152,
+                  "tie_word_embeddings": True, "max_position_embeddings": 8192, "model_type": "llama"}
 CORPUS_KEYS = ("name", "source", "split", "seq_len", "batch_size")
 # Trainer settings Lightning runs only on a CUDA GPU (gpu_only_settings).
 _GPU_ACCELERATORS = ("gpu", "cuda")
@@ -97,8 +94,8 @@ def _hub_config(repo: str) -> Path:
 def _read_shape(name_or_path: str, fetch: bool = True) -> dict[str, Any] | None:
     """The model's config (widths, positions) without loading its weights; ``None`` where there is none (or,
     with ``fetch=False``, where it would have to come from the hub)."""
-    if name_or_path == TINY_LLAMA:
-        return tiny_llama_config().to_dict()
+    if name_or_path in TINY_CONFIGS:
+        return tiny_config(name_or_path).to_dict()
     if name_or_path == SMOLLM2:
         cached = cache_dir() / SMOLLM2 / "config.json"
         return json.loads(cached.read_text()) if cached.is_file() else dict(_SMOLLM2_SHAPE)
@@ -108,34 +105,48 @@ def _read_shape(name_or_path: str, fetch: bool = True) -> dict[str, Any] | None:
     return json.loads(config.read_text()) if config.is_file() else None
 
 
-def model_widths(shape: dict[str, Any] | None, modules: tuple[str, ...]) -> dict[str, int]:
-    """``in_features`` of each target module name that the model's config (``shape``) describes."""
-    if shape is None:
-        return {}
-    shape = shape.get("text_config", shape)  # multimodal configs nest the language model's
-    widths = {}
-    for module in modules:
-        if module in _IN_FEATURES:
-            try:
-                widths[module] = int(_IN_FEATURES[module](shape))
-            except (KeyError, TypeError):
-                continue
-    return widths
+def meta_model(shape: dict[str, Any] | None) -> Any:
+    """The model a config describes, built on the meta device (module names and shapes, no memory, no weights);
+    ``None`` where transformers cannot build it from the config alone. Read only: cached per config."""
+    return None if shape is None else _meta_model(json.dumps(shape, sort_keys=True, default=str))
+
+
+@functools.lru_cache(maxsize=4)
+def _meta_model(shape_json: str) -> Any:
+    from transformers import CONFIG_MAPPING, AutoModelForCausalLM
+
+    shape = json.loads(shape_json)
+    try:
+        config = CONFIG_MAPPING[shape["model_type"]].from_dict(shape)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config)
+    except Exception:  # noqa: BLE001 - an unknown or unusual config: the load itself will say what is wrong
+        return None
 
 
 def _check_model(cfg: DictConfig, method: MethodConfig, group_size: int, shape: dict[str, Any] | None) -> None:
-    """Every target module is a linear layer of a LLaMA-style model, and the group size divides its width."""
-    model = cfg.model.name_or_path
-    if (shape or {}).get("text_config", shape or {}).get("model_type") in _LLAMA_STYLE:
-        unknown = [m for m in method.target_modules if m not in _IN_FEATURES]
-        if unknown:
-            raise ConfigError(f"method.target_modules={list(method.target_modules)}: model {model!r} has no "
-                              f"{unknown}; its linear layers: {list(_IN_FEATURES)}")
-    for module, width in model_widths(shape, method.target_modules).items():
+    """The targets resolve on the model (built on the meta device from its config, before any weight loads): every
+    name is one of its linear layers, an integer method leaves no block weight float, and the method's and the
+    deployment's group sizes divide every target's width."""
+    model = meta_model(shape)
+    if model is None:
+        return
+    name = cfg.model.name_or_path
+    try:
+        plan = plan_targets(model, method)
+    except TargetError as err:
+        field = "method." if str(err).startswith("target_modules") else ""
+        raise ConfigError(f"model {name!r}: {field}{err}") from None
+    except ValueError as err:  # a layer's shape does not fit the method (its group size)
+        raise ConfigError(f"method.group_size={getattr(method, 'group_size', None)} does not fit model {name!r}: "
+                          f"{err}") from None
+    for target in plan.quantized:
+        layer = model.get_submodule(target)
+        width = layer.in_features if isinstance(layer, torch.nn.Linear) else layer.weight.shape[0]
         try:
             granularity(group_size).group_size(width)
         except ValueError as err:
-            raise ConfigError(f"method.group_size={group_size} does not fit model {model!r} ({module}): {err}"
+            raise ConfigError(f"method.group_size={group_size} does not fit model {name!r} ({target}): {err}"
                               ) from None
 
 

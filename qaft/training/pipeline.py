@@ -135,6 +135,9 @@ class _Attempt:
         calibration = spec.method.calibration_options()
         calib = data.calibration_batches(calibration.calib_batches) if calibration is not None else None
         module = QaftModule(self.cfg, spec.method, calib, identity_config(self.cfg))
+        targets = module.model.qaft_targets  # which linear layers the method quantizes, which it leaves float
+        progress.say(targets.line())
+        self.metrics["layers"] = targets.record()
         trainer = build_trainer(self.cfg, spec, self.folder.path, self.guard)
         track(trainer.logger, self.record)
         self.record.lap("load")

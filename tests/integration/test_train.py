@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 
 import qaft
 from qaft.methods import DEFAULT_TARGETS, available
+from qaft.methods.targets import resolve_targets
 from qaft.models import load_causal_lm
 
 from helpers import run_qaft_train, signal_at_step, tiny_run_overrides
@@ -286,7 +287,7 @@ def test_ptq_smoothquant_w8a8kv8_run_calibrates_on_the_first_training_batches(tm
     saved, _, _ = load_run_model(record["run_dir"])
     assert act_kv_layout(saved)["act_bits"] == act_kv_layout(saved)["kv_bits"] == 8
     expected = load_causal_lm("tiny-llama")[0]
-    install_act_kv(expected, [n for n, m in expected.named_modules() if n.rsplit(".", 1)[-1] in DEFAULT_TARGETS], 8, 8)
+    install_act_kv(expected, list(resolve_targets(expected, DEFAULT_TARGETS).quantized), 8, 8)
     smoothquant_quantize_model(expected, _tiny_data().calibration_batches(3), 8, -1, 0.6, inplace=True)
     for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
         a, b = saved.get_submodule(name), expected.get_submodule(name)

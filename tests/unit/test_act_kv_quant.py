@@ -99,8 +99,10 @@ def test_kv_bits_without_kv_projections_raise_before_the_model_changes():
         layer.self_attn.kv_fused = layer.self_attn.k_proj
         del layer.self_attn.k_proj
     before = copy.deepcopy(model.state_dict())
-    with pytest.raises(ValueError, match=r"kv_bits=8 quantizes the outputs of \['k_proj', 'v_proj'\], but the model "
-                                         r"has no k_proj module: set kv_bits=16"):
+    with pytest.raises(ValueError, match=r"kv_bits=8 quantizes the outputs of \['k_proj', 'v_proj'\] or the K / V "
+                                         r"columns of a mapped fused projection \(\['bloom', 'falcon', 'gpt2', "
+                                         r"'gpt_neox', 'phi3'\]\), but this 'llama' model has no k_proj module: set "
+                                         r"kv_bits=16"):
         qaft.apply_method(model, qaft.config_for("l4q", group_size=32, kv_bits=8, act_bits=8,
                                                  target_modules=("q_proj", "v_proj")))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
@@ -162,7 +164,7 @@ def test_activation_quantizer_sits_at_every_target_input_only():
             module.register_forward_hook(lambda m, a, out, n=name: inputs.__setitem__(n, a[0].detach()))
     with torch.no_grad():
         model(token_batch())
-    targets = [n for n in inputs if n.rsplit(".", 1)[-1] in qaft.methods.DEFAULT_TARGETS]
+    targets = [n for n in inputs if n in model.qaft_targets.quantized]
     assert len(targets) == 14 and all(_on_grid(inputs[n], 8) for n in targets)
     assert not _on_grid(inputs["lm_head"], 8)  # the head stays float
     assert not any(n.endswith(OUTPUT) for n, _ in model.named_modules())  # kv_bits=16: no KV quantizer

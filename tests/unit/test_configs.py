@@ -119,6 +119,12 @@ def test_wandb_logger_offline_by_default():
     # a preset's keys that its data module does not take (instantiating it would fail after the folder exists)
     (["experiment=qalora_paper", "scale=tiny"],
      r"^data.datamodule has \['max_eval_tokens', 'max_train_tokens', 'seq_len'\], which qaft.data.InstructDataModule"),
+    # targets resolve on the model built from its config (on the meta device), before any weight loads
+    (["model=tiny-gpt2", "method.target_modules=[wte]"], (r"^model 'tiny-gpt2': method.target_modules=\['wte'\]: "
+     r"'wte' is a Embedding, not a linear layer qaft can quantize; the model's linear layers: \['c_attn', 'c_fc', "
+     r"'c_proj', 'lm_head'\]")),
+    (["model=tiny-gpt2", "method.group_size=48"], (r"^method.group_size=48 does not fit model 'tiny-gpt2': "
+     r"transformer.h.0.attn.c_attn: group_size=48 does not divide in_features=64")),
 ])
 def test_validation_rejects(override, words):
     with pytest.raises(ConfigError, match=words):

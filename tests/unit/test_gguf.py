@@ -15,6 +15,8 @@ from transformers import (
     MistralForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 
 import qaft
@@ -32,7 +34,7 @@ from tests.helpers import fake_run_folder
 
 TEXT = "It is a truth universally acknowledged, in 1811, that a single man — café owner — <|im_start|>user\n"
 ARCHES = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
-          "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
+          "qwen2": (Qwen2Config, Qwen2ForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM)}
 
 
 def tiny_model(arch: str) -> torch.nn.Module:
@@ -40,7 +42,10 @@ def tiny_model(arch: str) -> torch.nn.Module:
     config_cls, model_cls = ARCHES[arch]
     config = config_cls(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                        rms_norm_eps=1e-5, tie_word_embeddings=arch != "mistral", rope_theta=5e4)
+                        rms_norm_eps=1e-5, tie_word_embeddings=arch != "mistral", rope_theta=5e4,
+                        # transformers' GGUF reader takes qwen3's head_dim from Qwen3Config's default (128, as in every
+                        # real Qwen3), not from the file's attention.key_length, which qaft writes (llama.cpp reads it)
+                        head_dim=128 if arch == "qwen3" else 16)
     if arch == "mistral":
         config.sliding_window = 128
     with torch.random.fork_rng(devices=[]):
@@ -49,6 +54,8 @@ def tiny_model(arch: str) -> torch.nn.Module:
         for name, p in model.named_parameters():
             if name.endswith("bias"):
                 p.data.normal_(0, 0.5)  # HF initialises them to 0, which would test nothing
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                p.data.normal_(1, 0.3)  # and these to 1
     return model
 
 
@@ -126,7 +133,7 @@ def _round_trip(merged, tokenizer, folder, path, **kw):
         return merged(ids).logits, loaded(ids).logits, loaded
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
 def test_transformers_loads_exported_tiny_model(tmp_path, arch):
     tok = load_tokenizer("tiny-llama")
     merged = qaft.ptq_model(tiny_model(arch), 4, 32)
@@ -137,7 +144,7 @@ def test_transformers_loads_exported_tiny_model(tmp_path, arch):
     torch.testing.assert_close(out, ref, rtol=0, atol=5e-3 * ref.abs().max().item())
     assert torch.equal(out.argmax(-1), ref.argmax(-1))
     meta = gguf.GGUFReader(str(path)).fields
-    arch_name = "qwen2" if arch == "qwen2" else "llama"  # llama.cpp's converter writes Mistral as llama
+    arch_name = "llama" if arch == "mistral" else arch  # llama.cpp's converter writes Mistral as llama
     assert meta["general.architecture"].contents() == arch_name
     # Mistral's window caps the context: within it, windowed and full attention are the same function.
     assert meta[f"{arch_name}.context_length"].contents() == (128 if arch == "mistral" else 256)

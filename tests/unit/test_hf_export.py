@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,7 +13,7 @@ from qaft.deploy.cli import main as export_main
 from qaft.deploy.hf_export import export_hf
 from qaft.models import load_causal_lm
 
-from helpers import fake_run_folder
+from helpers import fake_run_folder, plain_python
 
 # Runs in a fresh interpreter without qaft on the path: transformers + torchao only.
 LOAD_WITHOUT_QAFT = """
@@ -30,12 +27,6 @@ torch.save(logits, folder + "/logits.pt")
 assert not [m for m in sys.modules if m == "qaft" or m.startswith("qaft.")], "qaft was imported"
 print(type(model.model.layers[0].self_attn.q_proj.weight).__name__)
 """
-
-
-def _plain_python(*args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1",
-                                                                         "PYTHONWARNINGS": "ignore"}
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=300, cwd="/")
 
 
 def _merged(name: str, **fields) -> torch.nn.Module:
@@ -68,7 +59,7 @@ def test_transformers_alone_computes_the_merged_models_logits(tmp_path, case):
         folder = tmp_path / str(dtype)
         _, zeros = export_hf(copy.deepcopy(merged), folder, dtype=dtype)
         assert set(zeros.values()) == {fields.get("zero_point") == "int"}
-        done = _plain_python("-c", LOAD_WITHOUT_QAFT, str(folder), str(tmp_path / "ids.pt"))
+        done = plain_python("-c", LOAD_WITHOUT_QAFT, str(folder), str(tmp_path / "ids.pt"))
         assert done.returncode == 0, done.stderr[-2000:]
         assert "IntxUnpackedToInt8Tensor" in done.stdout
         err = (torch.load(folder / "logits.pt", weights_only=True) - ref).abs().max().item()
@@ -113,7 +104,7 @@ def test_plain_transformers_refuses_a_qaft_folder_clearly(tmp_path):
     with torch.no_grad():
         assert torch.equal(load_quantized(tmp_path / "q")(ids).logits, merged(ids).logits)
     code = "import sys; from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained(sys.argv[1])"
-    done = _plain_python("-c", code, str(tmp_path / "q"))
+    done = plain_python("-c", code, str(tmp_path / "q"))
     assert done.returncode != 0
     assert "qaft-packed (a qaft packed integer model, not a transformers format" in done.stderr
     assert "qaft-export RUN format=hf" in done.stderr

@@ -11,6 +11,7 @@ from qaft.methods import DEFAULT_TARGETS
 from qaft.methods.api import qaft_layers
 from qaft.methods.distill import distillation_loss, distilled_loss
 from qaft.methods.llm_qat import LLMQATLinear, absmax_scale
+from qaft.methods.targets import resolve_targets
 from qaft.quant import PerTokenQuantizer
 
 from helpers import tiny_llama, token_batch
@@ -87,7 +88,7 @@ def test_the_teacher_costs_one_copy_of_the_target_weights_and_is_never_saved():
     model = qaft.apply_method(tiny_llama(), qaft.config_for("llm_qat"))
     layers = qaft_layers(model)
     assert all(isinstance(layer, LLMQATLinear) for layer in layers) and len(layers) == 14
-    targets = {n: m.weight for n, m in original.named_modules() if n.rsplit(".", 1)[-1] in DEFAULT_TARGETS}
+    targets = {n: original.get_submodule(n).weight for n in resolve_targets(original, DEFAULT_TARGETS).quantized}
     teacher_bytes = sum(b.numel() * b.element_size() for n, b in model.named_buffers() if n.endswith("teacher_weight"))
     assert teacher_bytes == sum(w.numel() * w.element_size() for w in targets.values())
     assert not any("teacher" in key for key in model.state_dict())

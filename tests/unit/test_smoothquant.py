@@ -19,6 +19,7 @@ from qaft.methods.smoothquant import (
     smoothing_factors,
     weight_column_max,
 )
+from qaft.methods.targets import resolve_targets
 from qaft.models import tiny_llama_config
 from qaft.quant.activation import PerTokenQuantizer
 from qaft.quant.linear import QuantizedLinear
@@ -143,7 +144,7 @@ def test_ptq_smoothquant_w8a8kv8_is_integer_per_channel_and_deploys():
                              smooth_alpha=0.5)
     assert config.calibration_options() is not None and config.to_dict()["smooth_alpha"] == 0.5
     model = qaft.apply_method(tiny_llama(), config, calib_batches=CALIB)
-    linears = {n: m for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in DEFAULT_TARGETS}
+    linears = {n: model.get_submodule(n) for n in model.qaft_targets.quantized}
     assert len(linears) == 14
     for name, layer in linears.items():
         assert isinstance(layer, QuantizedLinear) and layer.bits == 8, name
@@ -215,8 +216,7 @@ def test_qaft_eval_smoothquant_uses_gptqs_calibration_data():
     q = model.model.layers[0].self_attn.k_proj
     assert isinstance(q, QuantizedLinear) and getattr(q, INPUT).bits == 8 and getattr(q, OUTPUT).bits == 8
     expected, _ = load_causal_lm("tiny-llama", torch.float32)
-    install_act_kv(expected, [n for n, m in expected.named_modules() if n.rsplit(".", 1)[-1] in DEFAULT_TARGETS],
-                   8, 8)
+    install_act_kv(expected, list(resolve_targets(expected, DEFAULT_TARGETS).quantized), 8, 8)
     calib = calibration_batches(tokenizer, "austen", None, 2, 32)
     smoothquant_quantize_model(expected, calib, 8, -1, 0.7, inplace=True)
     ids = token_batch(seed=3)
