@@ -22,10 +22,21 @@ by the functions the training forward calls, so the merged model is the trained 
 ``block_ap_epochs=0`` skips Block-AP (E2E-QP on the round-to-nearest start, the paper's "E2E-QP only" ablation)
 and needs no data. A resumed run recomputes Block-AP from the same batches (nothing in it is random); the
 checkpoint holds ``s`` (and the frozen ``z`` / ``b``), and the codes' digest proves the rebuild equal
-(:class:`qaft.training.module.QaftModule`). Where this differs from the public code (``OpenGVLab/EfficientQAT``):
-see the README's method notes; the paper's hyperparameters are the defaults (2 epochs, lr 1e-4 for ``s, z``,
-1e-5 for ``W``; its 4,096 x 2,048-token RedPajama calibration set is here the first ``calib_batches`` training
-batches).
+(:class:`qaft.training.module.QaftModule`). The public code's Block-AP settings are the defaults (2 epochs, lr
+1e-4 for ``s, z`` and 1e-5 for ``W``, AdamW without weight decay, cosine to lr/20, no gradient clipping).
+
+Where qaft differs from the public code (``OpenGVLab/EfficientQAT``, ``quantize/block_ap.py``, ``quantizer.py``,
+``main_e2e_qp.py``):
+
+* calibration data: the first ``calib_batches`` batches of the run's training stream, not 4,096 RedPajama
+  sequences of 2,048 tokens; one optimizer step per batch (the public code: 2 sequences per step); no validation
+  set or early stopping (off by default there too);
+* the grid: the shared quantizer's (``zero_point="int"``, the preset's, is the public code's ``s (u - z)`` with
+  ``z = clamp(round(z), 0, 2^n - 1)`` trained straight-through; ``"float"`` is offered too). Its min-max start
+  widens the range to include 0 (GPTQ's reference quantizer), the public code's does not; the public code clamps
+  ``s`` to [1e-4, 1e4], qaft keeps ``s`` positive from its start only;
+* precision: Block-AP computes in the model's dtype with float32 weights and quantizer (the public code: fp16
+  autocast), and E2E-QP trains float32 scales (the public code's packed layer holds them in fp16).
 """
 from __future__ import annotations
 
@@ -96,10 +107,10 @@ def scale_only_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
 class EfficientQATLinear(QaftLinear):
     """E2E-QP's layer: frozen int8 ``codes``, the layer's quantizer of which only ``scale`` trains."""
 
-    PHASES = {TRAIN: frozenset({QUANTIZER})}
+    PHASES: ClassVar = {TRAIN: frozenset({QUANTIZER})}
 
     def __init__(self, codes: torch.Tensor, quantizer: AffineQuantizer, bias: torch.Tensor | None,
-                 config: "EfficientQATConfig") -> None:
+                 config: EfficientQATConfig) -> None:
         out_features, in_features = codes.shape
         super().__init__(in_features, out_features, bias, config)
         self.register_buffer("codes", codes.to(torch.int8))
@@ -107,12 +118,12 @@ class EfficientQATLinear(QaftLinear):
         self._freeze_grid()
 
     @classmethod
-    def from_trained(cls, layer: QATLinear, config: "EfficientQATConfig") -> "EfficientQATLinear":
+    def from_trained(cls, layer: QATLinear, config: EfficientQATConfig) -> EfficientQATLinear:
         """The layer after Block-AP: the codes of its trained weight under its trained quantizer."""
         return cls(layer.quantizer.codes(layer.weight), layer.quantizer, layer.bias, config)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, config: "EfficientQATConfig") -> "EfficientQATLinear":
+    def from_linear(cls, linear: nn.Linear, config: EfficientQATConfig) -> EfficientQATLinear:
         """Without Block-AP: the round-to-nearest codes under the config's ``init``."""
         weight = linear.weight.detach().float()
         quantizer = make_quantizer(weight, config)
