@@ -16,8 +16,9 @@ blocks before it produce, towards what the float model computes there (the publi
 The optimizer is the public code's: AdamW (weight decay 0) with two groups, quantizer parameters at
 ``block_ap_quant_lr`` and weights at ``block_ap_weight_lr`` (a group whose lr is 0 stays frozen), each lr on a
 cosine from its value down to a twentieth of it over the block's ``epochs x batches`` steps, restarted per block;
-the batches are visited in order each epoch (nothing random). Float targets are computed with the activation / KV
-quantizers off (the float model); the quantized stream keeps them (the model as it will train).
+the batches are visited in order each epoch (nothing random; attention backward runs on the deterministic
+math kernel). Float targets are computed with the activation / KV quantizers off (the float model); the quantized
+stream keeps them (the model as it will train).
 
 When a block is done each trained layer is frozen into its integer codes ``q = clamp(round((W - b) / s))`` by
 ``finish`` (EfficientQAT: the E2E-QP layer, which holds ``q`` and the quantizer and trains only ``s``); its float
@@ -31,6 +32,7 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from qaft.methods.act_kv import float_activations
 from qaft.methods.gptq_model import _block_inputs, _BlockInput, _decoder_blocks
@@ -103,7 +105,9 @@ def _train_block(block: nn.Module, layers: list[QATLinear], entries: list[_Block
     """Block-AP on one block; returns the reconstruction loss of its first and of its last step."""
     optimizer, base_lrs = _optimizer(layers, config)
     total, step, losses = config.block_ap_epochs * len(entries), 0, []
-    with torch.enable_grad():
+    # The math attention kernel: the fused CUDA kernels' backward may accumulate in a varying order, and a resume
+    # must rebuild the same codes (their digest is checked).
+    with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
         for _ in range(config.block_ap_epochs):
             for entry, target in zip(entries, targets):
                 for group, base in zip(optimizer.param_groups, base_lrs):
