@@ -22,7 +22,7 @@ from torch import nn
 import qaft
 from qaft.methods import FLOAT, INTEGER, MethodConfig, MethodTraits, registered, traits
 
-from helpers import tiny_llama
+from helpers import tiny_llama, token_batch
 
 TRAITS = tuple(f.name for f in dataclasses.fields(MethodTraits))
 PROPERTIES = tuple(k for k, v in vars(MethodTraits).items() if isinstance(v, property))  # ("trains",)
@@ -90,8 +90,11 @@ def config(name: str, **extra: Any) -> MethodConfig:
 
 
 def applied(name: str, seed: int = 0, **extra: Any) -> nn.Module:
-    """The tiny LLaMA with method ``name`` applied, from its example config and ``extra``."""
-    return qaft.apply_method(tiny_llama(seed), config(name, **extra))
+    """The tiny LLaMA with method ``name`` applied, from its example config and ``extra``; a config that needs
+    calibration data (EfficientQAT's Block-AP) gets two token batches."""
+    method = config(name, **extra)
+    calib = None if method.calibration_options() is None else [token_batch(seed=s) for s in (1, 2)]
+    return qaft.apply_method(tiny_llama(seed), method, calib_batches=calib)
 
 
 def calibrated_cases() -> list[tuple[str, dict[str, Any]]]:

@@ -11,7 +11,9 @@ Two measurements, each built so that its ratios to LoRA hold on a noisy machine:
 The ``dlqat-pc`` and ``dlqat-pc-a8kv8`` rows are DL-QAT Table 4's per-channel rows: weight-only, and with the
 8-bit per-token activation and KV-cache quantizers (W/A/KV 4-8-8); their ratio is what quantizing activations and
 the KV cache adds to training. ``llm_qat-a8kv8`` is LLM-QAT's 4-8-8 row (full QAT per channel), its step with the
-teacher forward its logit distillation needs (the loss the shared training module computes).
+teacher forward its logit distillation needs (the loss the shared training module computes). ``efficientqat`` is
+EfficientQAT's trained phase (E2E-QP: only the scales train, on frozen int8 codes), its Block-AP run on the bench
+batch before the measurement (a calibration step, not a training step).
 
 The ``floor`` row is LoRA plus, in backward, one ``G = grad^T x`` GEMM (out x in) per adapted layer and
 nothing else: the arithmetic any exact backward of LoRA-inside-the-quantizer (L4Q, DL-QAT) must add to
@@ -53,6 +55,8 @@ METHODS = {
     "dlqat-pc-a8kv8": ("dlqat", {"quant_steps": 0, "group_size": -1, "act_bits": 8, "kv_bits": 8}),
     # LLM-QAT's 4-8-8 row: full QAT, per channel, with its teacher forward (logit distillation) in every step
     "llm_qat-a8kv8": ("llm_qat", {"group_size": -1, "act_bits": 8, "kv_bits": 8}),
+    # EfficientQAT's trained phase, E2E-QP (scales only, codes frozen), after its Block-AP on the bench batch
+    "efficientqat": ("efficientqat", {"calib_batches": 1}),
 }
 MODELS = ("smollm2-135m", "wide-llama")
 
@@ -97,7 +101,10 @@ class Trainee:
         wanted = {"rank": args.rank, "bits": args.bits, "group_size": args.group_size}
         known = qaft.methods.config.registered(method).field_names()
         config = qaft.config_for(method, **{**{k: v for k, v in wanted.items() if k in known}, **extra})
-        qaft.apply_method(self.model, config)
+        self.ids = torch.randint(0, self.model.config.vocab_size, (args.batch, args.seq),
+                                 generator=torch.Generator().manual_seed(1)).to(device or "cpu")
+        # A method that calibrates first (EfficientQAT's Block-AP) does so on the bench batch, before any timing.
+        qaft.apply_method(self.model, config, calib_batches=[self.ids] if config.calibration_options() else None)
         if row == "floor":
             add_weight_gradient_gemm(self.model)
         if checkpointing:
@@ -106,8 +113,6 @@ class Trainee:
         self.model.train()
         params = [p for group in qaft.parameter_groups(self.model).values() for p in group]
         self.opt = torch.optim.AdamW(params, lr=1e-5)
-        self.ids = torch.randint(0, self.model.config.vocab_size, (args.batch, args.seq),
-                                 generator=torch.Generator().manual_seed(1)).to(device or "cpu")
         self.trainable = qaft.count_parameters(self.model)
         self.config, self.device, self.autocast = config, self.ids.device, autocast
 

@@ -64,7 +64,8 @@ class MethodTraits:
     * ``zero_point``: takes ``zero_point="int"`` (the config has the field; :attr:`MethodConfig.int_zero_fields`
       says what else that needs).
     * ``act_kv``: takes ``act_bits`` / ``kv_bits``.
-    * ``calibration``: needs calibration data in some setting (the config has :class:`GPTQFields`;
+    * ``calibration``: needs calibration data in some setting (the config has :class:`CalibrationFields`, e.g.
+      through :class:`GPTQFields`;
       :attr:`MethodConfig.calibrated_fields` names the settings).
     """
 
@@ -219,11 +220,18 @@ class QuantFields:
 
 
 @dataclass(kw_only=True)
-class GPTQFields:
+class CalibrationFields:
+    """How many batches of the training stream a method that needs calibration data takes (``calib_batches``):
+    GPTQ, SmoothQuant, EfficientQAT's Block-AP. A config with this field may need data (``traits.calibration``)."""
+
+    calib_batches: int = GPTQOptions.calib_batches
+
+
+@dataclass(kw_only=True)
+class GPTQFields(CalibrationFields):
     """GPTQ's settings, flat on a method config that may use GPTQ (``method.calib_batches`` ...); their defaults
     and checks are :class:`~qaft.quant.gptq.GPTQOptions`'."""
 
-    calib_batches: int = GPTQOptions.calib_batches
     act_order: bool = GPTQOptions.act_order
     percdamp: float = GPTQOptions.percdamp
 
@@ -275,7 +283,7 @@ def _derived_traits(cls: type[MethodConfig]) -> dict[str, bool]:
     fields = set(cls.field_names())
     return {"adapter": issubclass(cls, LoRAFields), "teacher": cls.teacher is not MethodConfig.teacher,
             "zero_point": "zero_point" in fields, "act_kv": {"act_bits", "kv_bits"} <= fields,
-            "calibration": issubclass(cls, GPTQFields)}
+            "calibration": issubclass(cls, CalibrationFields)}
 
 
 def register(cls: type[MethodConfig]) -> type[MethodConfig]:
@@ -321,5 +329,5 @@ def config_for(name: str, **fields: Any) -> MethodConfig:
     return cls(**fields)
 
 
-__all__ = ["ALL_LINEAR", "DEFAULT_TARGETS", "FLOAT", "INTEGER", "GPTQFields", "MethodConfig", "MethodTraits",
-           "available", "config_for", "field", "register", "registered", "traits"]
+__all__ = ["ALL_LINEAR", "DEFAULT_TARGETS", "FLOAT", "INTEGER", "CalibrationFields", "GPTQFields", "MethodConfig",
+           "MethodTraits", "available", "config_for", "field", "register", "registered", "traits"]

@@ -98,7 +98,8 @@ class QaftModule(pl.LightningModule):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)  # adapter init depends on the seed only, so a resume rebuilds it
             apply_method(self.model, method, calib_batches=calib_batches)
-        # A calibrated (GPTQ) base is rebuilt, not stored: its fingerprint lets a resume prove it rebuilt the same.
+        # A calibrated base (GPTQ, Block-AP's codes) is rebuilt, not stored: its fingerprint lets a resume prove it
+        # rebuilt the same.
         self.base_digest = self._frozen_digest() if method.calibration_options() is not None else None
         if cfg.optim.gradient_checkpointing:
             self.model.config.use_cache = False
@@ -202,8 +203,9 @@ class QaftModule(pl.LightningModule):
         # Runs before the state dict loads: trained adapters on a different base would train on silently.
         saved = checkpoint.get("qaft", {})
         if saved.get("base_digest") != self.base_digest:
-            raise RuntimeError("resume: the GPTQ base rebuilt from the calibration data differs from the one the "
-                               "checkpoint was trained on (other data, options or numerics); rerun with resume=never")
+            raise RuntimeError("resume: the base rebuilt from the calibration data (GPTQ, Block-AP) differs from the "
+                               "one the checkpoint was trained on (other data, options or numerics); rerun with "
+                               "resume=never")
         self._check_tensors(checkpoint["state_dict"])
         # Dropout draws from the global RNG: continue its stream where the checkpoint left it.
         rng = saved.get("rng", {})

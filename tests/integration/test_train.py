@@ -396,6 +396,31 @@ def test_resume_of_a_qalora_gptq_run_rebuilds_the_same_base(tmp_path, monkeypatc
     assert not records(tmp_path / "other")
 
 
+def test_an_efficientqat_run_killed_during_e2e_qp_resumes_bit_identically(tmp_path, monkeypatch):
+    """Block-AP runs again on resume (nothing in it is random; its codes' digest is checked), the scales and frozen
+    zero points come from the checkpoint: the resumed run ends bit-identical to an uninterrupted one."""
+    from safetensors.torch import load_file
+
+    steps = ["method=efficientqat", "method.calib_batches=2", "trainer.max_steps=4", "checkpoint.every_n_steps=2",
+             "save_model=true"]
+    clean, resumed = tmp_path / "clean", tmp_path / "resumed"
+    run_main([*tiny_run_overrides(clean), *steps], monkeypatch)
+    killed = signal_at_step([*tiny_run_overrides(resumed), *steps], 3, signal.SIGKILL, tmp_path / "paused")
+    assert killed.returncode == -signal.SIGKILL and not records(resumed)
+    (ckpt,) = resumed.rglob("last.ckpt")
+    saved = torch.load(ckpt, weights_only=True)
+    assert saved["global_step"] == 2 and saved["qaft"]["base_digest"]
+    assert {k.rsplit(".", 1)[-1] for k in saved["state_dict"]} == {"scale", "zero"}  # the codes are rebuilt
+    run_main([*tiny_run_overrides(resumed), *steps], monkeypatch)
+    (a,), (b,) = records(clean), records(resumed)
+    for key in ("final_train_loss", "ppl_trained", "ppl_merged", "global_step"):
+        assert b["metrics"][key] == a["metrics"][key], key
+    rows_a, rows_b = (metric_rows(Path(d["run_dir"])) for d in (a, b))
+    assert [r["train/loss"] for r in rows_b] == [r["train/loss"] for r in rows_a] and len(rows_b) == 4
+    ta, tb = (load_file(Path(r["run_dir"]) / "merged_model" / "model.safetensors") for r in (a, b))
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
 # --- LLM-QAT: distillation on data the float model generated, cached once, resumed exactly ---
 
 def _llm_qat_args(root: Path, cache: Path) -> list[str]:
