@@ -38,6 +38,7 @@ from qaft.methods.act_kv import float_activations
 from qaft.methods.gptq_model import _block_inputs, _BlockInput, _decoder_blocks
 from qaft.methods.layer import QUANTIZER, replace_module
 from qaft.methods.qat import QATLinear
+from qaft.methods.targets import resolve_targets
 from qaft.progress import Phase
 
 MIN_LR_FACTOR = 20  # the cosine ends at lr / 20 (the public code's --min_lr_factor default)
@@ -121,10 +122,9 @@ def _train_block(block: nn.Module, layers: list[QATLinear], entries: list[_Block
     return losses[0], losses[-1]
 
 
-def _qat_layers(block: nn.Module, config: BlockAPSettings) -> dict[str, QATLinear]:
-    """Replace the block's target linears by full-QAT layers (weight and quantizer trainable)."""
-    names = [n for n, m in block.named_modules()
-             if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in config.target_modules]
+def _qat_layers(block: nn.Module, names: list[str], config: BlockAPSettings) -> dict[str, QATLinear]:
+    """Replace the block's target linears (``names``, relative to the block) by full-QAT layers (weight and
+    quantizer trainable)."""
     layers = {}
     for name in names:
         layers[name] = QATLinear(block.get_submodule(name), config)
@@ -140,16 +140,17 @@ def block_ap(model: nn.Module, calib_batches: Iterable[Any], config: BlockAPSett
     was_training = model.training
     model.eval()  # no dropout: the target and the fit see the same function
     model.requires_grad_(False)  # only the block being fitted trains
-    blocks = _decoder_blocks(model, config.target_modules)
-    entries = _block_inputs(model, blocks[0], list(calib_batches))
+    chosen = set(resolve_targets(model, tuple(config.target_modules)).quantized)
+    blocks = _decoder_blocks(model, chosen)
+    entries = _block_inputs(model, blocks[0][1], list(calib_batches))
     float_hidden = [_hidden(entry) for entry in entries]
     phase = Phase(f"Block-AP w{config.bits} {'pc' if config.group_size == -1 else f'g{config.group_size}'}",
                   len(blocks), "blocks")
     losses = []
-    for block in blocks:
+    for prefix, block in blocks:
         with torch.no_grad(), float_activations(model):
             float_hidden = [_run(block, entry, h) for entry, h in zip(entries, float_hidden)]
-        layers = _qat_layers(block, config)
+        layers = _qat_layers(block, sorted(n[len(prefix) + 1:] for n in chosen if n.startswith(f"{prefix}.")), config)
         if config.block_ap_epochs:
             losses.append(_train_block(block, list(layers.values()), entries, float_hidden, config))
         for name, layer in layers.items():
