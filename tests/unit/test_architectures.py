@@ -54,7 +54,8 @@ def _applied(model: nn.Module, config: qaft.MethodConfig) -> nn.Module:
     """``config`` applied to ``model``; checks that every linear layer of every decoder block (found before the
     method replaced them) is quantized and that no block holds a weight matrix left float."""
     blocks = decoder_blocks(model)
-    qaft.apply_method(model, config)
+    calib = None if config.calibration_options() is None else [_ids(seed=s) for s in (1, 2)]  # Block-AP's data
+    qaft.apply_method(model, config, calib_batches=calib)
     plan = model.qaft_targets
     assert plan.quantized and not plan.unquantizable
     assert all(any(n.startswith(f"{b}.") for b in blocks) for n in plan.quantized)
