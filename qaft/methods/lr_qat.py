@@ -54,16 +54,17 @@ def downcast(x: torch.Tensor, bits: int, kind: str) -> torch.Tensor:
     return x.to(DOWNCASTS[kind])
 
 
-def upcast(phi: torch.Tensor, bits: int) -> torch.Tensor:
-    """``Phi0`` in float32 (exact: an int8 over a power of two, or a narrower float)."""
+def upcast(phi: torch.Tensor, bits: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``Phi0`` in ``dtype`` (exact: an int8 over a power of two, or a narrower float)."""
     if phi.dtype == torch.int8:
-        return phi.float().div_(2 ** (8 - bits))
-    return phi.float()
+        return phi.to(dtype).div_(2 ** (8 - bits))
+    return phi.to(dtype)
 
 
 def integer_domain(phi: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float, bits: int) -> torch.Tensor:
-    """``Phi0 + alpha B A`` in float32, in one fused op."""
-    return torch.addmm(upcast(phi, bits), b.float(), a.float(), alpha=scaling)
+    """``Phi0 + alpha B A`` in float32 (float64 for a float64 adapter), in one fused op."""
+    dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
+    return torch.addmm(upcast(phi, bits, dtype), b.to(dtype), a.to(dtype), alpha=scaling)
 
 
 def lr_qat_codes(phi, a, b, scaling: float, bits: int) -> torch.Tensor:
@@ -93,12 +94,12 @@ class _LRQATLinear(torch.autograd.Function):
         da = db_lora = ds = doff = None
         if any(need[2:6]):
             g2, x2 = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
-            g = grouped((g2.T @ x2).float(), s.shape[1])
+            g = grouped((g2.T @ x2).to(q.dtype), s.shape[1])
             doff = g.sum(-1) if need[5] else None
             ds = (g * grouped(q, s.shape[1])).sum(-1) if need[4] else None
             dc = g.mul_(s[..., None]).reshape(q.shape).mul_(inside)
-            da = (ctx.scaling * (b.float().T @ dc)).to(a.dtype) if need[2] else None
-            db_lora = (ctx.scaling * (dc @ a.float().T)).to(b.dtype) if need[3] else None
+            da = (ctx.scaling * (b.to(dc.dtype).T @ dc)).to(a.dtype) if need[2] else None
+            db_lora = (ctx.scaling * (dc @ a.to(dc.dtype).T)).to(b.dtype) if need[3] else None
         return dx, None, da, db_lora, ds, doff, None, None
 
 
@@ -109,7 +110,7 @@ def lr_qat_linear(x: torch.Tensor, phi: torch.Tensor, a: torch.Tensor, b: torch.
     if memory_efficient:
         return _LRQATLinear.apply(x, phi, a, b, s, off, scaling, bits)
     qn, qp = qrange(bits)
-    z = upcast(phi, bits) + scaling * (b @ a)
+    z = upcast(phi, bits, a.dtype) + scaling * (b @ a)
     q = (z + (z.round() - z).detach()).clamp(qn, qp)  # round_ste, then clamp: its mask sees the rounded value
     wq = (s[..., None] * grouped(q, s.shape[1]) + off[..., None]).reshape(q.shape)
     return F.linear(x, wq.to(x.dtype))
