@@ -12,6 +12,8 @@ from torch import nn
 from qaft.methods.act_kv import install_act_kv
 from qaft.methods.config import MethodConfig, config_for
 from qaft.methods.layer import QaftLinear, replace_module
+from qaft.methods.lwc import fit_clipping, uses_lwc
+from qaft.quant.init import clipping
 
 
 def _targets(model: nn.Module, target_modules: tuple[str, ...]) -> list[tuple[str, nn.Linear]]:
@@ -30,10 +32,13 @@ def _validated_targets(model: nn.Module, config: MethodConfig) -> list[tuple[str
     return targets
 
 
-def _swap_targets(model: nn.Module, config: MethodConfig,
-                  targets: list[tuple[str, nn.Linear]] | None = None) -> None:
+def _swap_targets(model: nn.Module, config: MethodConfig, targets: list[tuple[str, nn.Linear]] | None = None,
+                  ratios: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
+    """Replace each target by ``config.make_layer``; ``ratios``: the learnt clipping of ``init='omniquant_lwc'``
+    per layer name, which the layer's init reads while it is built."""
     for name, linear in _validated_targets(model, config) if targets is None else targets:
-        replace_module(model, name, config.make_layer(linear))
+        with clipping(None if ratios is None else ratios[name]):
+            replace_module(model, name, config.make_layer(linear))
 
 
 def apply_method(model: nn.Module, config: MethodConfig, calib_batches: Iterable[Any] | None = None) -> nn.Module:
@@ -55,7 +60,10 @@ def apply_method(model: nn.Module, config: MethodConfig, calib_batches: Iterable
                          "batches by its calib_batches): call apply_method(model, config, calib_batches=batches)")
     targets = _validated_targets(model, config)
     install_act_kv(model, [name for name, _ in targets], config.act_bits, config.kv_bits)
-    if options is None:
+    if uses_lwc(config):  # the calibration data is the init's (its configs refuse GPTQ / SmoothQuant with it)
+        ratios, _ = fit_clipping(model, config, calib_batches, [name for name, _ in targets])
+        _swap_targets(model, config, targets, ratios)
+    elif options is None:
         _swap_targets(model, config, targets)
     else:
         config.apply_calibrated(model, calib_batches)

@@ -29,7 +29,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qaft.methods.config import INTEGER, TRAIN, GPTQFields, MethodTraits, QuantMethodConfig, choice, register
+from qaft.methods.config import (
+    INTEGER,
+    TRAIN,
+    GPTQFields,
+    MethodTraits,
+    QuantMethodConfig,
+    choice,
+    register,
+    rtn_only_init,
+)
 from qaft.methods.gptq_model import gptq_quantize_with
 from qaft.methods.layer import QUANTIZER, QaftLinear, make_quantizer, replace_module
 from qaft.quant.affine import dequantize
@@ -141,9 +150,10 @@ class PEQAConfig(QuantMethodConfig, GPTQFields):
         super().validate()
         choice("base_quant", self.base_quant, BASES)
         self.gptq_options()
+        rtn_only_init(self.init, self.base_quant)
 
     def calibration_options(self) -> GPTQOptions | None:
-        return self.gptq_options() if self.base_quant == "gptq" else None
+        return self.gptq_options() if self.base_quant == "gptq" else super().calibration_options()
 
     def apply_calibrated(self, model: nn.Module, calib_batches: Iterable[Any]) -> None:
         """GPTQ the float model, then put a PEQA layer on each resulting integer layer's codes."""

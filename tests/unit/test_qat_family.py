@@ -165,3 +165,54 @@ def test_peqa_on_a_gptq_base_takes_its_codes_and_merges_exactly():
 def test_lr_qat_rejects_an_unknown_downcast():
     with pytest.raises(ValueError, match=r"downcast must be one of \['fixed8', 'bf16', 'fp16', 'fp32'\]"):
         qaft.config_for("lr_qat", downcast="int4")
+
+
+# --- OmniQuant's learnable weight clipping: init="omniquant_lwc" ------------------------------------------------
+
+def _calib():
+    return [token_batch(seed=1, length=16)]
+
+
+def test_lwc_init_is_minmax_of_the_clipped_range_in_float64():
+    from qaft.quant.init import clipping, init_scale_offset
+
+    w = torch.randn(6, 64, generator=_gen(1), dtype=torch.float64)
+    lo, hi = torch.rand(6, 2, generator=_gen(2), dtype=torch.float64), torch.rand(6, 2, generator=_gen(3), dtype=torch.float64)
+    with clipping((lo, hi)):
+        s, b = init_scale_offset(w, 3, 32, "omniquant_lwc")
+    wg = w.numpy().reshape(6, 2, 32)
+    mn, mx = wg.min(-1) * lo.numpy(), wg.max(-1) * hi.numpy()
+    np.testing.assert_allclose(s.numpy(), (mx - mn) / 7, rtol=1e-12)
+    np.testing.assert_allclose(b.numpy(), (4 * mx + 3 * mn) / 7, rtol=1e-12)
+    with pytest.raises(ValueError, match="learnt on calibration data"):
+        init_scale_offset(w, 3, 32, "omniquant_lwc")
+
+
+@pytest.mark.parametrize("zero_point", ["float", "int"])
+def test_lwc_lowers_the_block_reconstruction_error(zero_point):
+    from qaft.methods.lwc import fit_clipping
+
+    config = qaft.config_for("ptq", group_size=32, init="omniquant_lwc", zero_point=zero_point, calib_batches=2)
+    assert config.calibration_options().calib_batches == 2
+    model = tiny_llama()
+    names = [n for n, m in model.named_modules() if n.endswith(("q_proj", "down_proj"))]
+    ratios, history = fit_clipping(model, config, _calib(), names, epochs=4)
+    assert set(ratios) == set(names) and all(h[-1] < h[0] for h in history)  # each block's loss fell
+    assert all(bool((r < 1).all()) for pair in ratios.values() for r in pair)  # sigmoid: the range only shrinks
+
+
+def test_lwc_starts_every_integer_method_at_its_ptq_point(monkeypatch):
+    monkeypatch.setattr("qaft.methods.lwc.EPOCHS", 2)
+    fields = {"group_size": 32, "init": "omniquant_lwc"}
+    ptq = qaft.apply_method(tiny_llama(), qaft.config_for("ptq", **fields), calib_batches=_calib())
+    l4q = qaft.apply_method(tiny_llama(), qaft.config_for("l4q", **fields), calib_batches=_calib())
+    ids = token_batch(seed=6)
+    with torch.no_grad():  # the trained method starts exactly at the LWC PTQ point
+        torch.testing.assert_close(l4q(ids).logits, ptq(ids).logits, rtol=1e-6, atol=1e-6)
+
+
+def test_lwc_needs_data_and_refuses_a_base_that_fits_its_own_range():
+    with pytest.raises(ValueError, match="needs calibration data"):
+        qaft.apply_method(tiny_llama(), qaft.config_for("peqa", init="omniquant_lwc"))
+    with pytest.raises(ValueError, match="init='omniquant_lwc' learns the ranges of a round-to-nearest base; gptq"):
+        qaft.config_for("ptq", algorithm="gptq", init="omniquant_lwc")
