@@ -11,7 +11,9 @@ Two measurements, each built so that its ratios to LoRA hold on a noisy machine:
 The ``dlqat-pc`` and ``dlqat-pc-a8kv8`` rows are DL-QAT Table 4's per-channel rows: weight-only, and with the
 8-bit per-token activation and KV-cache quantizers (W/A/KV 4-8-8); their ratio is what quantizing activations and
 the KV cache adds to training. ``llm_qat-a8kv8`` is LLM-QAT's 4-8-8 row (full QAT per channel), its step with the
-teacher forward its logit distillation needs (the loss the shared training module computes).
+teacher forward its logit distillation needs (the loss the shared training module computes). ``peqa`` and the
+``lr_qat`` rows are the L4Q reviewers' baselines: LR-QAT's claim is training memory near LoRA's, below L4Q's
+(its base is ``W0 / s0`` in 8 bits instead of ``W0``) and far below full QAT's.
 
 The ``floor`` row is LoRA plus, in backward, one ``G = grad^T x`` GEMM (out x in) per adapted layer and
 nothing else: the arithmetic any exact backward of LoRA-inside-the-quantizer (L4Q, DL-QAT) must add to
@@ -53,6 +55,10 @@ METHODS = {
     "dlqat-pc-a8kv8": ("dlqat", {"quant_steps": 0, "group_size": -1, "act_bits": 8, "kv_bits": 8}),
     # LLM-QAT's 4-8-8 row: full QAT, per channel, with its teacher forward (logit distillation) in every step
     "llm_qat-a8kv8": ("llm_qat", {"group_size": -1, "act_bits": 8, "kv_bits": 8}),
+    # The QAT family around L4Q: PEQA (scales only), LR-QAT (fixed-point-8 base by default; bf16 base; and plain
+    # autograd of its formula, what its custom backward saves against)
+    "peqa": ("peqa", {}), "lr_qat": ("lr_qat", {}), "lr_qat-bf16": ("lr_qat", {"downcast": "bf16"}),
+    "lr_qat-naive": ("lr_qat", {"memory_efficient": False}),
 }
 MODELS = ("smollm2-135m", "wide-llama")
 
