@@ -38,6 +38,7 @@ from qaft.quant.init import MIN_SCALE, Init
 EPOCHS = 10
 LR = 1e-2
 INIT_VALUE = 4.0
+Ratios = tuple[torch.Tensor, torch.Tensor]  # (sigmoid(beta), sigmoid(gamma)) of one layer, (out, n_groups) each
 
 
 def uses_lwc(config: Any) -> bool:
@@ -131,7 +132,7 @@ def _fit_block(block: nn.Module, clipped: dict[str, _ClippedLinear], quant_in: l
 
 @torch.no_grad()
 def fit_clipping(model: nn.Module, config: Any, calib_batches: Iterable[Any], names: list[str],
-                 epochs: int | None = None, lr: float = LR) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], list]:
+                 epochs: int | None = None, lr: float = LR) -> tuple[dict[str, Ratios], list[list[float]]]:
     """Learn the clipping of every target linear ``names`` (model-level names), block by block.
 
     Returns ``{name: (sigmoid(beta), sigmoid(gamma))}`` and, per block, the mean loss of each epoch. The model is

@@ -106,7 +106,8 @@ class PEQALinear(QaftLinear):
             q.assign(scale, state)
         else:
             codes = q.codes(weight)
-        self._frozen_state = ("quantizer.zero",) if q.learns_zero else (() if config.symmetric else ("quantizer.offset",))
+        frozen = "zero" if q.learns_zero else (None if config.symmetric else "offset")
+        self._frozen_state = () if frozen is None else (f"{QUANTIZER}.{frozen}",)
         self.register_buffer("codes", codes)
 
     @classmethod

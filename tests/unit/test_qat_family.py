@@ -177,7 +177,7 @@ def test_lwc_init_is_minmax_of_the_clipped_range_in_float64():
     from qaft.quant.init import clipping, init_scale_offset
 
     w = torch.randn(6, 64, generator=_gen(1), dtype=torch.float64)
-    lo, hi = torch.rand(6, 2, generator=_gen(2), dtype=torch.float64), torch.rand(6, 2, generator=_gen(3), dtype=torch.float64)
+    lo, hi = (torch.rand(6, 2, generator=_gen(seed), dtype=torch.float64) for seed in (2, 3))
     with clipping((lo, hi)):
         s, b = init_scale_offset(w, 3, 32, "omniquant_lwc")
     wg = w.numpy().reshape(6, 2, 32)
