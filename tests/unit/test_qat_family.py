@@ -147,6 +147,9 @@ def test_lr_qat_training_moves_only_the_adapter_and_the_scales():
     changed = {name.rsplit(".", 2)[-2] + "." + name.rsplit(".", 1)[-1] if "quantizer" in name
                else name.rsplit(".", 1)[-1] for name in _changed(before, model.state_dict())}
     assert changed == {"lora_A", "lora_B", "quantizer.scale"}
+    ids = token_batch(seed=8)  # the symmetric default merges bit for bit too (the shared matrix runs asymmetric)
+    with torch.no_grad():
+        torch.testing.assert_close(qaft.merge_model(model)(ids).logits, model(ids).logits, rtol=0, atol=0)
 
 
 def test_peqa_on_a_gptq_base_takes_its_codes_and_merges_exactly():
