@@ -38,6 +38,7 @@ from torch import nn
 
 from qaft.methods.config import INTEGER, TRAIN, MethodTraits, QuantLoRAMethodConfig, choice, register
 from qaft.methods.layer import QUANTIZER, QaftLinear, add_lora, make_quantizer
+from qaft.methods.lowrank_qat import _grad_scaled
 from qaft.quant.affine import dequantize, qrange
 from qaft.quant.granularity import grouped
 from qaft.quant.linear import QuantizedLinear
@@ -77,9 +78,9 @@ class _LRQATLinear(torch.autograd.Function):
     """``x (s clamp(round(Phi0 + C)) + b)^T`` saving only ``x`` and the small tensors (see the module doc)."""
 
     @staticmethod
-    def forward(ctx, x, phi, a, b, s, off, scaling, bits):
+    def forward(ctx, x, phi, a, b, s, off, scaling, bits, grad_scale):
         ctx.save_for_backward(x, phi, a, b, s, off)
-        ctx.scaling, ctx.bits = scaling, bits
+        ctx.scaling, ctx.bits, ctx.grad_scale = scaling, bits, grad_scale
         return F.linear(x, dequantize(lr_qat_codes(phi, a, b, scaling, bits), s, off).to(x.dtype))
 
     @staticmethod
@@ -95,20 +96,22 @@ class _LRQATLinear(torch.autograd.Function):
         if any(need[2:6]):
             g2, x2 = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
             g = grouped((g2.T @ x2).to(q.dtype), s.shape[1])
-            doff = g.sum(-1) if need[5] else None
-            ds = (g * grouped(q, s.shape[1])).sum(-1) if need[4] else None
+            doff = g.sum(-1) * ctx.grad_scale if need[5] else None
+            ds = (g * grouped(q, s.shape[1])).sum(-1) * ctx.grad_scale if need[4] else None
             dc = g.mul_(s[..., None]).reshape(q.shape).mul_(inside)
             da = (ctx.scaling * (b.to(dc.dtype).T @ dc)).to(a.dtype) if need[2] else None
             db_lora = (ctx.scaling * (dc @ a.to(dc.dtype).T)).to(b.dtype) if need[3] else None
-        return dx, None, da, db_lora, ds, doff, None, None
+        return dx, None, da, db_lora, ds, doff, None, None, None
 
 
 def lr_qat_linear(x: torch.Tensor, phi: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: torch.Tensor,
-                  off: torch.Tensor, scaling: float, bits: int, memory_efficient: bool = True) -> torch.Tensor:
+                  off: torch.Tensor, scaling: float, bits: int, memory_efficient: bool = True,
+                  grad_scale: float = 1.0) -> torch.Tensor:
     """``x Wq^T`` of LR-QAT; ``memory_efficient=False`` is plain autograd of the naive formula (the reference,
-    and the memory benchmark's "naive" row)."""
+    and the memory benchmark's "naive" row); ``grad_scale``: LSQ's factor on the gradients of ``s`` and ``b``."""
     if memory_efficient:
-        return _LRQATLinear.apply(x, phi, a, b, s, off, scaling, bits)
+        return _LRQATLinear.apply(x, phi, a, b, s, off, scaling, bits, grad_scale)
+    s, off = _grad_scaled(s, grad_scale), _grad_scaled(off, grad_scale)
     qn, qp = qrange(bits)
     z = upcast(phi, bits, a.dtype) + scaling * (b @ a)
     q = (z + (z.round() - z).detach()).clamp(qn, qp)  # round_ste, then clamp: its mask sees the rounded value
@@ -133,7 +136,7 @@ class LRQATLinear(QaftLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c, q = self.config, self.quantizer
         return self._add_bias(lr_qat_linear(x, self.phi, self.lora_A, self.lora_B, q.scale, q.current_offset(),
-                                            c.scaling, c.bits, c.memory_efficient))
+                                            c.scaling, c.bits, c.memory_efficient, q.grad_scale))
 
     @torch.no_grad()
     def merge(self) -> QuantizedLinear:

@@ -54,27 +54,30 @@ class _ScaleOnlyLinear(torch.autograd.Function):
     """``x (s q + b)^T`` for frozen codes ``q``; gradients to ``x``, ``s`` and ``b`` (see the module doc)."""
 
     @staticmethod
-    def forward(ctx, x, codes, scale, offset):
+    def forward(ctx, x, codes, scale, offset, grad_scale):
         ctx.save_for_backward(x, codes, scale, offset)
+        ctx.grad_scale = grad_scale
         return F.linear(x, dequantize(codes, scale, offset).to(x.dtype))
 
     @staticmethod
     def backward(ctx, grad):
         x, codes, scale, offset = ctx.saved_tensors
-        need_x, _, need_s, need_b = ctx.needs_input_grad
+        need_x, _, need_s, need_b, _ = ctx.needs_input_grad
         dx = grad @ dequantize(codes, scale, offset).to(grad.dtype) if need_x else None
         ds = db = None
         if need_s or need_b:
             g2, x2 = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
-            g = grouped((g2.T @ x2).to(scale.dtype), scale.shape[1])
+            g = grouped((g2.T @ x2).to(scale.dtype), scale.shape[1]).mul_(ctx.grad_scale)  # LSQ's, if on
             db = g.sum(-1) if need_b else None
             ds = g.mul_(grouped(codes.to(scale.dtype), scale.shape[1])).sum(-1) if need_s else None
-        return dx, None, ds, db
+        return dx, None, ds, db, None
 
 
-def scale_only_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-    """``x (s q + b)^T`` with the codes ``q`` (int8) frozen; the memory-saving backward of PEQA."""
-    return _ScaleOnlyLinear.apply(x, codes, scale, offset)
+def scale_only_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
+                      grad_scale: float = 1.0) -> torch.Tensor:
+    """``x (s q + b)^T`` with the codes ``q`` (int8) frozen; the memory-saving backward of PEQA (``grad_scale``:
+    LSQ's factor on the gradients of ``s`` and ``b``, ``lsq_grad_scale=True``)."""
+    return _ScaleOnlyLinear.apply(x, codes, scale, offset, grad_scale)
 
 
 def _freeze_offset(quantizer: AffineQuantizer) -> AffineQuantizer:
@@ -128,7 +131,7 @@ class PEQALinear(QaftLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q = self.quantizer
-        return self._add_bias(scale_only_linear(x, self.codes, q.scale, q.current_offset()))
+        return self._add_bias(scale_only_linear(x, self.codes, q.scale, q.current_offset(), q.grad_scale))
 
     @torch.no_grad()
     def merge(self) -> QuantizedLinear:

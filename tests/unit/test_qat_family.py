@@ -27,7 +27,8 @@ def _grads(fn, *tensors):
     return [out.detach()] + [leaf.grad for leaf in leaves]
 
 
-def test_peqa_backward_equals_autograd_of_the_naive_formula():
+@pytest.mark.parametrize("grad_scale", [1.0, 0.1])
+def test_peqa_backward_equals_autograd_of_the_naive_formula(grad_scale):
     gen = _gen()
     codes = torch.randint(-8, 8, (12, 64), generator=gen, dtype=torch.int8)
     s = torch.rand(12, 2, generator=gen, dtype=torch.float64) + 0.1
@@ -35,17 +36,18 @@ def test_peqa_backward_equals_autograd_of_the_naive_formula():
     x = torch.randn(3, 5, 64, generator=gen, dtype=torch.float64)
 
     def naive(x, s, b):
+        s, b = (t * grad_scale + (t - t * grad_scale).detach() for t in (s, b))  # LSQ's gradient scale
         w = (s[..., None] * codes.double().reshape(12, 2, 32) + b[..., None]).reshape(12, 64)
         return x @ w.T
 
-    custom = _grads(lambda x, s, b: scale_only_linear(x, codes, s, b), x, s, b)
+    custom = _grads(lambda x, s, b: scale_only_linear(x, codes, s, b, grad_scale), x, s, b)
     for got, want in zip(custom, _grads(naive, x, s, b)):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("bits", [2, 4, 8])
-@pytest.mark.parametrize("asymmetric", [False, True])
-def test_lr_qat_backward_equals_autograd_of_the_naive_formula(bits, asymmetric):
+@pytest.mark.parametrize("bits, asymmetric, grad_scale", [(2, False, 1.0), (4, False, 1.0), (8, False, 1.0),
+                                                          (2, True, 1.0), (4, True, 0.1), (8, True, 1.0)])
+def test_lr_qat_backward_equals_autograd_of_the_naive_formula(bits, asymmetric, grad_scale):
     gen = _gen(bits)
     qn, qp = qrange(bits)
     phi = torch.empty(16, 64, dtype=torch.float64).uniform_(qn - 1.5, qp + 1.5, generator=gen)  # some clip
@@ -54,7 +56,8 @@ def test_lr_qat_backward_equals_autograd_of_the_naive_formula(bits, asymmetric):
     s = torch.rand(16, 2, generator=gen, dtype=torch.float64) + 0.1
     off = torch.randn(16, 2, generator=gen, dtype=torch.float64) * asymmetric
     x = torch.randn(2, 3, 64, generator=gen, dtype=torch.float64)
-    grads = [_grads(lambda x, a, b, s, off, fast=fast: lr_qat_linear(x, phi, a, b, s, off, 0.7, bits, fast),
+    grads = [_grads(lambda x, a, b, s, off, fast=fast: lr_qat_linear(x, phi, a, b, s, off, 0.7, bits, fast,
+                                                                      grad_scale),
                     x, a, b, s, off) for fast in (True, False)]
     for got, want in zip(*grads):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
