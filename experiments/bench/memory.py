@@ -31,6 +31,10 @@ ROWS = {  # row label -> (method, extra fields)
     "L4Q (naive autograd)": ("l4q", {"memory_efficient": False}),
     "DL-QAT": ("dlqat", {"quant_steps": 0}),
     "full QAT (LSQ)": ("qat", {}),
+    "PEQA": ("peqa", {}),
+    "LR-QAT (fixed-point 8)": ("lr_qat", {}),
+    "LR-QAT (bf16 base)": ("lr_qat", {"downcast": "bf16"}),
+    "LR-QAT (naive autograd)": ("lr_qat", {"memory_efficient": False}),
 }
 
 
@@ -97,6 +101,11 @@ def measure(label: str, args: argparse.Namespace) -> int:
     return _peak_rss_bytes() - base
 
 
+def _suffix(label: str) -> str:
+    """What tells a method's variant rows apart in the ratio keys (``l4q_naive``, ``lr_qat_bf16``)."""
+    return "".join(f"_{tag}" for tag in ("naive", "bf16") if tag in label)
+
+
 def _child(label: str, args: argparse.Namespace) -> int:
     cmd = [sys.executable, __file__, "--child", label] + [f"--{k.replace('_', '-')}={v}" for k, v in
                                                           vars(args).items() if k not in ("child", "json")]
@@ -131,7 +140,7 @@ def main() -> None:
     for label, peak in peaks.items():
         print(f"| {label:<24} | {peak / 2**20:>9.1f} | {peak / lora:>7.3f} |")
     if args.json:
-        ratios = {f"{ROWS[label][0]}{'_naive' if 'naive' in label else ''}/lora peak_memory": round(peak / lora, 3)
+        ratios = {f"{ROWS[label][0]}{_suffix(label)}/lora peak_memory": round(peak / lora, 3)
                   for label, peak in peaks.items()}
         with open(args.json, "w") as f:
             json.dump({"setup": {k: v for k, v in vars(args).items() if k not in ("child", "json")},

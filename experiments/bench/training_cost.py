@@ -13,7 +13,9 @@ The ``dlqat-pc`` and ``dlqat-pc-a8kv8`` rows are DL-QAT Table 4's per-channel ro
 the KV cache adds to training. ``llm_qat-a8kv8`` is LLM-QAT's 4-8-8 row (full QAT per channel), its step with the
 teacher forward its logit distillation needs (the loss the shared training module computes). ``efficientqat`` is
 EfficientQAT's trained phase (E2E-QP: only the scales train, on frozen int8 codes), its Block-AP run on the bench
-batch before the measurement (a calibration step, not a training step).
+batch before the measurement (a calibration step, not a training step). ``peqa`` and the ``lr_qat`` rows are the
+L4Q reviewers' baselines: LR-QAT's claim is training memory near LoRA's, below L4Q's (its base is ``W0 / s0`` in
+8 bits instead of ``W0``) and far below full QAT's.
 
 The ``floor`` row is LoRA plus, in backward, one ``G = grad^T x`` GEMM (out x in) per adapted layer and
 nothing else: the arithmetic any exact backward of LoRA-inside-the-quantizer (L4Q, DL-QAT) must add to
@@ -38,11 +40,11 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).parent))
-from memory import _peak_rss_bytes, _reset_peak_rss, _rss_bytes, _warm_up_optimizer  # noqa: E402
+from memory import _peak_rss_bytes, _reset_peak_rss, _rss_bytes, _warm_up_optimizer
 
-import qaft  # noqa: E402
-from qaft.methods.distill import distilled_loss  # noqa: E402
-from qaft.models import load_causal_lm  # noqa: E402
+import qaft
+from qaft.methods.distill import distilled_loss
+from qaft.models import load_causal_lm
 
 # row -> (method, extra config fields)
 METHODS = {
@@ -57,6 +59,10 @@ METHODS = {
     "llm_qat-a8kv8": ("llm_qat", {"group_size": -1, "act_bits": 8, "kv_bits": 8}),
     # EfficientQAT's trained phase, E2E-QP (scales only, codes frozen), after its Block-AP on the bench batch
     "efficientqat": ("efficientqat", {"calib_batches": 1}),
+    # The QAT family around L4Q: PEQA (scales only), LR-QAT (fixed-point-8 base by default; bf16 base; and plain
+    # autograd of its formula, what its custom backward saves against)
+    "peqa": ("peqa", {}), "lr_qat": ("lr_qat", {}), "lr_qat-bf16": ("lr_qat", {"downcast": "bf16"}),
+    "lr_qat-naive": ("lr_qat", {"memory_efficient": False}),
 }
 MODELS = ("smollm2-135m", "wide-llama")
 

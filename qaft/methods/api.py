@@ -13,7 +13,9 @@ from transformers.pytorch_utils import Conv1D
 from qaft.methods.act_kv import install_act_kv
 from qaft.methods.config import ALL_LINEAR, INTEGER, MethodConfig, config_for
 from qaft.methods.layer import QaftLinear, replace_module
+from qaft.methods.lwc import fit_clipping, uses_lwc
 from qaft.methods.targets import TargetError, TargetPlan, as_conv1d, as_linear, linear_names, resolve_targets
+from qaft.quant.init import clipping
 
 
 def _shape(module: nn.Module) -> nn.Linear:
@@ -51,11 +53,15 @@ def _as_linears(model: nn.Module, plan: TargetPlan) -> None:
             replace_module(model, name, as_linear(module))
 
 
-def _swap_targets(model: nn.Module, config: MethodConfig, plan: TargetPlan | None = None) -> TargetPlan:
+def _swap_targets(model: nn.Module, config: MethodConfig, plan: TargetPlan | None = None,
+                  ratios: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> TargetPlan:
+    """Replace each target by ``config.make_layer``; ``ratios``: the learnt clipping of ``init='omniquant_lwc'``
+    per layer name, which the layer's init reads while it is built."""
     plan = plan_targets(model, config) if plan is None else plan
     _as_linears(model, plan)
     for name in plan.quantized:
-        replace_module(model, name, config.make_layer(model.get_submodule(name)))
+        with clipping(None if ratios is None else ratios[name]):
+            replace_module(model, name, config.make_layer(model.get_submodule(name)))
     return plan
 
 
@@ -81,7 +87,11 @@ def apply_method(model: nn.Module, config: MethodConfig, calib_batches: Iterable
                          "batches by its calib_batches): call apply_method(model, config, calib_batches=batches)")
     plan = plan_targets(model, config)
     install_act_kv(model, list(plan.quantized), config.act_bits, config.kv_bits)
-    if options is None:
+    if uses_lwc(config):  # the calibration data is the init's (its configs refuse GPTQ / SmoothQuant with it)
+        _as_linears(model, plan)
+        ratios, _ = fit_clipping(model, config, calib_batches, list(plan.quantized))
+        _swap_targets(model, config, plan, ratios)
+    elif options is None:
         _swap_targets(model, config, plan)
     else:
         _as_linears(model, plan)

@@ -32,7 +32,7 @@ from qaft.quant.activation import OFF, check_act_bits
 from qaft.quant.affine import VALID_BITS
 from qaft.quant.gptq import GPTQOptions
 from qaft.quant.granularity import granularity
-from qaft.quant.init import parse_init, parse_zero_point
+from qaft.quant.init import Init, parse_init, parse_zero_point
 
 # The default target_modules: every linear layer of every decoder block, resolved per model (qaft.methods.targets).
 ALL_LINEAR = "all-linear"
@@ -142,8 +142,10 @@ class MethodConfig:
     def calibration_options(self) -> GPTQOptions | None:
         """How a config that needs calibration data to be applied takes it: :class:`GPTQOptions`, whose
         ``calib_batches`` says how many training batches (GPTQ's other settings apply to GPTQ only; SmoothQuant
-        takes just the count); ``None`` (the default) when :meth:`make_layer` builds every layer from its
-        weights alone."""
+        and ``init='omniquant_lwc'`` take just the count, the config's ``calib_batches`` where it has one);
+        ``None`` (the default) when :meth:`make_layer` builds every layer from its weights alone."""
+        if getattr(self, "init", None) == Init.OMNIQUANT_LWC.value:
+            return GPTQOptions(calib_batches=getattr(self, "calib_batches", GPTQOptions.calib_batches))
         return None
 
     def apply_calibrated(self, model: nn.Module, calib_batches: Iterable[Any]) -> None:
@@ -268,6 +270,13 @@ class QuantLoRAMethodConfig(MethodConfig, LoRAFields, QuantFields):
 def non_negative(name: str, value: Any) -> None:
     if not isinstance(value, int) or value < 0:
         raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+
+
+def rtn_only_init(init: str, base: str) -> None:
+    """``init='omniquant_lwc'`` learns a round-to-nearest range: refused on a base that fits its own (GPTQ ...)."""
+    if init == Init.OMNIQUANT_LWC.value and base != "rtn":
+        raise ValueError(f"init='omniquant_lwc' learns the ranges of a round-to-nearest base; {base} fits its own "
+                         "(use init='minmax', or the rtn base)")
 
 
 def choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from qaft.methods.config import INTEGER, GPTQFields, MethodTraits, QuantMethodConfig, choice, register
+from qaft.methods.config import INTEGER, GPTQFields, MethodTraits, QuantMethodConfig, choice, register, rtn_only_init
 from qaft.methods.gptq_model import gptq_quantize_with
 from qaft.methods.smoothquant import check_alpha, smoothquant_quantize_model
 from qaft.quant.gptq import GPTQOptions
@@ -42,10 +42,11 @@ class PTQConfig(QuantMethodConfig, GPTQFields):
         choice("algorithm", self.algorithm, ("rtn", "gptq", "smoothquant"))
         check_alpha(self.smooth_alpha)
         self.gptq_options()
+        rtn_only_init(self.init, self.algorithm)
 
     def calibration_options(self) -> GPTQOptions | None:
         # SmoothQuant reads only calib_batches from these options: one definition of how much data to take.
-        return self.gptq_options() if self.algorithm in ("gptq", "smoothquant") else None
+        return self.gptq_options() if self.algorithm in ("gptq", "smoothquant") else super().calibration_options()
 
     def apply_calibrated(self, model: nn.Module, calib_batches: Iterable[Any]) -> None:
         """Sequential GPTQ, or SmoothQuant then RTN, of the whole model: its target linears become

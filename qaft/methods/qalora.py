@@ -29,7 +29,16 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from qaft.methods.config import INTEGER, TRAIN, GPTQFields, MethodTraits, QuantLoRAMethodConfig, choice, register
+from qaft.methods.config import (
+    INTEGER,
+    TRAIN,
+    GPTQFields,
+    MethodTraits,
+    QuantLoRAMethodConfig,
+    choice,
+    register,
+    rtn_only_init,
+)
 from qaft.methods.gptq_model import gptq_quantize_with
 from qaft.methods.layer import QaftLinear, add_lora, lora_delta, lora_output, recomputed_linear, replace_module
 from qaft.quant.affine import dequantize
@@ -108,9 +117,10 @@ class QALoRAConfig(QuantLoRAMethodConfig, GPTQFields):
         super().validate()
         choice("base_quant", self.base_quant, ("rtn", "gptq"))
         self.gptq_options()
+        rtn_only_init(self.init, self.base_quant)
 
     def calibration_options(self) -> GPTQOptions | None:
-        return self.gptq_options() if self.base_quant == "gptq" else None
+        return self.gptq_options() if self.base_quant == "gptq" else super().calibration_options()
 
     def apply_calibrated(self, model: nn.Module, calib_batches: Iterable[Any]) -> None:
         """GPTQ the float model, then put a QA-LoRA layer on each resulting integer layer's codes."""

@@ -7,6 +7,10 @@
 * ``l4q`` (symmetric range fit, L4Q): ``s = max(|min / Qn|, |max / Qp|)``, ``b = 0``, which contains both extremes.
 * ``mse``: the clipping ratio ``r`` in (0.5, 1] of the min-max range (``[r min, r max]``) that minimises
   ``||W - Wq||^2`` per group.
+* ``omniquant_lwc``: OmniQuant's learnable weight clipping (Shao et al., https://arxiv.org/abs/2308.13137): the
+  range ``[min sigmoid(beta), max sigmoid(gamma)]`` with per-group ``gamma, beta`` learnt on calibration data
+  (:mod:`qaft.methods.lwc`, which fits them block by block and builds each layer inside :func:`clipping`); the
+  range is then fitted like ``minmax`` (or symmetric / on the integer grid, as the quantizer's settings say).
 
 Floats round: about a third of float32 groups had the computed ``v = (w - b) / s`` of an extreme a few ulps
 outside ``[Qn, Qp]``. The code is the same (the clamp catches it) but the straight-through mask
@@ -32,6 +36,9 @@ small positive scale; on the integer grid an all-zero group gets the reference's
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from enum import Enum
 
 import torch
@@ -49,6 +56,33 @@ class Init(str, Enum):
     MINMAX = "minmax"
     L4Q = "l4q"
     MSE = "mse"
+    OMNIQUANT_LWC = "omniquant_lwc"
+
+
+# The learnt clipping ratios (sigmoid(beta), sigmoid(gamma)), (out, n_groups) each, of the layer being built.
+_CLIPPING: ContextVar[tuple[torch.Tensor, torch.Tensor] | None] = ContextVar("qaft_lwc_clipping", default=None)
+
+
+@contextmanager
+def clipping(ratios: tuple[torch.Tensor, torch.Tensor] | None) -> Iterator[None]:
+    """Within this context ``init="omniquant_lwc"`` fits the range ``[min * ratios[0], max * ratios[1]]``: how
+    the ratios learnt for one layer reach the init of whatever that layer's method builds."""
+    token = _CLIPPING.set(ratios)
+    try:
+        yield
+    finally:
+        _CLIPPING.reset(token)
+
+
+def _clipped(mn: torch.Tensor, mx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    ratios = _CLIPPING.get()
+    if ratios is None:
+        raise ValueError("init='omniquant_lwc' is learnt on calibration data: apply the method with it "
+                         "(qaft.apply_method(model, config, calib_batches=...))")
+    lo, hi = ratios
+    if lo.shape != mn.shape:
+        raise ValueError(f"omniquant_lwc: clipping ratios of shape {tuple(lo.shape)} for {tuple(mn.shape)} groups")
+    return mn * lo.to(mn.dtype), mx * hi.to(mx.dtype)
 
 
 class ZeroPoint(str, Enum):
@@ -165,6 +199,8 @@ def _ranges(w, bits, group_size, method, symmetric, zero_point, mse_steps):
     if method is Init.MSE:
         r = _mse_ratio(w, mn, mx, bits, symmetric, zero_point, mse_steps)
         mn, mx = mn * r, mx * r
+    elif method is Init.OMNIQUANT_LWC:
+        mn, mx = _clipped(mn, mx)
     return mn, mx, symmetric, zero_point
 
 

@@ -290,7 +290,7 @@ def test_ptq_after_float_merge_gives_integer_layers():
     ({"group_size": 48}, r"group_size=48 does not divide in_features=64.*allowed: -1 \(per channel\)"),
     ({"bits": 5}, r"bits must be one of \(2, 3, 4, 8\), got 5"),
     ({"rank": 0}, r"rank must be a positive integer, got 0"),
-    ({"init": "kmeans"}, r"init must be one of \['minmax', 'l4q', 'mse'\]"),
+    ({"init": "kmeans"}, r"init must be one of \['minmax', 'l4q', 'mse', 'omniquant_lwc'\]"),
     ({"warmup": 3}, r"method 'l4q' has no field\(s\) \['warmup'\]; its fields: .*warmup_steps"),
 ])
 def test_bad_input_raises_at_construction(fields, message):
