@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import nn
 
-from qaft.methods.config import DEFAULT_TARGETS
+from qaft.methods.config import DEFAULT_TARGETS, GPTQFields, choice, rtn_only_init
 from qaft.methods.layer import replace_module
 from qaft.methods.targets import resolve_targets
 from qaft.progress import Phase
@@ -184,4 +185,41 @@ def gptq_quantize_with(model: nn.Module, calib_batches: Iterable[Any], config: _
                                target_modules=config.target_modules, inplace=True, zero_point=config.zero_point)
 
 
-__all__ = ["GPTQOptions", "gptq_quantize_model", "gptq_quantize_with"]
+BASES = ("rtn", "gptq")
+
+
+@dataclass(kw_only=True)
+class GPTQBaseFields(GPTQFields):
+    """A method over an integer base fitted by round-to-nearest (``base_quant='rtn'``: layer by layer, in
+    ``make_layer``) or by GPTQ on calibration data (``'gptq'``: :func:`gptq_quantize_with`, then the method's layer
+    on each GPTQ layer's codes). The config names that layer class, ``base_layer``, which builds from a float
+    linear (``from_linear``) or from GPTQ's :class:`~qaft.quant.linear.QuantizedLinear` (``from_quantized``).
+    Listed first among a config's bases, so that these methods are the config's."""
+
+    base_layer: ClassVar[Any]
+    base_quant: str = "rtn"  # rtn | gptq (GPTQ on calibration data: see calibration_options())
+
+    def validate(self) -> None:
+        super().validate()
+        choice("base_quant", self.base_quant, BASES)
+        self.gptq_options()
+        rtn_only_init(self.init, self.base_quant)
+
+    def calibration_options(self) -> GPTQOptions | None:
+        return self.gptq_options() if self.base_quant == "gptq" else super().calibration_options()
+
+    def apply_calibrated(self, model: nn.Module, calib_batches: Iterable[Any]) -> None:
+        """GPTQ the float model, then put the method's layer on each resulting integer layer's codes."""
+        gptq_quantize_with(model, calib_batches, self)
+        for name, module in list(model.named_modules()):
+            if isinstance(module, QuantizedLinear):
+                replace_module(model, name, self.base_layer.from_quantized(module, self))
+
+    def make_layer(self, linear: nn.Linear) -> nn.Module:
+        if self.base_quant == "gptq":
+            raise ValueError(f"{self.name} with base_quant='gptq' needs calibration data: use "
+                             "qaft.apply_method(model, config, calib_batches=batches)")
+        return self.base_layer.from_linear(linear, self)
+
+
+__all__ = ["BASES", "GPTQBaseFields", "GPTQOptions", "gptq_quantize_model", "gptq_quantize_with"]

@@ -21,9 +21,8 @@ Merge: ``QuantizedLinear(q, s, b)`` with the trained ``s``: integer, and the tra
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -32,17 +31,13 @@ from torch import nn
 from qaft.methods.config import (
     INTEGER,
     TRAIN,
-    GPTQFields,
     MethodTraits,
     QuantMethodConfig,
-    choice,
     register,
-    rtn_only_init,
 )
-from qaft.methods.gptq_model import gptq_quantize_with
-from qaft.methods.layer import QUANTIZER, QaftLinear, make_quantizer, replace_module
+from qaft.methods.gptq_model import GPTQBaseFields
+from qaft.methods.layer import QUANTIZER, QaftLinear, make_quantizer
 from qaft.quant.affine import dequantize
-from qaft.quant.gptq import GPTQOptions
 from qaft.quant.granularity import grouped
 from qaft.quant.linear import QuantizedLinear
 from qaft.quant.module import AffineQuantizer
@@ -95,7 +90,7 @@ class PEQALinear(QaftLinear):
 
     PHASES = {TRAIN: frozenset({QUANTIZER})}
 
-    def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None, config: "PEQAConfig",
+    def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None, config: PEQAConfig,
                  weight: torch.Tensor, base: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> None:
         """``weight``: the float weight the quantizer is fitted on; ``base``: an existing ``(codes, scale,
         offset)`` (GPTQ's) to take over instead of the round-to-nearest one of ``weight``."""
@@ -114,12 +109,12 @@ class PEQALinear(QaftLinear):
         self.register_buffer("codes", codes)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, config: "PEQAConfig") -> "PEQALinear":
+    def from_linear(cls, linear: nn.Linear, config: PEQAConfig) -> PEQALinear:
         """PEQA on the round-to-nearest base of a float layer (the config's quantizer settings)."""
         return cls(linear.in_features, linear.out_features, linear.bias, config, linear.weight.detach().float())
 
     @classmethod
-    def from_quantized(cls, qlinear: QuantizedLinear, config: "PEQAConfig") -> "PEQALinear":
+    def from_quantized(cls, qlinear: QuantizedLinear, config: PEQAConfig) -> PEQALinear:
         """PEQA on an existing integer layer's codes, scales and offsets (GPTQ's)."""
         base = (qlinear.codes(), qlinear.scale.clone(), qlinear.offset.clone())
         return cls(qlinear.in_features, qlinear.out_features, qlinear.bias, config, qlinear.dequantize_weight(), base)
@@ -141,33 +136,11 @@ class PEQALinear(QaftLinear):
 
 @register
 @dataclass(kw_only=True)
-class PEQAConfig(QuantMethodConfig, GPTQFields):
+class PEQAConfig(GPTQBaseFields, QuantMethodConfig):
     """PEQA; ``calib_batches``, ``act_order`` and ``percdamp`` apply with ``base_quant='gptq'``."""
 
     name = "peqa"
     traits = MethodTraits(merges_to=INTEGER, bit_exact=True, trains_quantizer=True, starts_at_ptq=True)
     example_fields: ClassVar = {"group_size": 32}
     calibrated_fields: ClassVar = ({"base_quant": "gptq"},)
-    base_quant: str = "rtn"  # rtn | gptq (GPTQ on calibration data: see calibration_options())
-
-    def validate(self) -> None:
-        super().validate()
-        choice("base_quant", self.base_quant, BASES)
-        self.gptq_options()
-        rtn_only_init(self.init, self.base_quant)
-
-    def calibration_options(self) -> GPTQOptions | None:
-        return self.gptq_options() if self.base_quant == "gptq" else super().calibration_options()
-
-    def apply_calibrated(self, model: nn.Module, calib_batches: Iterable[Any]) -> None:
-        """GPTQ the float model, then put a PEQA layer on each resulting integer layer's codes."""
-        gptq_quantize_with(model, calib_batches, self)
-        for name, module in list(model.named_modules()):
-            if isinstance(module, QuantizedLinear):
-                replace_module(model, name, PEQALinear.from_quantized(module, self))
-
-    def make_layer(self, linear: nn.Linear) -> PEQALinear:
-        if self.base_quant == "gptq":
-            raise ValueError("peqa with base_quant='gptq' needs calibration data: use "
-                             "qaft.apply_method(model, config, calib_batches=batches)")
-        return PEQALinear.from_linear(linear, self)
+    base_layer: ClassVar = PEQALinear

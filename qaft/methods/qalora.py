@@ -22,9 +22,8 @@ and ``qaft.apply_method(model, config, calib_batches=...)`` GPTQ-quantizes the f
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -32,17 +31,13 @@ from torch import nn
 from qaft.methods.config import (
     INTEGER,
     TRAIN,
-    GPTQFields,
     MethodTraits,
     QuantLoRAMethodConfig,
-    choice,
     register,
-    rtn_only_init,
 )
-from qaft.methods.gptq_model import gptq_quantize_with
-from qaft.methods.layer import QaftLinear, add_lora, lora_delta, lora_output, recomputed_linear, replace_module
+from qaft.methods.gptq_model import GPTQBaseFields
+from qaft.methods.layer import QaftLinear, add_lora, lora_delta, lora_output, recomputed_linear
 from qaft.quant.affine import dequantize
-from qaft.quant.gptq import GPTQOptions
 from qaft.quant.linear import QuantizedLinear, rtn_quantize
 
 
@@ -56,7 +51,7 @@ class QALoRALinear(QaftLinear):
     PHASES = {TRAIN: frozenset({"lora_A", "lora_B"})}
     STATE_BUFFERS = ("scale", "offset")
 
-    def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None, config: "QALoRAConfig",
+    def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None, config: QALoRAConfig,
                  base: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
         super().__init__(in_features, out_features, bias, config)
         codes, scale, offset = base
@@ -67,14 +62,14 @@ class QALoRALinear(QaftLinear):
         add_lora(self, config.rank, self.n_groups, self.out_features)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, config: "QALoRAConfig") -> "QALoRALinear":
+    def from_linear(cls, linear: nn.Linear, config: QALoRAConfig) -> QALoRALinear:
         """A QA-LoRA layer on the round-to-nearest base of a float layer (the config's quantizer settings)."""
         c = config
         base = rtn_quantize(linear.weight.detach().float(), c.bits, c.group_size, c.init, c.symmetric, c.zero_point)
         return cls(linear.in_features, linear.out_features, linear.bias, config, base)
 
     @classmethod
-    def from_quantized(cls, qlinear: QuantizedLinear, config: "QALoRAConfig") -> "QALoRALinear":
+    def from_quantized(cls, qlinear: QuantizedLinear, config: QALoRAConfig) -> QALoRALinear:
         """A QA-LoRA layer on an existing integer layer's codes, scales and offsets (e.g. from GPTQ)."""
         n_groups = 1 if config.group_size == -1 else qlinear.in_features // config.group_size
         if qlinear.bits != config.bits or qlinear.scale.shape[1] != n_groups:
@@ -101,7 +96,7 @@ class QALoRALinear(QaftLinear):
 
 @register
 @dataclass(kw_only=True)
-class QALoRAConfig(QuantLoRAMethodConfig, GPTQFields):
+class QALoRAConfig(GPTQBaseFields, QuantLoRAMethodConfig):
     """QA-LoRA; ``calib_batches``, ``act_order`` and ``percdamp`` apply with ``base_quant='gptq'``."""
 
     name = "qalora"
@@ -110,27 +105,5 @@ class QALoRAConfig(QuantLoRAMethodConfig, GPTQFields):
     example_fields: ClassVar = {"group_size": 32}
     calibrated_fields: ClassVar = ({"base_quant": "gptq"},)
     rank: int = 64  # the paper's r (alpha 16)
-    base_quant: str = "rtn"  # rtn | gptq (GPTQ on calibration data: see calibration_options())
+    base_layer: ClassVar = QALoRALinear
     # zero_point (QuantFields) sets the base's grid; the merge moves the offsets off it (see the module doc).
-
-    def validate(self) -> None:
-        super().validate()
-        choice("base_quant", self.base_quant, ("rtn", "gptq"))
-        self.gptq_options()
-        rtn_only_init(self.init, self.base_quant)
-
-    def calibration_options(self) -> GPTQOptions | None:
-        return self.gptq_options() if self.base_quant == "gptq" else super().calibration_options()
-
-    def apply_calibrated(self, model: nn.Module, calib_batches: Iterable[Any]) -> None:
-        """GPTQ the float model, then put a QA-LoRA layer on each resulting integer layer's codes."""
-        gptq_quantize_with(model, calib_batches, self)
-        for name, module in list(model.named_modules()):
-            if isinstance(module, QuantizedLinear):
-                replace_module(model, name, QALoRALinear.from_quantized(module, self))
-
-    def make_layer(self, linear: nn.Linear) -> QALoRALinear:
-        if self.base_quant == "gptq":
-            raise ValueError("qalora with base_quant='gptq' needs calibration data: use "
-                             "qaft.apply_method(model, config, calib_batches=batches)")
-        return QALoRALinear.from_linear(linear, self)
