@@ -18,8 +18,8 @@ from pathlib import Path
 import pandas as pd
 
 # Columns of a run's row that are not its config: what happened, when, where, and what it measured.
-NOT_CONFIG = ("status", "finished", "identity", "run_dir", "error", "wakv")
-NOT_CONFIG_PREFIXES = ("metrics.", "timings.", "eval.", "environment", "item_scores", "traceback")
+NOT_CONFIG = ("status", "finished", "identity", "run_dir", "error", "wakv", "sha256")
+NOT_CONFIG_PREFIXES = ("metrics.", "timings.", "eval.", "environment", "item_scores", "traceback", "non_finite")
 ACCURACIES = "acc|acc_norm"
 RUN_ACC = re.compile(rf"metrics\.lm_eval\.results\.(?P<task>[^.]+)\.scores\.(?P<metric>{ACCURACIES})")
 EVAL_ACC = re.compile(rf"eval\.(?P<form>[^.]+)\.lm_eval\.results\.(?P<task>[^.]+)\.scores\.(?P<metric>{ACCURACIES})")
