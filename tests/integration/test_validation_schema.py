@@ -223,7 +223,7 @@ def run_main(args: list[str], monkeypatch, capsys) -> tuple[int, list[str]]:
 COMMAND_LINES = {
     "a step count that is no number": (["trainer.max_steps=abc"], "trainer.max_steps='abc' must be a whole number"),
     "an unknown key": (["foo=1"], "Could not override 'foo': Key 'foo' is not in struct (to append to your config"),
-    "an unknown option": (["method=nonexistent"], "Could not find 'method/nonexistent'; available: dlqat, l4q,"),
+    "an unknown option": (["method=nonexistent"], "Could not find 'method/nonexistent'; available: dlqat, efficientqat,"),
     "a value of the wrong type": (["method.rank=abc"], "Error merging override method.rank=abc: Value 'abc'"),
     "an override that does not parse": (["method.bits=[4"], "method.bits=[4: "),
     "a data name with a path in it": (["data.name='/../../../x'"], "data.name='/../../../x' must be a plain name"),

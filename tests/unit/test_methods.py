@@ -303,7 +303,7 @@ def test_bad_input_raises_at_construction(fields, message):
 
 
 def test_unknown_method_names_the_available_ones():
-    with pytest.raises(ValueError, match=r"unknown method 'gptq4'; available: \['dlqat', 'l4q'"):
+    with pytest.raises(ValueError, match=r"unknown method 'gptq4'; available: \['dlqat', 'efficientqat', 'l4q'"):
         qaft.config_for("gptq4")
 
 
