@@ -36,6 +36,29 @@ def token_batch(seed: int = 1, batch: int = 2, length: int = 16) -> torch.Tensor
     return torch.randint(0, VOCAB, (batch, length), generator=g)
 
 
+def train_steps(model: torch.nn.Module, ids: torch.Tensor, steps: int, lr: float = 1e-2,
+                autocast: torch.dtype | None = None) -> torch.nn.Module:
+    """``steps`` AdamW steps of a method's model on ``ids`` (its trainable groups; each step in the phase
+    ``qaft.set_training_step`` gives it), under autocast to ``autocast`` if given; returned in eval mode."""
+    import contextlib
+
+    import qaft
+
+    params = [p for group in qaft.parameter_groups(model).values() for p in group]
+    opt = torch.optim.AdamW(params, lr=lr) if params else None
+    model.train()
+    for step in range(steps):
+        qaft.set_training_step(model, step)
+        cast = contextlib.nullcontext() if autocast is None else torch.autocast(ids.device.type, dtype=autocast)
+        with cast:
+            loss = model(ids, labels=ids).loss
+        if opt is not None:
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+    return model.eval()
+
+
 def _env() -> dict[str, str]:
     return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore",
             "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))}

@@ -10,7 +10,7 @@ from qaft.methods.llm_qat import _AbsmaxSTE, absmax_scale
 from qaft.quant import nf4 as N
 from qaft.quant.activation import fake_quantize_per_token
 
-from helpers import token_batch
+from helpers import token_batch, train_steps
 from method_matrix import applied, methods
 
 pytestmark = pytest.mark.cuda
@@ -18,19 +18,7 @@ pytestmark = pytest.mark.cuda
 
 def _train_bf16(model, device, steps=4, lr=1e-2):
     """A few AdamW steps with float32 master weights under bf16 autocast, as Lightning's bf16-mixed."""
-    params = [p for group in qaft.parameter_groups(model).values() for p in group]
-    opt = torch.optim.AdamW(params, lr=lr) if params else None
-    ids = token_batch().to(device)
-    model.train()
-    for step in range(steps):
-        qaft.set_training_step(model, step)
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss = model(ids, labels=ids).loss
-        if opt is not None:
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-    return model.eval()
+    return train_steps(model, token_batch().to(device), steps, lr, autocast=torch.bfloat16)
 
 
 @pytest.mark.parametrize("name", methods())

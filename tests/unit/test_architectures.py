@@ -24,7 +24,7 @@ from qaft.models.architectures import (
     supported,
 )
 
-from helpers import plain_python
+from helpers import plain_python, train_steps
 from method_matrix import config, methods
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,18 +36,7 @@ def _ids(seed: int = 1, vocab: int = 100) -> torch.Tensor:
 
 
 def _train(model: nn.Module, steps: int = 2) -> nn.Module:
-    params = [p for group in qaft.parameter_groups(model).values() for p in group]
-    opt = torch.optim.AdamW(params, lr=1e-2) if params else None
-    ids = _ids()
-    model.train()
-    for step in range(steps):
-        qaft.set_training_step(model, step)
-        loss = model(input_ids=ids, labels=ids).loss
-        if opt is not None:
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-    return model.eval()
+    return train_steps(model, _ids(), steps)
 
 
 def _applied(model: nn.Module, config: qaft.MethodConfig) -> nn.Module:

@@ -17,23 +17,12 @@ from qaft.quant import AffineQuantizer
 from qaft.quant.affine import in_range, scale_grad_term, ste_terms
 from qaft.quant.linear import rtn_quantize_linear
 
-from helpers import token_batch
+from helpers import token_batch, train_steps
 from method_matrix import applied, int_zero_fields, methods
 
 
 def _trained(name: str, steps: int = 3, **extra) -> nn.Module:
-    model = applied(name, **extra)
-    params = [p for group in qaft.parameter_groups(model).values() for p in group]
-    opt = torch.optim.AdamW(params, lr=1e-2) if params else None
-    ids = token_batch()
-    model.train()
-    for step in range(steps):
-        qaft.set_training_step(model, step)
-        if opt is not None:
-            model(ids, labels=ids).loss.backward()
-            opt.step()
-            opt.zero_grad()
-    return model.eval()
+    return train_steps(applied(name, **extra), token_batch(), steps)
 
 
 @pytest.mark.parametrize("name", methods())

@@ -13,7 +13,7 @@ from qaft.quant.affine import _v, offset_of_zero
 from qaft.quant.gptq import HessianAccumulator, gptq_quantize_weight
 from qaft.quant.init import init_scale_zero
 
-from helpers import DEVICES, token_batch
+from helpers import DEVICES, token_batch, train_steps
 from method_matrix import applied, int_zero_fields, methods
 
 QUANT_METHODS = methods(zero_point=True)
@@ -90,18 +90,7 @@ def test_methods_without_an_integer_quantizer_reject_the_field(name):
 
 
 def _train(model, steps=6, lr=2e-2):
-    params = [p for group in qaft.parameter_groups(model).values() for p in group]
-    opt = torch.optim.AdamW(params, lr=lr) if params else None
-    ids = token_batch()
-    model.train()
-    for step in range(steps):
-        qaft.set_training_step(model, step)
-        loss = model(ids, labels=ids).loss
-        if opt is not None:
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-    return model.eval()
+    return train_steps(model, token_batch(), steps, lr)
 
 
 def _applied(name, **extra):
