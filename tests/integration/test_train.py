@@ -371,9 +371,9 @@ def test_eval_gptq_deploys_a_float_merge_by_gptq(tmp_path, monkeypatch):
     assert gptq_total < rtn_total
 
 
-def test_resume_of_a_qalora_gptq_run_rebuilds_the_same_base(tmp_path, monkeypatch):
-    steps = ["method=qalora", "method.base_quant=gptq", "method.rank=4", "method.calib_batches=2",
-             "trainer.max_steps=4", "checkpoint.every_n_steps=2"]
+def _clean_and_killed_at_step_3(tmp_path: Path, steps: list[str], monkeypatch) -> tuple[Path, Path, Path, dict]:
+    """An uninterrupted run of ``steps`` and one SIGKILLed at step 3 (no record), with its last checkpoint (saved at
+    step 2, naming the digest of the base it rebuilds) read back."""
     clean, resumed = tmp_path / "clean", tmp_path / "resumed"
     run_main([*tiny_run_overrides(clean), *steps], monkeypatch)
     killed = signal_at_step([*tiny_run_overrides(resumed), *steps], 3, signal.SIGKILL, tmp_path / "paused")
@@ -381,12 +381,25 @@ def test_resume_of_a_qalora_gptq_run_rebuilds_the_same_base(tmp_path, monkeypatc
     (ckpt,) = resumed.rglob("last.ckpt")
     saved = torch.load(ckpt, weights_only=True)
     assert saved["global_step"] == 2 and saved["qaft"]["base_digest"]
-    assert not any(k.endswith("codes") for k in saved["state_dict"])  # the base is rebuilt, not stored
+    return clean, resumed, ckpt, saved
+
+
+def _resumed_as_clean(clean: Path, resumed: Path, steps: list[str], monkeypatch) -> tuple[dict, dict, list, list]:
+    """The killed run resumed to its end: its final metrics equal the clean run's; both records and metric rows."""
     run_main([*tiny_run_overrides(resumed), *steps], monkeypatch)
     (a,), (b,) = records(clean), records(resumed)
     for key in ("final_train_loss", "ppl_trained", "ppl_merged", "global_step"):
         assert b["metrics"][key] == a["metrics"][key], key
     rows_a, rows_b = (metric_rows(Path(d["run_dir"])) for d in (a, b))
+    return a, b, rows_a, rows_b
+
+
+def test_resume_of_a_qalora_gptq_run_rebuilds_the_same_base(tmp_path, monkeypatch):
+    steps = ["method=qalora", "method.base_quant=gptq", "method.rank=4", "method.calib_batches=2",
+             "trainer.max_steps=4", "checkpoint.every_n_steps=2"]
+    clean, resumed, ckpt, saved = _clean_and_killed_at_step_3(tmp_path, steps, monkeypatch)
+    assert not any(k.endswith("codes") for k in saved["state_dict"])  # the base is rebuilt, not stored
+    _, _, rows_a, rows_b = _resumed_as_clean(clean, resumed, steps, monkeypatch)
     assert [r["train/loss"] for r in rows_b] == [r["train/loss"] for r in rows_a]
     # a checkpoint of a base that GPTQ would build differently (here: other dampening) is refused, in one line
     other = run_qaft_train([*tiny_run_overrides(tmp_path / "other"), *steps, "method.percdamp=0.5",
@@ -403,19 +416,9 @@ def test_an_efficientqat_run_killed_during_e2e_qp_resumes_bit_identically(tmp_pa
 
     steps = ["method=efficientqat", "method.calib_batches=2", "trainer.max_steps=4", "checkpoint.every_n_steps=2",
              "save_model=true"]
-    clean, resumed = tmp_path / "clean", tmp_path / "resumed"
-    run_main([*tiny_run_overrides(clean), *steps], monkeypatch)
-    killed = signal_at_step([*tiny_run_overrides(resumed), *steps], 3, signal.SIGKILL, tmp_path / "paused")
-    assert killed.returncode == -signal.SIGKILL and not records(resumed)
-    (ckpt,) = resumed.rglob("last.ckpt")
-    saved = torch.load(ckpt, weights_only=True)
-    assert saved["global_step"] == 2 and saved["qaft"]["base_digest"]
+    clean, resumed, _, saved = _clean_and_killed_at_step_3(tmp_path, steps, monkeypatch)
     assert {k.rsplit(".", 1)[-1] for k in saved["state_dict"]} == {"scale", "zero"}  # the codes are rebuilt
-    run_main([*tiny_run_overrides(resumed), *steps], monkeypatch)
-    (a,), (b,) = records(clean), records(resumed)
-    for key in ("final_train_loss", "ppl_trained", "ppl_merged", "global_step"):
-        assert b["metrics"][key] == a["metrics"][key], key
-    rows_a, rows_b = (metric_rows(Path(d["run_dir"])) for d in (a, b))
+    a, b, rows_a, rows_b = _resumed_as_clean(clean, resumed, steps, monkeypatch)
     assert [r["train/loss"] for r in rows_b] == [r["train/loss"] for r in rows_a] and len(rows_b) == 4
     ta, tb = (load_file(Path(r["run_dir"]) / "merged_model" / "model.safetensors") for r in (a, b))
     assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
