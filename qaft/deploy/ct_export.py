@@ -34,9 +34,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from qaft.deploy.packed import is_integer_model
+from qaft.deploy.packed import check_weight_only_integer
 from qaft.files import atomic_folder
-from qaft.methods.act_kv import act_kv_layout, has_act_kv
 from qaft.quant.affine import offset_of_zero
 from qaft.quant.linear import QuantizedLinear, rtn_quantize
 
@@ -88,18 +87,10 @@ def is_exact(layer: QuantizedLinear) -> bool:
 
 def check_exportable(model: nn.Module) -> None:
     """``ValueError`` (one line) for a model compressed-tensors cannot express, or no compressed-tensors installed."""
-    import importlib.util
-
-    if importlib.util.find_spec("compressed_tensors") is None:
-        raise ValueError("format=compressed-tensors needs compressed-tensors (pip install 'qaft[ct]')")
-    if has_act_kv(model):
-        layout = act_kv_layout(model)
-        raise ValueError(f"format=compressed-tensors: the model quantizes activations/KV cache (act_bits="
-                         f"{layout['act_bits']}, kv_bits={layout['kv_bits']}), which this export does not carry: use "
-                         "format=qaft (qaft.deploy.load_quantized)")
-    if not is_integer_model(model):
-        raise ValueError("format=compressed-tensors: the model holds no integer layers (a float merge is exported as "
-                         "its run deployed it: qaft-export RUN_DIR, or merge it with qaft.merge_model first)")
+    check_weight_only_integer(model, "compressed-tensors", "compressed_tensors",
+                              "compressed-tensors (pip install 'qaft[ct]')", ", which this export does not carry",
+                              "a float merge is exported as its run deployed it: qaft-export RUN_DIR, or merge it "
+                              "with qaft.merge_model first")
 
 
 def nearest_integer_grid(layer: QuantizedLinear) -> QuantizedLinear:

@@ -33,9 +33,8 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from qaft.deploy.ct_export import integer_zero
-from qaft.deploy.packed import WEIGHTS_FILE, is_integer_model, unique_tensors
+from qaft.deploy.packed import WEIGHTS_FILE, check_weight_only_integer, unique_tensors
 from qaft.files import atomic_folder
-from qaft.methods.act_kv import act_kv_layout, has_act_kv
 from qaft.quant.linear import QuantizedLinear
 
 
@@ -94,17 +93,10 @@ def quantization_config(model: nn.Module, quantized: list[str]) -> dict[str, Any
 
 def check_exportable(model: nn.Module) -> None:
     """``ValueError`` (one line) for a model no transformers-loadable format expresses exactly, or no torchao."""
-    import importlib.util
-
-    if importlib.util.find_spec("torchao") is None:
-        raise ValueError("format=hf needs torchao (pip install 'qaft[hf]'); the exported folder needs it to load too")
-    if has_act_kv(model):
-        layout = act_kv_layout(model)
-        raise ValueError(f"format=hf: the model quantizes activations/KV cache (act_bits={layout['act_bits']}, "
-                         f"kv_bits={layout['kv_bits']}); no format transformers loads applies those quantizers: "
-                         "use format=qaft (qaft.deploy.load_quantized)")
-    if not is_integer_model(model):
-        raise ValueError("format=hf: the model holds no integer layers (merge it with qaft.merge_model first)")
+    check_weight_only_integer(model, "hf", "torchao",
+                              "torchao (pip install 'qaft[hf]'); the exported folder needs it to load too",
+                              "; no format transformers loads applies those quantizers",
+                              "merge it with qaft.merge_model first")
     foreign = _foreign_positions(model)
     if foreign:
         name, kind = foreign[0]

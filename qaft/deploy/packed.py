@@ -70,6 +70,24 @@ def is_integer_model(model: nn.Module) -> bool:
     return any(isinstance(m, QuantizedLinear) for m in model.modules())
 
 
+def check_weight_only_integer(model: nn.Module, fmt: str, package: str, install: str, act_kv_note: str,
+                              float_note: str) -> None:
+    """``ValueError`` (one line, naming ``format=fmt``) where an export to a standard format cannot start: its
+    library ``package`` is not installed (``install`` says how), the model quantizes activations or the KV cache
+    (which those formats do not carry: ``act_kv_note`` says so, pointing to format=qaft), or it holds no integer
+    layers (``float_note`` says what to do)."""
+    import importlib.util
+
+    if importlib.util.find_spec(package) is None:
+        raise ValueError(f"format={fmt} needs {install}")
+    if has_act_kv(model):
+        layout = act_kv_layout(model)
+        raise ValueError(f"format={fmt}: the model quantizes activations/KV cache (act_bits={layout['act_bits']}, "
+                         f"kv_bits={layout['kv_bits']}){act_kv_note}: use format=qaft (qaft.deploy.load_quantized)")
+    if not is_integer_model(model):
+        raise ValueError(f"format={fmt}: the model holds no integer layers ({float_note})")
+
+
 def unique_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """The state dict with each shared storage (tied embeddings) kept once, under its first name."""
     seen: set[tuple[int, int]] = set()
