@@ -23,6 +23,7 @@ from qaft.deploy.merged import MERGED_FORM, MERGED_PTQ_FORM, deploy_merged, depl
 from qaft.deploy.packed import is_integer_model
 from qaft.evaluation.perplexity import Batch, ItemNLL, batches_scores
 from qaft.methods import merge_model, ptq_model
+from qaft.progress import say
 
 
 class ModelForm(Enum):
@@ -60,6 +61,9 @@ class EndOfRun:
     deployed: nn.Module
     bits: int
     group_size: int
+    # A bit-exact method's training-time model is scored on the first batch only and compared with the merged
+    # model's scores of it: {"windows": n, "bit_equal": bool}; None where it was scored in full.
+    trained_check: dict[str, Any] | None = None
 
     @property
     def perplexity(self) -> dict[ModelForm, float]:
@@ -74,9 +78,16 @@ class EndOfRun:
         """The record's ``metrics.deployed``: ``{"form": "merged"}`` or ``merged+ptq`` and its RTN settings."""
         return deployed_form(self.integer_merge, self.bits, self.group_size)
 
-    def metrics(self) -> dict[str, float]:
-        """The perplexities under their record keys."""
-        return {form.key: value for form, value in self.perplexity.items()}
+    def metrics(self) -> dict[str, Any]:
+        """The perplexities under their record keys, and ``trained_vs_merged`` where the trained model was only
+        compared with the merged one."""
+        checked = {} if self.trained_check is None else {"trained_vs_merged": self.trained_check}
+        return {form.key: value for form, value in self.perplexity.items()} | checked
+
+    @property
+    def trained_is_merged(self) -> bool:
+        """The training-time model's scores are the merged model's (compared bit for bit, not scored twice)."""
+        return self.trained_check is not None and self.trained_check["bit_equal"]
 
     def table(self, method: str) -> str:
         return format_table(self.perplexity, self.deployed_form, method, self.bits, self.group_size)
@@ -95,23 +106,41 @@ def deployed_perplexity(metrics: dict[str, Any]) -> float | None:
     return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
+def _trained_vs_merged(probe: ItemNLL, results: dict[ModelForm, ItemNLL]) -> dict[str, Any]:
+    """Whether the merged model scores the probed windows bit for bit as the trained one did; if so its scores
+    stand for both (``ppl_trained`` is then ``ppl_merged``), else ``ppl_trained`` is not recorded."""
+    merged, n = results[ModelForm.MERGED], len(probe.tokens)
+    equal = probe.nll_sum == merged.nll_sum[:n] and probe.tokens == merged.tokens[:n]
+    if equal:
+        results[ModelForm.TRAINED] = merged
+    else:
+        say(f"perplexity [trained]: the merged model differs from the trained one on the first {n} windows "
+            "(a merge that should be bit-exact); ppl_trained is not recorded")
+    return {"windows": n, "bit_equal": equal}
+
+
 def end_of_run(model: nn.Module, batches: list[Batch], bits: int, group_size: int,
                load_float: Callable[[], nn.Module] | None,
                gptq: Callable[[nn.Module], nn.Module] | None = None,
-               on_merged: Callable[[nn.Module], None] | None = None) -> EndOfRun:
+               on_merged: Callable[[nn.Module], None] | None = None, bit_exact: bool = False) -> EndOfRun:
     """Perplexities at the end of a run and the deployed model; ``model`` is merged in place (consumed).
 
     Scores :attr:`ModelForm.TRAINED` and ``MERGED``; for a float merge, ``MERGED_PTQ`` (and ``MERGED_GPTQ`` when
     ``gptq``, a float model in and a quantized copy out, is given); ``FLOAT`` and ``PTQ`` (``PTQ_GPTQ``) when
     ``load_float`` is given. ``on_merged`` sees the merged model before a float merge is quantized (to save it).
+    ``bit_exact`` (the method's trait): the trained model is scored on the first batch only, and its scores are
+    the merged model's where those agree bit for bit on it (:attr:`EndOfRun.trained_check`).
     """
     def score(form: ModelForm, scored: nn.Module) -> None:
         results[form] = batches_scores(scored, batches, f"perplexity [{form.label}]")
 
     results: dict[ModelForm, ItemNLL] = {}
-    score(ModelForm.TRAINED, model)
+    probe = batches_scores(model, batches[:1], "perplexity [trained, first batch]") if bit_exact else None
+    if probe is None:
+        score(ModelForm.TRAINED, model)
     merged = merge_model(model, inplace=True)
     score(ModelForm.MERGED, merged)
+    check = None if probe is None else _trained_vs_merged(probe, results)
     if on_merged is not None:
         on_merged(merged)
     integer_merge = is_integer_model(merged)
@@ -128,7 +157,7 @@ def end_of_run(model: nn.Module, batches: list[Batch], bits: int, group_size: in
             score(ModelForm.PTQ_GPTQ, gptq(base))
         score(ModelForm.PTQ, ptq_model(base, bits, group_size, inplace=True))
         del base
-    return EndOfRun(results, integer_merge, deployed, int(bits), int(group_size))
+    return EndOfRun(results, integer_merge, deployed, int(bits), int(group_size), check)
 
 
 def format_table(results: dict[ModelForm, float], deployed: ModelForm, method: str, bits: int, group_size: int) -> str:

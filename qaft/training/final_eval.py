@@ -2,7 +2,9 @@
 lm-eval tasks, from the run's typed spec (:mod:`qaft.training.spec`). What is scored and deployed is
 :func:`qaft.evaluation.deployed.end_of_run`; this module only feeds it the run's data and settings. Each score
 comes with its items (per-window NLL, per-question outcomes) under the record key a report reads it by
-(:func:`form_items`), for the run folder's ``item_scores`` (:mod:`qaft.run_folder`).
+(:func:`form_items`), for the run folder's ``item_scores`` (:mod:`qaft.run_folder`). A bit-exact method's
+training-time model is not scored twice: its first batch is compared with the merged model's
+(:func:`qaft.evaluation.deployed.end_of_run`) and ``ppl_trained`` names the merged scores.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import torch
 from qaft.data import lm_eval_windows, load_lm_texts
 from qaft.data.stream import RunData
 from qaft.deploy.merged import save_merged
-from qaft.evaluation.deployed import EndOfRun, end_of_run
+from qaft.evaluation.deployed import EndOfRun, ModelForm, end_of_run
 from qaft.evaluation.perplexity import Batch, ItemNLL, batches_scores, window_batches
 from qaft.methods import gptq_quantize_model
 from qaft.models import load_causal_lm
@@ -83,7 +85,7 @@ def evaluate(spec: RunSpec, module: QaftModule, data: RunData,
 
     result = end_of_run(module.model, batches, spec.bits, spec.group_size,
                         load_float if spec.eval.baselines else None, _gptq_deployment(spec, data),
-                        save if staged is not None else None)
+                        save if staged is not None else None, bit_exact=module.method.traits.bit_exact)
     tokens = sum(int((b.get("labels", b["input_ids"])[:, 1:] != -100).sum()) for b in batches)
     return result, tokens, saved
 
@@ -94,8 +96,10 @@ Items = dict[str, list[dict[str, Any]]]  # record key (``metrics.ppl_merged``) -
 def form_items(result: EndOfRun) -> tuple[Items, dict[str, str]]:
     """Every scored form's per-window NLL under its record key, and ``metrics.deployed`` as an alias of the
     deployed form's (the key a report reads the deployed perplexity by)."""
-    items = {f"metrics.{form.key}": scores.rows() for form, scores in result.items.items()}
-    return items, {"metrics.deployed": f"metrics.{result.deployed_form.key}"}
+    same = {ModelForm.TRAINED} if result.trained_is_merged else set()
+    items = {f"metrics.{form.key}": scores.rows() for form, scores in result.items.items() if form not in same}
+    aliases = {f"metrics.{form.key}": f"metrics.{ModelForm.MERGED.key}" for form in same}
+    return items, aliases | {"metrics.deployed": f"metrics.{result.deployed_form.key}"}
 
 
 def corpus_perplexity(corpus: CorpusSpec, deployed: torch.nn.Module, tokenizer: Any,

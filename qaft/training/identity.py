@@ -4,7 +4,7 @@ Two commands that compute the same thing map to the same run folder (so a rerun 
 report finds runs by config); two that differ in anything that changes the result never share one. The
 identity is the resolved config minus the keys in :data:`IGNORED` (where runs go, how progress is shown,
 how often checkpoints are written: resume is exact, so it does not change the result; where generated data is
-cached, while the generation settings stay in), plus, under :data:`FILES_KEY`, the SHA-256 of every local file
+cached, while the generation settings stay in; the seed of a run it cannot change: :func:`seed_free`), plus, under :data:`FILES_KEY`, the SHA-256 of every local file
 or folder that any string of it names (:func:`named_paths`), whichever key that is: ``data.source``,
 ``data.datamodule.source`` set apart from it, ``eval.corpus.source``, a local ``model.name_or_path``. An edited
 file is other data, and a model folder overwritten in place is another model (its weights are hashed once per
@@ -78,9 +78,28 @@ def identity_config(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     for key in IGNORED:
         _drop(tree, key)
     tree.pop(FILES_KEY, None)  # an identity passed in again is recomputed, not trusted
+    if seed_free(tree):
+        for key in ("seed", "data.datamodule.seed"):  # the second orders the training stream, which PTQ never reads
+            _drop(tree, key)
     if paths := named_paths(tree):
         tree[FILES_KEY] = {path: content_sha256(path) for path in sorted(paths)}
     return tree
+
+
+def seed_free(tree: dict[str, Any]) -> bool:
+    """Whether the seed changes nothing a run computes: nothing trains, no calibration data is read (the seed
+    orders the training stream that GPTQ, SmoothQuant and Block-AP calibrate on), no GPTQ baseline: round-to-nearest
+    PTQ. Its runs at every seed are one run (one folder), not copies that only look like independent evidence."""
+    method, evaluation = tree.get("method"), tree.get("eval") or {}
+    if not isinstance(method, dict) or (evaluation.get("gptq") and evaluation.get("baselines")):
+        return False
+    from qaft.training.config import method_config  # here: identities are also computed while Hydra composes
+
+    try:
+        config = method_config(method)
+    except (TypeError, ValueError):  # not a valid method: validation refuses it with its own message
+        return False
+    return not config.traits.trains and config.calibration_options() is None
 
 
 def config_digest(cfg: DictConfig | dict[str, Any]) -> str:

@@ -31,7 +31,7 @@ from qaft.methods.distill import distilled_loss
 from qaft.models import load_causal_lm
 from qaft.progress import duration, say
 from qaft.training.config import SCHEDULES, ConfigError
-from qaft.training.peak_memory import PeakMemory
+from qaft.training.peak_memory import PeakMemory, sampled_step
 from qaft.training.records import Diverged
 
 
@@ -220,14 +220,16 @@ class TrainingStats(pl.Callback):
 
     A callback so that the step time covers forward, backward and the optimizer; lr is read before the
     scheduler advances, i.e. the lr the step used. Peak memory is this run's own (:mod:`qaft.training.peak_memory`),
-    also when a sweep runs many runs in one process.
+    also when a sweep runs many runs in one process, sampled in the steps that can set it
+    (:func:`qaft.training.peak_memory.sampled_step`).
     """
 
     def __init__(self) -> None:
-        self._start, self._lrs = 0.0, {}
+        self._start, self._lrs, self._first = 0.0, {}, 0
         self.memory = PeakMemory()
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: QaftModule) -> None:
+        self._first = trainer.global_step
         self.memory.start(pl_module.model)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: QaftModule) -> None:
@@ -236,7 +238,8 @@ class TrainingStats(pl.Callback):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self.memory.stop()
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: QaftModule, *args: Any) -> None:
+        self.memory.watch(sampled_step(trainer.global_step, self._first, pl_module.method.phase_at))
         self._start = time.perf_counter()
         self._lrs = {f"lr/{g['name']}": g["lr"] for g in trainer.optimizers[0].param_groups}
 

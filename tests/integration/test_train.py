@@ -447,6 +447,9 @@ def test_llm_qat_on_generated_data_generates_once_and_resumes_bit_identically(tm
     assert a["status"] == "ok" and a["method"] == "llm_qat" and m["global_step"] == 4
     assert Path(a["run_dir"]).name.startswith("llm_qat-w4pc-a8kv8-s0-tiny-llama-generated-")
     assert m["ppl_merged"] == m["ppl_trained"] and "ppl_merged_ptq" not in m  # integer merge, bit for bit
+    # a bit-exact method's trained model is scored on the first batch (4 of 8 windows) and not twice
+    assert m["trained_vs_merged"] == {"windows": 4, "bit_equal": True}
+    assert a["item_scores"]["metrics.ppl_trained"] == a["item_scores"]["metrics.ppl_merged"]
     (data_file,) = cache.glob("*.safetensors")
     stamp = data_file.stat().st_mtime_ns
     killed = signal_at_step(_llm_qat_args(resumed, cache), 3, signal.SIGKILL, tmp_path / "paused")

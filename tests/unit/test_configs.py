@@ -198,3 +198,17 @@ def test_a_long_sweep_summary_fits_a_screen_and_keeps_every_job_that_did_not_end
     assert "        RuntimeError: boom" in text and text[-2:] == ["  ... and 30 more ok",
                                                               "sweep: 1 of 40 jobs did not end ok (exit status non-zero)"]
     assert render(lines[:2], "runs").splitlines()[-1] == "sweep: every job ended ok"
+
+
+def test_the_seed_is_in_the_identity_only_where_it_can_change_the_run():
+    """RTN PTQ neither trains nor reads calibration data: all its seeds are one run. Everything that trains, or
+    calibrates on the seed-ordered training stream (GPTQ, SmoothQuant, a GPTQ baseline), keeps the seed."""
+    def digests(*overrides: str) -> set[str]:
+        return {config_digest(_compose([*overrides, f"seed={seed}"])) for seed in (0, 1)}
+
+    assert len(digests("method=ptq")) == 1
+    # GPTQ deploys a float merge, never PTQ's own integer one
+    assert len(digests("method=ptq", "eval.gptq=true", "eval.baselines=false")) == 1
+    for overrides in (["method=ptq", "eval.gptq=true", "eval.baselines=true"], ["method=ptq_gptq"],
+                      ["method=ptq_smoothquant", "quant=w8a8kv8"], ["method=lora"], ["method=l4q"]):
+        assert len(digests(*overrides)) == 2, overrides

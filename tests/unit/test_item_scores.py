@@ -155,3 +155,17 @@ def test_an_instruct_runs_seed_changes_its_order_not_its_examples():
         assert modules[0].raw[split]["instruction"] == modules[1].raw[split]["instruction"]
     orders = [next(iter(dm.train_dataloader()))["input_ids"].tolist() for dm in modules]
     assert orders[0] != orders[1]  # the seed orders them
+
+
+def test_a_bit_exact_trained_model_is_the_merged_one_only_where_their_first_batch_agrees_bit_for_bit():
+    from qaft.evaluation.deployed import ModelForm, _trained_vs_merged
+    from qaft.evaluation.perplexity import ItemNLL
+
+    merged = ItemNLL((10.5, 11.25, 9.0), (31, 31, 31))
+    same = {ModelForm.MERGED: merged}
+    assert _trained_vs_merged(ItemNLL((10.5, 11.25), (31, 31)), same) == {"windows": 2, "bit_equal": True}
+    assert same[ModelForm.TRAINED] is merged
+    off = {ModelForm.MERGED: merged}  # one window off by one ulp: not the same model, and no ppl_trained
+    probe = ItemNLL((10.5, math.nextafter(11.25, 12.0)), (31, 31))
+    assert _trained_vs_merged(probe, off) == {"windows": 2, "bit_equal": False}
+    assert ModelForm.TRAINED not in off
