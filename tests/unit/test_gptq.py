@@ -226,3 +226,34 @@ def test_any_block_size_runs_and_beats_rtn(block_size):
     assert layer_output_error(x, w, dequantize(codes, scale, offset)) < layer_output_error(x, w, _rtn(w, 3, 32))
     with pytest.raises(ValueError, match="block_size"):
         gptq_quantize_weight(w, _hessian(x), 3, 32, block_size=0)
+
+
+def test_linears_reading_one_input_share_one_hessian_with_the_same_codes_bit_for_bit(monkeypatch):
+    """q/k/v read one tensor, gate/up another: their Hessian is accumulated once, and the model is exactly the one
+    that accumulating it per linear gives (with and without a padding mask)."""
+    from qaft.methods import gptq_model
+
+    model, ids = tiny_llama(), token_batch(seed=3, batch=2, length=32)
+    mask = torch.ones_like(ids)
+    mask[1, 20:] = 0
+    calib = [{"input_ids": ids, "attention_mask": mask}, token_batch(seed=4, batch=2, length=32)]
+    owners: dict[str, str] = {}
+    owner = gptq_model._Shared.owner
+
+    def recording(self, name: str, x: torch.Tensor) -> str:
+        owners[name] = owner(self, name, x)
+        return owners[name]
+
+    def tables(quantized) -> dict[str, tuple[torch.Tensor, ...]]:
+        return {n: (m.codes(), m.scale, m.offset) for n, m in quantized.named_modules()
+                if isinstance(m, QuantizedLinear)}
+
+    monkeypatch.setattr(gptq_model._Shared, "owner", recording)
+    shared = tables(gptq_quantize_model(model, calib, 3, 32))
+    assert {n: o for n, o in owners.items() if n != o} == {
+        "self_attn.k_proj": "self_attn.q_proj", "self_attn.v_proj": "self_attn.q_proj", "mlp.up_proj": "mlp.gate_proj"}
+    monkeypatch.setattr(gptq_model._Shared, "owner", lambda self, name, x: name)  # one accumulator per linear
+    alone = tables(gptq_quantize_model(model, calib, 3, 32))
+    assert shared.keys() == alone.keys() and len(shared) == 14
+    for name, parts in shared.items():
+        assert all(torch.equal(a, b) for a, b in zip(parts, alone[name])), name
