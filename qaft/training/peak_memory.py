@@ -23,8 +23,10 @@ reports it on a GPU.
 * Which steps: only those that can set the peak (:func:`sampled_step`), the first two of the run and of every
   training phase. A phase's first step allocates its gradients and AdamW state; its second holds all of them
   through a whole forward and backward; every later step of the phase repeats the second's allocations (same
-  shapes, same batch shape). Sampling every step cost a tiny DL-QAT run 13 % of its step time on 2 cores
-  (3.7 s/step without, 4.25 s with: ``mallinfo2`` slows as the heap fragments).
+  shapes, same batch shape), so sampling it adds calls, not information. (What those calls cost is unclear:
+  two separate tiny DL-QAT runs on 2 cores took 4.25 s/step sampling every step and 3.7 s sampling none, but
+  side by side on a loaded machine, ``experiments/bench/tiny_run_cuts.py``, the watched step was no slower:
+  ``results/bench_tiny_run_cuts.json``.)
 """
 from __future__ import annotations
 
