@@ -8,6 +8,7 @@
 * ``gptq``: GPTQ of the whole model (``--calib-batches`` random batches) with the Hessian of an input that
   several linears read accumulated once (q/k/v, gate/up; :mod:`qaft.methods.gptq_model`) against once per
   linear, alternating, ``--rounds`` each; the two must give the same codes bit for bit (checked).
+* ``bf16``: a cut not taken: a held-out forward and a DL-QAT step in float32 against bf16 autocast.
 
     HF_HUB_OFFLINE=1 python experiments/bench/tiny_run_cuts.py --json results/bench_tiny_run_cuts.json
 """
@@ -18,6 +19,7 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -79,15 +81,49 @@ def gptq_cost(args: argparse.Namespace) -> dict[str, float]:
     return {"shared_s": shared_s, "per_linear_s": alone_s, "shared/per_linear": shared_s / alone_s}
 
 
+def _median_round_robin(calls: dict[str, Callable[[], None]], rounds: int) -> dict[str, float]:
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for round_ in range(rounds + 1):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            if round_:  # round 0 warms up
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def bf16_cost(args: argparse.Namespace) -> dict[str, float]:
+    """Not taken (yet): a held-out forward ([4, 512] tokens, what perplexity scoring runs) and a DL-QAT training
+    step, float32 against bf16 autocast (this CPU's avx512_bf16), side by side."""
+    model = load_causal_lm("smollm2-135m")[0].eval()
+    ids = torch.randint(0, model.config.vocab_size, (4, 512), generator=torch.Generator().manual_seed(0))
+
+    def forward(dtype: torch.dtype | None) -> Callable[[], None]:
+        def call() -> None:
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None):
+                model(ids).logits.float()
+        return call
+
+    shape = argparse.Namespace(rank=16, bits=4, group_size=64, batch=4, seq=128)
+    fp32, bf16 = Trainee("smollm2-135m", "dlqat", shape), Trainee("smollm2-135m", "dlqat", shape,
+                                                                   autocast=torch.bfloat16)
+    eval_s = _median_round_robin({"fp32": forward(None), "bf16": forward(torch.bfloat16)}, args.rounds)
+    step_s = _median_round_robin({"fp32": fp32.step, "bf16": bf16.step}, args.steps)
+    return {"eval_forward_fp32_s": eval_s["fp32"], "eval_forward_bf16_s": eval_s["bf16"],
+            "eval bf16/fp32": eval_s["bf16"] / eval_s["fp32"], "dlqat_step_fp32_s": step_s["fp32"],
+            "dlqat_step_bf16_s": step_s["bf16"], "step bf16/fp32": step_s["bf16"] / step_s["fp32"]}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--parts", nargs="+", default=["peak-memory", "gptq"], choices=["peak-memory", "gptq"])
+    parts = ["peak-memory", "gptq", "bf16"]
+    p.add_argument("--parts", nargs="+", default=parts, choices=parts)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--calib-batches", type=int, default=4)
     p.add_argument("--json", default=None)
     args = p.parse_args()
-    parts = {"peak-memory": peak_memory_cost, "gptq": gptq_cost}
+    parts = {"peak-memory": peak_memory_cost, "gptq": gptq_cost, "bf16": bf16_cost}
     result = {"threads": torch.get_num_threads(), **{part: parts[part](args) for part in args.parts}}
     text = json.dumps(result, indent=1)
     print(text)

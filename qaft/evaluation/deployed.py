@@ -122,20 +122,22 @@ def _trained_vs_merged(probe: ItemNLL, results: dict[ModelForm, ItemNLL]) -> dic
 def end_of_run(model: nn.Module, batches: list[Batch], bits: int, group_size: int,
                load_float: Callable[[], nn.Module] | None,
                gptq: Callable[[nn.Module], nn.Module] | None = None,
-               on_merged: Callable[[nn.Module], None] | None = None, bit_exact: bool = False) -> EndOfRun:
+               on_merged: Callable[[nn.Module], None] | None = None, bit_exact: bool = False,
+               autocast: str | None = None) -> EndOfRun:
     """Perplexities at the end of a run and the deployed model; ``model`` is merged in place (consumed).
 
     Scores :attr:`ModelForm.TRAINED` and ``MERGED``; for a float merge, ``MERGED_PTQ`` (and ``MERGED_GPTQ`` when
     ``gptq``, a float model in and a quantized copy out, is given); ``FLOAT`` and ``PTQ`` (``PTQ_GPTQ``) when
     ``load_float`` is given. ``on_merged`` sees the merged model before a float merge is quantized (to save it).
     ``bit_exact`` (the method's trait): the trained model is scored on the first batch only, and its scores are
-    the merged model's where those agree bit for bit on it (:attr:`EndOfRun.trained_check`).
+    the merged model's where those agree bit for bit on it (:attr:`EndOfRun.trained_check`). ``autocast``: the
+    precision every form is scored in (:func:`qaft.evaluation.perplexity.scoring_precision`).
     """
     def score(form: ModelForm, scored: nn.Module) -> None:
-        results[form] = batches_scores(scored, batches, f"perplexity [{form.label}]")
+        results[form] = batches_scores(scored, batches, f"perplexity [{form.label}]", autocast)
 
     results: dict[ModelForm, ItemNLL] = {}
-    probe = batches_scores(model, batches[:1], "perplexity [trained, first batch]") if bit_exact else None
+    probe = batches_scores(model, batches[:1], "perplexity [trained, first batch]", autocast) if bit_exact else None
     if probe is None:
         score(ModelForm.TRAINED, model)
     merged = merge_model(model, inplace=True)

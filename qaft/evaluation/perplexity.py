@@ -8,8 +8,9 @@ one instruction example), its summed NLL (float64) and its number of scored toke
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Iterable, Sized
+from collections.abc import Iterable, Iterator, Sized
 from dataclasses import dataclass
 
 import torch
@@ -44,6 +45,39 @@ class ItemNLL:
         return [{"item": i, "nll_sum": nll, "tokens": n} for i, (nll, n) in enumerate(zip(self.nll_sum, self.tokens))]
 
 
+AUTOCAST = {"bf16": torch.bfloat16}  # eval.autocast: the dtypes scoring may run its GEMMs in (None: float32)
+
+
+class _Float32Head(nn.Module):
+    """The output projection outside autocast, in float32: bf16 logits step by 1/8 to 1/4 nat at the magnitudes of
+    a language model's, coarser than the differences perplexity and multiple choice measure."""
+
+    def __init__(self, head: nn.Module) -> None:
+        super().__init__()
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return self.head(x.float())
+
+
+@contextlib.contextmanager
+def scoring_precision(model: nn.Module, autocast: str | None) -> Iterator[None]:
+    """Score ``model`` with its GEMMs in ``autocast`` (``"bf16"``; ``None``: as the model is, float32), the output
+    projection in float32 (:class:`_Float32Head`); the model is restored afterwards. Merges and GPTQ stay outside:
+    they must compute in float32."""
+    if autocast is None:
+        yield
+        return
+    head = model.get_output_embeddings()
+    model.set_output_embeddings(_Float32Head(head))
+    try:
+        with torch.autocast(_device(model).type, dtype=AUTOCAST[autocast]):
+            yield
+    finally:
+        model.set_output_embeddings(head)
+
+
 @torch.no_grad()
 def _nll(model: nn.Module, batch: Batch) -> tuple[list[float], list[int]]:
     """Summed next-token NLL (accumulated in float64) and the number of scored tokens of each row of a batch."""
@@ -58,16 +92,18 @@ def _nll(model: nn.Module, batch: Batch) -> tuple[list[float], list[int]]:
     return sums.tolist(), (labels != -100).sum(dim=1).tolist()
 
 
-def batches_scores(model: nn.Module, batches: Iterable[Batch], what: str = "perplexity") -> ItemNLL:
+def batches_scores(model: nn.Module, batches: Iterable[Batch], what: str = "perplexity",
+                   autocast: str | None = None) -> ItemNLL:
     """Per-item NLL of labelled batches (instruction data: response tokens only); ``what`` names it in the
-    progress lines (:mod:`qaft.progress`)."""
+    progress lines (:mod:`qaft.progress`); ``autocast``: :func:`scoring_precision`."""
     was_training = model.training
     model.eval()
     phase = Phase(what, len(batches) if isinstance(batches, Sized) else None, "batches")
     nll: list[float] = []
     tokens: list[int] = []
     for batch in batches:
-        sums, counts = _nll(model, batch)
+        with scoring_precision(model, autocast):
+            sums, counts = _nll(model, batch)
         nll += sums
         tokens += [int(n) for n in counts]
         phase.step()

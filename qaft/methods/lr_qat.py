@@ -63,9 +63,11 @@ def upcast(phi: torch.Tensor, bits: int, dtype: torch.dtype = torch.float32) -> 
 
 
 def integer_domain(phi: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float, bits: int) -> torch.Tensor:
-    """``Phi0 + alpha B A`` in float32 (float64 for a float64 adapter), in one fused op."""
+    """``Phi0 + alpha B A`` in float32 (float64 for a float64 adapter), in one fused op; outside autocast, which
+    would run it in bf16 under bf16-mixed training and round other codes than the merge computes."""
     dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
-    return torch.addmm(upcast(phi, bits, dtype), b.to(dtype), a.to(dtype), alpha=scaling)
+    with torch.autocast(phi.device.type, enabled=False):
+        return torch.addmm(upcast(phi, bits, dtype), b.to(dtype), a.to(dtype), alpha=scaling)
 
 
 def lr_qat_codes(phi, a, b, scaling: float, bits: int) -> torch.Tensor:
@@ -94,7 +96,8 @@ class _LRQATLinear(torch.autograd.Function):
         dx = grad @ dequantize(q, s, off).to(grad.dtype) if need[0] else None
         da = db_lora = ds = doff = None
         if any(need[2:6]):
-            g2, x2 = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
+            # bf16-mixed: grad arrives in bf16 beside a float32 x; the GEMM runs in grad's dtype, as autocast's
+            g2, x2 = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1]).to(grad.dtype)
             g = grouped((g2.T @ x2).to(q.dtype), s.shape[1])
             doff = g.sum(-1) * ctx.grad_scale if need[5] else None
             ds = (g * grouped(q, s.shape[1])).sum(-1) * ctx.grad_scale if need[4] else None

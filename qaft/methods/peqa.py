@@ -61,7 +61,8 @@ class _ScaleOnlyLinear(torch.autograd.Function):
         dx = grad @ dequantize(codes, scale, offset).to(grad.dtype) if need_x else None
         ds = db = None
         if need_s or need_b:
-            g2, x2 = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
+            # bf16-mixed: grad arrives in bf16 beside a float32 x; the GEMM runs in grad's dtype, as autocast's
+            g2, x2 = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1]).to(grad.dtype)
             g = grouped((g2.T @ x2).to(scale.dtype), scale.shape[1]).mul_(ctx.grad_scale)  # LSQ's, if on
             db = g.sum(-1) if need_b else None
             ds = g.mul_(grouped(codes.to(scale.dtype), scale.shape[1])).sum(-1) if need_s else None

@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from qaft import paths
 from qaft.data import validate_data_source
 from qaft.evaluation.harness import EvalError, parse_task
+from qaft.evaluation.perplexity import AUTOCAST
 from qaft.methods import GPTQOptions, MethodConfig, available, config_for
 from qaft.methods.api import plan_targets
 from qaft.methods.targets import TargetError
@@ -247,6 +248,8 @@ def _check_eval(cfg: DictConfig) -> None:
     allowed = _EVAL_SPLITS[cfg.data.kind]
     if cfg.eval.split not in allowed:
         raise ConfigError(f"eval.split={cfg.eval.split!r} must be one of {list(allowed)} for {cfg.data.kind} data")
+    if cfg.eval.get("autocast") not in (None, *AUTOCAST):
+        raise ConfigError(f"eval.autocast={cfg.eval.autocast!r} must be null (float32) or one of {list(AUTOCAST)}")
     corpus = cfg.eval.get("corpus")
     if corpus is None:
         return

@@ -20,7 +20,7 @@ from qaft.data import lm_eval_windows, load_lm_texts
 from qaft.data.stream import RunData
 from qaft.deploy.merged import save_merged
 from qaft.evaluation.deployed import EndOfRun, ModelForm, end_of_run
-from qaft.evaluation.perplexity import Batch, ItemNLL, batches_scores, window_batches
+from qaft.evaluation.perplexity import Batch, ItemNLL, batches_scores, scoring_precision, window_batches
 from qaft.methods import gptq_quantize_model
 from qaft.models import load_causal_lm
 from qaft.training.module import QaftModule
@@ -85,7 +85,8 @@ def evaluate(spec: RunSpec, module: QaftModule, data: RunData,
 
     result = end_of_run(module.model, batches, spec.bits, spec.group_size,
                         load_float if spec.eval.baselines else None, _gptq_deployment(spec, data),
-                        save if staged is not None else None, bit_exact=module.method.traits.bit_exact)
+                        save if staged is not None else None, bit_exact=module.method.traits.bit_exact,
+                        autocast=spec.eval.autocast)
     tokens = sum(int((b.get("labels", b["input_ids"])[:, 1:] != -100).sum()) for b in batches)
     return result, tokens, saved
 
@@ -103,14 +104,14 @@ def form_items(result: EndOfRun) -> tuple[Items, dict[str, str]]:
 
 
 def corpus_perplexity(corpus: CorpusSpec, deployed: torch.nn.Module, tokenizer: Any,
-                      read: dict[str, str]) -> dict[str, ItemNLL]:
+                      read: dict[str, str], autocast: str | None = None) -> dict[str, ItemNLL]:
     """``eval.corpus``: the deployed model's perplexity on a second corpus (the papers' WikiText-2, 2048-token
     windows, while the run trains on instructions), as ``ppl_<name>``; ``read`` collects the digests of the local
     files it parsed; the value is per-window NLL (its ``perplexity`` is the reported one)."""
     texts = load_lm_texts(corpus.source, corpus.config, read=read)[corpus.split]
     windows = lm_eval_windows(tokenizer, texts, corpus.seq_len, corpus.max_tokens)
     batches = window_batches(windows, corpus.batch_size)
-    return {f"ppl_{corpus.name}": batches_scores(deployed, batches, f"perplexity [{corpus.name}]")}
+    return {f"ppl_{corpus.name}": batches_scores(deployed, batches, f"perplexity [{corpus.name}]", autocast)}
 
 
 def lm_eval(spec: RunSpec, deployed: torch.nn.Module, tokenizer: Any, form: str) -> TaskScores:
@@ -119,8 +120,9 @@ def lm_eval(spec: RunSpec, deployed: torch.nn.Module, tokenizer: Any, form: str)
     from qaft.evaluation.harness import evaluate_tasks
 
     opts = spec.eval.lm_eval
-    return evaluate_tasks(deployed, tokenizer, list(spec.eval.tasks), batch_size=int(opts["batch_size"]),
-                     max_length=int(opts["max_length"]), model_form=form, limit=opts["limit"])
+    with scoring_precision(deployed, spec.eval.autocast):
+        return evaluate_tasks(deployed, tokenizer, list(spec.eval.tasks), batch_size=int(opts["batch_size"]),
+                              max_length=int(opts["max_length"]), model_form=form, limit=opts["limit"])
 
 
 def check_finite(perplexities: dict[str, float]) -> None:

@@ -155,7 +155,7 @@ class _Attempt:
         items, aliases = form_items(result)  # the item scores behind each metric, under its record key
         reads = data.data_sha256
         if spec.eval.corpus is not None:
-            corpus = corpus_perplexity(spec.eval.corpus, result.deployed, module.tokenizer, reads)
+            corpus = corpus_perplexity(spec.eval.corpus, result.deployed, module.tokenizer, reads, spec.eval.autocast)
             self.metrics |= {key: scores.perplexity for key, scores in corpus.items()}
             items |= {f"metrics.{key}": scores.rows() for key, scores in corpus.items()}
         self.metrics["data_sha256"] = reads

@@ -52,6 +52,7 @@ class EvalSpec:
     corpus: CorpusSpec | None
     tasks: tuple[str, ...]
     lm_eval: dict[str, Any]  # batch_size, max_length, limit
+    autocast: str | None = None  # the precision scoring runs in (qaft.evaluation.perplexity.scoring_precision)
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,8 @@ def _eval_spec(node: DictConfig, gptq: GPTQOptions | None) -> EvalSpec:
                     max_batches=_opt(node.get("max_batches"), int), batch_size=int(node.batch_size),
                     baselines=bool(node.baselines), gptq=gptq, corpus=CorpusSpec.of(node.get("corpus")),
                     tasks=tuple(str(t) for t in node.get("tasks") or ()),
-                    lm_eval={"batch_size": 8, "max_length": 2048, "limit": None} | lm)
+                    lm_eval={"batch_size": 8, "max_length": 2048, "limit": None} | lm,
+                    autocast=_opt(node.get("autocast"), str))
 
 
 def run_spec(cfg: DictConfig, method: MethodConfig, bits: int, group_size: int,

@@ -106,6 +106,7 @@ def test_wandb_logger_offline_by_default():
     (["data=json", "data.source=/no/such/file.jsonl"], "does not exist"),
     (["method=lora", "+method.init=mse"], "no field"),
     (["optim.schedule=linear"], "optim.schedule"),
+    (["eval.autocast=fp16"], r"^eval.autocast='fp16' must be null \(float32\) or one of \['bf16'\]$"),
     (["method=ptq", "method.algorithm=smoothquant", "method.smooth_alpha=0"], r"smooth_alpha must be .* \(0, 1\]"),
     (["data=generated", "data.datamodule.count=0"], r"^data.datamodule: count must be an integer >= 1, got 0$"),
     (["data=generated", "data.datamodule.greedy_tokens=[5,3]"], r"^data.datamodule: greedy_tokens must be \[low, high\]"),
