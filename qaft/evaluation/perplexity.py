@@ -49,8 +49,8 @@ AUTOCAST = {"bf16": torch.bfloat16}  # eval.autocast: the dtypes scoring may run
 
 
 class _Float32Head(nn.Module):
-    """The output projection outside autocast, in float32: bf16 logits step by 1/8 to 1/4 nat at the magnitudes of
-    a language model's, coarser than the differences perplexity and multiple choice measure."""
+    """The output projection outside autocast, in float32: bf16 logits between 16 and 64 step by 1/8 to 1/4 nat,
+    coarser than the differences perplexity and multiple choice measure."""
 
     def __init__(self, head: nn.Module) -> None:
         super().__init__()
