@@ -76,6 +76,8 @@ def wants_perplexity(cfg: DictConfig) -> bool:
     if not wanted and not cfg.tasks:
         raise ValueError("nothing to score: tasks=[] and no perplexity (perplexity.enabled=true with a "
                          "perplexity.source, or tasks=[...])")
+    if cfg.get("autocast") not in (None, "bf16"):
+        raise ValueError(f"autocast={cfg.autocast!r} must be null (float32) or bf16")
     return bool(wanted)
 
 
@@ -99,15 +101,19 @@ def _perplexity(model: torch.nn.Module, tokenizer: Any, p: DictConfig) -> tuple[
 
 def _scores(cfg: DictConfig, perplexity: bool) -> tuple[dict[str, Any], Items]:
     """The results, and their item scores keyed by the metric's path inside them."""
+    from qaft.evaluation.perplexity import scoring_precision
+
     model, tokenizer, about = _model(cfg)
-    results: dict[str, Any] = {**about}
+    autocast = cfg.get("autocast")
+    results: dict[str, Any] = {**about, **({"autocast": autocast} if autocast else {})}
     items: Items = {}
     if perplexity:
-        with dequantized_once(model):
+        with dequantized_once(model), scoring_precision(model, autocast):
             results["perplexity"], items = _perplexity(model, tokenizer, cfg.perplexity)
     if cfg.tasks:
-        lm = evaluate_tasks(model, tokenizer, list(cfg.tasks), int(cfg.lm_eval.batch_size),
-                            int(cfg.lm_eval.max_length), about["form"], cfg.lm_eval.limit)
+        with scoring_precision(model, autocast):
+            lm = evaluate_tasks(model, tokenizer, list(cfg.tasks), int(cfg.lm_eval.batch_size),
+                                int(cfg.lm_eval.max_length), about["form"], cfg.lm_eval.limit)
         results["lm_eval"], results["headline"] = lm.results, headline(lm.results)
         items |= {f"lm_eval.{key}": rows for key, rows in lm.items.items()}
     return results, items

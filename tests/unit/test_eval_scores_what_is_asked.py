@@ -81,3 +81,15 @@ def test_a_perplexity_is_shown_with_its_windows_and_nothing_asked_is_refused(pac
         evaluate(_cfg(f"run_dir={packed_run}", "tasks=[]", "perplexity.enabled=false",
                       f"output={tmp_path / 'none.json'}"))
     assert not (tmp_path / "none.json").exists()
+
+
+def test_bf16_scoring_is_recorded_close_to_float32_and_another_precision_is_refused(tmp_path):
+    from qaft.evaluation.app import evaluate
+
+    plain = evaluate(_cfg("model=tiny-llama", "tasks=[]", f"output={tmp_path / 'fp32.json'}"))
+    bf16 = evaluate(_cfg("model=tiny-llama", "tasks=[]", "autocast=bf16", f"output={tmp_path / 'bf16.json'}"))
+    assert "autocast" not in plain and bf16["autocast"] == "bf16"
+    assert bf16["perplexity"]["value"] == pytest.approx(plain["perplexity"]["value"], rel=1e-2)
+    with pytest.raises(ValueError, match=r"^autocast='fp16' must be null \(float32\) or bf16$"):
+        evaluate(_cfg("model=tiny-llama", "tasks=[]", "autocast=fp16", f"output={tmp_path / 'no.json'}"))
+    assert not (tmp_path / "no.json").exists()
