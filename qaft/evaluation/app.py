@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from qaft import progress
 from qaft.confstore import store_schema
 from qaft.evaluation.harness import EvalError, dequantized_once, evaluate_tasks, headline
+from qaft.evaluation.perplexity import AUTOCAST, scoring_precision
 from qaft.models import load_causal_lm  # at import, before Hydra configures logging: see below
 from qaft.paths import conf_dir
 from qaft.quant.gptq import GPTQOptions
@@ -76,8 +77,8 @@ def wants_perplexity(cfg: DictConfig) -> bool:
     if not wanted and not cfg.tasks:
         raise ValueError("nothing to score: tasks=[] and no perplexity (perplexity.enabled=true with a "
                          "perplexity.source, or tasks=[...])")
-    if cfg.get("autocast") not in (None, "bf16"):
-        raise ValueError(f"autocast={cfg.autocast!r} must be null (float32) or bf16")
+    if cfg.get("autocast") not in (None, *AUTOCAST):
+        raise ValueError(f"autocast={cfg.autocast!r} must be null (float32) or {' or '.join(AUTOCAST)}")
     return bool(wanted)
 
 
@@ -101,8 +102,6 @@ def _perplexity(model: torch.nn.Module, tokenizer: Any, p: DictConfig) -> tuple[
 
 def _scores(cfg: DictConfig, perplexity: bool) -> tuple[dict[str, Any], Items]:
     """The results, and their item scores keyed by the metric's path inside them."""
-    from qaft.evaluation.perplexity import scoring_precision
-
     model, tokenizer, about = _model(cfg)
     autocast = cfg.get("autocast")
     results: dict[str, Any] = {**about, **({"autocast": autocast} if autocast else {})}

@@ -101,12 +101,12 @@ def batches_scores(model: nn.Module, batches: Iterable[Batch], what: str = "perp
     phase = Phase(what, len(batches) if isinstance(batches, Sized) else None, "batches")
     nll: list[float] = []
     tokens: list[int] = []
-    for batch in batches:
-        with scoring_precision(model, autocast):
+    with scoring_precision(model, autocast):
+        for batch in batches:
             sums, counts = _nll(model, batch)
-        nll += sums
-        tokens += [int(n) for n in counts]
-        phase.step()
+            nll += sums
+            tokens += [int(n) for n in counts]
+            phase.step()
     model.train(was_training)
     scores = ItemNLL(tuple(nll), tuple(tokens))
     phase.end(f"perplexity {scores.perplexity:.3f}")
