@@ -6,7 +6,8 @@ identity is the resolved config minus the keys in :data:`IGNORED` (where runs go
 how often checkpoints are written: resume is exact, so it does not change the result; where generated data is
 cached, while the generation settings stay in; the seed of a run it cannot change: :func:`seed_free`), plus,
 under :data:`FILES_KEY`, the SHA-256 of every local file or folder that any string of it names
-(:func:`named_paths`), whichever key that is: ``data.source``, ``data.datamodule.source`` set apart from it, ``eval.corpus.source``, a local ``model.name_or_path``. An edited
+(:func:`named_paths`), whichever key that is: ``data.source``, ``data.datamodule.source`` set apart from it,
+``eval.corpus.source``, a local ``model.name_or_path``. An edited
 file is other data, and a model folder overwritten in place is another model (its weights are hashed once per
 process: :func:`qaft.data.local.content_sha256`). The run folder is the readable name followed by the first
 :data:`DIGEST_CHARS` hex digits of the identity's SHA-256.
