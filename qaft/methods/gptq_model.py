@@ -102,7 +102,9 @@ def _quantize_block(block: nn.Module, inputs: list[_BlockInput], targets: set[st
                     gptq_kwargs: dict[str, Any]) -> None:
     """GPTQ of the linears of ``block`` named (relative to the block) in ``targets``."""
     linears = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear) and n in targets}
-    stats = {n: HessianAccumulator(m.in_features, m.weight.device) for n, m in linears.items()}
+    # One accumulator per distinct input, made when its first rows arrive: the linears that share another's
+    # input never get one of their own (an in x in float64 matrix each).
+    stats: dict[str, HessianAccumulator] = {}
     shared = _Shared()
     rows: list[torch.Tensor | None] = [None]  # the real-token mask of the batch being run
 
@@ -110,6 +112,8 @@ def _quantize_block(block: nn.Module, inputs: list[_BlockInput], targets: set[st
         if shared.owner(name, x) != name:
             return  # the very tensor another linear took (q/k/v, gate/up): its Hessian is that one's
         keep = rows[0]
+        if name not in stats:
+            stats[name] = HessianAccumulator(x.shape[-1], linears[name].weight.device)
         # A linear that sees tokens in another layout (flattened, routed) cannot be masked: all its rows count.
         stats[name].add(x[keep] if keep is not None and x.shape[:-1] == keep.shape else x)
 
@@ -124,10 +128,12 @@ def _quantize_block(block: nn.Module, inputs: list[_BlockInput], targets: set[st
             h.remove()
     owners = [shared.of.get(name, name) for name in linears]
     for i, (name, linear) in enumerate(linears.items()):
-        codes, scale, offset = gptq_quantize_weight(linear.weight, stats[owners[i]].hessian, **gptq_kwargs)
+        hessian = stats[owners[i]].hessian if owners[i] in stats else HessianAccumulator(  # never called: no rows
+            linear.in_features, linear.weight.device).hessian
+        codes, scale, offset = gptq_quantize_weight(linear.weight, hessian, **gptq_kwargs)
         replace_module(block, name, QuantizedLinear(codes, scale, offset, gptq_kwargs["bits"], linear.bias))
         if owners[i] not in owners[i + 1:]:
-            del stats[owners[i]]  # an (in x in) float64 matrix per input: free it once no later linear reads it
+            stats.pop(owners[i], None)  # an (in x in) float64 matrix per input: free it once no later linear reads it
 
 
 class _Shared:

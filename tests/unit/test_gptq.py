@@ -229,8 +229,9 @@ def test_any_block_size_runs_and_beats_rtn(block_size):
 
 
 def test_linears_reading_one_input_share_one_hessian_with_the_same_codes_bit_for_bit(monkeypatch):
-    """q/k/v read one tensor, gate/up another: their Hessian is accumulated once, and the model is exactly the one
-    that accumulating it per linear gives (with and without a padding mask)."""
+    """q/k/v read one tensor, gate/up another: their Hessian is accumulated once (no accumulator is even made for
+    the others), and the model is exactly the one that accumulating it per linear gives (with and without a
+    padding mask)."""
     from qaft.methods import gptq_model
 
     model, ids = tiny_llama(), token_batch(seed=3, batch=2, length=32)
@@ -248,8 +249,17 @@ def test_linears_reading_one_input_share_one_hessian_with_the_same_codes_bit_for
         return {n: (m.codes(), m.scale, m.offset) for n, m in quantized.named_modules()
                 if isinstance(m, QuantizedLinear)}
 
+    made = []
+    accumulator = gptq_model.HessianAccumulator
+
+    def counted(in_features: int, device) -> object:
+        made.append(in_features)
+        return accumulator(in_features, device)
+
     monkeypatch.setattr(gptq_model._Shared, "owner", recording)
+    monkeypatch.setattr(gptq_model, "HessianAccumulator", counted)
     shared = tables(gptq_quantize_model(model, calib, 3, 32))
+    assert len(made) == 4 * len(model.model.layers)  # one per distinct input: q/k/v, o, gate/up, down
     assert {n: o for n, o in owners.items() if n != o} == {
         "self_attn.k_proj": "self_attn.q_proj", "self_attn.v_proj": "self_attn.q_proj", "mlp.up_proj": "mlp.gate_proj"}
     monkeypatch.setattr(gptq_model._Shared, "owner", lambda self, name, x: name)  # one accumulator per linear
