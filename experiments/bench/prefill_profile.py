@@ -4,9 +4,10 @@ Scoring a deployed model (held-out perplexity, lm-eval log-likelihoods) is one f
 its speed is prefill speed. For each batch size (``--batches``; 1 is the serving prefill of
 ``experiments/bench/inference.py``, 4 the batch ``conf/scale/tiny.yaml`` scores with) and ``--tokens`` tokens per
 row, bf16 and int4 (round-to-nearest PTQ, groups of 64, the int4 layers of :mod:`qaft.deploy.kernels`) run
-round-robin, ``--rounds`` times, median tokens/s. The int4 layers' prefill path is checked first, in float32
-(where accumulation order hardly shows), against the same integer weights dequantized once into a plain model. Then one profiled prefill of each, its self CPU time sorted into the
-GEMMs, attention, the int4 layers' unpacking (every op inside :meth:`Int4Linear.dense_weight`, labelled with
+round-robin, ``--rounds`` times, median tokens/s, each prefill timed as ``inference.py`` times its own. The int4
+layers' prefill path is checked first, in float32 (where accumulation order hardly shows), against the same
+integer weights dequantized once into a plain model. Then one profiled prefill of each, its self CPU time sorted
+into the GEMMs, attention, the int4 layers' unpacking (every op inside :meth:`Int4Linear.dense_weight`, labelled with
 ``record_function`` here, not in the library) and everything else, per prefill.
 
     HF_HUB_OFFLINE=1 python experiments/bench/prefill_profile.py --json results/bench_prefill.json
@@ -15,14 +16,15 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import os
 import statistics
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
+from inference import prefill, seconds  # the serving benchmark's prefill and timer (a sibling script)
 
 import qaft
 from qaft.deploy import prepare_for_inference
@@ -61,7 +63,7 @@ def models(name: str) -> tuple[dict[str, torch.nn.Module], int]:
 
 
 @torch.inference_mode()
-def prefill(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return model(ids, use_cache=False).logits
 
 
@@ -69,18 +71,14 @@ def speeds(runs: dict[str, Callable[[], object]], tokens: int, rounds: int) -> d
     samples: dict[str, list[float]] = {k: [] for k in runs}
     for _ in range(rounds):
         for key, run in runs.items():
-            start = time.perf_counter()
-            run()
-            samples[key].append(tokens / (time.perf_counter() - start))
+            samples[key].append(tokens / seconds(run))
     return {k: round(statistics.median(v), 1) for k, v in samples.items()}
 
 
 def profile_ms(run: Callable[[], object]) -> dict[str, float]:
     """Self CPU ms of one call, by group; the unpack range's ops count as unpacking, not under their own names."""
     with labelled_unpack(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        start = time.perf_counter()
-        run()
-        wall = time.perf_counter() - start
+        wall = seconds(run)
     events = prof.events()
     inside = {id(e) for r in events if r.name == UNPACK for e in _descendants(r)}
     out = dict.fromkeys([*GROUPS, UNPACK, "other"], 0.0)
@@ -114,12 +112,12 @@ def main() -> None:
                               "loadavg_start": round(os.getloadavg()[0], 2)}
     for batch in args.batches:
         ids = torch.randint(0, vocab, (batch, args.tokens), generator=torch.Generator().manual_seed(0))
-        logits = {k: prefill(m, ids) for k, m in built.items()}  # also the warm-up
-        runs = {k: (lambda m: lambda: prefill(m, ids))(built[k]) for k in ("bf16", "int4")}
+        out_logits = {k: logits(m, ids) for k, m in built.items()}  # also the warm-up
+        runs = {k: functools.partial(prefill, built[k], ids) for k in ("bf16", "int4")}
         tok_s = speeds(runs, batch * args.tokens, args.rounds)
         out[f"batch {batch}"] = {
             "int4 layers vs dequantized weights in fp32, max |logit difference| / max |logit|": _relative(
-                logits["int4 fp32"], logits["int4 dequantized fp32"]),
+                out_logits["int4 fp32"], out_logits["int4 dequantized fp32"]),
             "tokens_per_s": tok_s, "int4/bf16": round(tok_s["int4"] / tok_s["bf16"], 3),
             "profile_ms": {k: profile_ms(run) for k, run in runs.items()}}
     out["loadavg_end"] = round(os.getloadavg()[0], 2)

@@ -24,6 +24,7 @@ _SMOLLM2_SHAPE = {"hidden_size": 576, "intermediate_size": 1536, "num_attention_
                   "num_key_value_heads": 3, "num_hidden_layers": 30, "vocab_size": 49152,
                   "tie_word_embeddings": True, "max_position_embeddings": 8192, "model_type": "llama"}
 
+
 def _hub_config(repo: str) -> Path:
     """A hub model's ``config.json`` (from the local cache, or fetched: a few KB); one line when it cannot be."""
     from huggingface_hub import constants, hf_hub_download

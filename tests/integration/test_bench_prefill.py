@@ -12,6 +12,7 @@ BENCH = ROOT / "experiments" / "bench" / "prefill_profile.py"
 
 
 def test_prefill_profile_runs_and_separates_the_unpack(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH.parent))  # it imports its sibling inference.py, as when run as a script
     spec = importlib.util.spec_from_file_location("bench_prefill", BENCH)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
