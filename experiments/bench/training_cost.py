@@ -64,6 +64,8 @@ METHODS = {
     # autograd of its formula, what its custom backward saves against)
     "peqa": ("peqa", {}), "lr_qat": ("lr_qat", {}), "lr_qat-bf16": ("lr_qat", {"downcast": "bf16"}),
     "lr_qat-naive": ("lr_qat", {"memory_efficient": False}),
+    # LLM-QAT weight-only at the bench's bits and groups (Table 1's row; its teacher forward in every step)
+    "llm_qat": ("llm_qat", {}),
 }
 MODELS = ("smollm2-135m", "wide-llama")
 
