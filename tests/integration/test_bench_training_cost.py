@@ -18,7 +18,7 @@ def _bench():
 
 def test_memory_child_and_round_robin_steps_on_the_wide_model():
     bench = _bench()
-    args = argparse.Namespace(rows=["lora", "floor", "l4q", "dlqat-pc-a8kv8", "llm_qat-a8kv8"], batch=1, seq=8,
+    args = argparse.Namespace(rows=["lora", "floor", "l4q", "dlqat-pc-a8kv8", "llm_qat-a8kv8", "llm_qat"], batch=1, seq=8,
                               steps=1, rank=4, bits=4,
                               group_size=64, json=None, child=None, models=["wide-llama"])
     memory = bench._child("wide-llama", "l4q", args)
