@@ -31,7 +31,7 @@ perplexity), which replaces the claim's metric for that side; both must be of th
 Effect (positive: the claim's direction holds): for perplexities the log ratio, ``log(ppl_b / ppl_a)`` where
 lower is better (``log(ppl_a / ppl_b)`` where higher is); for accuracies the difference in points,
 ``100 (acc_a - acc_b)`` where higher is better (``100 (acc_b - acc_a)`` where lower is). Its 95% interval comes
-from :mod:`qaft.reporting.bootstrap` (seeds, paired where both sides share them, and eval items, paired) and
+from :mod:`qaft.reporting.bootstrap` (seeds, paired where both sides share two or more, and eval items, paired) and
 the verdict is ``held`` (interval above 0), ``reversed`` (below), ``inconclusive``, or ``missing`` (a side
 without an ok run with the metric; the runs absent are named).
 
@@ -275,12 +275,14 @@ def _scalar(value: float, kind: str) -> float:
 
 
 def build_sides(claim: Claim, runs: dict[str, pd.DataFrame], records: list[dict[str, Any]]) -> Sides:
-    """Each side's runs as :class:`SideScores`: only shared seeds where there are any (paired by seed); the
-    items every run has for its metric, or, where a run has none, each run's recorded value."""
+    """Each side's runs as :class:`SideScores`: only shared seeds where at least two are shared (paired by
+    seed), else each side's own (unpaired: a pairing over one seed would resample no seed at all, and a side of
+    one run, e.g. RTN PTQ, whose every seed is the same run, would throw away the other side's other seeds);
+    the items every run has for its metric, or, where a run has none, each run's recorded value."""
     metric = {"a": claim.metric_a, "b": claim.metric_b}
     seeds = {s: [int(x) for x in runs[s]["seed"].fillna(0)] for s in runs}
     shared = sorted(set(seeds["a"]) & set(seeds["b"]))
-    chosen = {s: runs[s].assign(seed=seeds[s]).set_index("seed").loc[shared if shared else sorted(seeds[s])]
+    chosen = {s: runs[s].assign(seed=seeds[s]).set_index("seed").loc[shared if len(shared) > 1 else sorted(seeds[s])]
               for s in runs}
     tables = {s: [_item_table(records[int(i)], metric[s]) for i in chosen[s][ROW_ID]] for s in runs}
     items = all(t is not None for ts in tables.values() for t in ts)
@@ -336,14 +338,16 @@ def _evaluate(claim: Claim, frame: pd.DataFrame, records: list[dict[str, Any]],
     row: dict[str, Any] = {"id": claim.id, "metric": claim.metric, "better": claim.better,
                            "unit": "log ratio" if claim.kind == "perplexity" else "points",
                            "verdict": MISSING, "effect": None, "ci_low": None, "ci_high": None,
-                           "n_seeds": 0, "n_items": 0, "paired_seeds": False, "note": "", "source": claim.source,
+                           "n_seeds": 0, "seeds_a": 0, "seeds_b": 0, "n_items": 0, "paired_seeds": False, "note": "",
+                           "source": claim.source,
                            "a_runs": _run_names(runs["a"]), "b_runs": _run_names(runs["b"])}
     if runs["a"].empty or runs["b"].empty:
         return row | {"note": _absent(claim, runs, frame)}
     sides = build_sides(claim, runs, records)
     paired = sides.a.seeds == sides.b.seeds
     n_seeds = min(len(sides.a.seeds), len(sides.b.seeds))
-    row |= {"n_seeds": n_seeds, "n_items": sides.a.num.shape[1] if sides.items else 0, "paired_seeds": paired}
+    row |= {"n_seeds": n_seeds, "seeds_a": len(sides.a.seeds), "seeds_b": len(sides.b.seeds),
+            "n_items": sides.a.num.shape[1] if sides.items else 0, "paired_seeds": paired}
     scale = 1.0 if claim.kind == "perplexity" else 100.0  # log perplexity; accuracy in points
     sign = -1.0 if claim.better == "lower" else 1.0
     if not sides.items and n_seeds < 2:
@@ -353,10 +357,20 @@ def _evaluate(claim: Claim, frame: pd.DataFrame, records: list[dict[str, Any]],
     rng = np.random.default_rng(zlib.crc32(claim.id.encode()))  # per claim: adding claims changes no other
     kwargs = {"resamples": resamples} if resamples else {}
     interval = bootstrap_effect(sides.a, sides.b, sign, scale, items=sides.items, rng=rng, **kwargs)
-    note = ("one seed a side: the interval covers eval items only" if n_seeds < 2
-            else "" if sides.items else "no item scores: seeds resampled on the recorded metric")
     return row | {"verdict": verdict(interval.low, interval.high), "effect": interval.effect,
-                  "ci_low": interval.low, "ci_high": interval.high, "note": note}
+                  "ci_low": interval.low, "ci_high": interval.high, "note": _interval_note(sides)}
+
+
+def _interval_note(sides: Sides) -> str:
+    """What the interval does not cover: training noise of a side with one run, or the eval items."""
+    counts = {"a": len(sides.a.seeds), "b": len(sides.b.seeds)}
+    if max(counts.values()) < 2:
+        return "one seed a side: the interval covers eval items only"
+    if min(counts.values()) < 2:  # e.g. RTN PTQ: the seed changes nothing it computes, so all seeds are one run
+        one, other = sorted(counts, key=counts.get)
+        return (f"{one}: one run (one seed, or a method the seed does not change), so the interval covers "
+                f"{other}'s {counts[other]} seeds and the eval items")
+    return "" if sides.items else "no item scores: seeds resampled on the recorded metric"
 
 
 def prepare(paths: list[Path], store: str | Path) -> tuple[list[Claim], pd.DataFrame, list[dict[str, Any]]]:

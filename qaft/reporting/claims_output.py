@@ -20,13 +20,19 @@ import pandas as pd
 
 from qaft.reporting.claims_paper import Protocol
 
-COLUMNS = ["id", "verdict", "effect", "ci_low", "ci_high", "unit", "n_seeds", "n_items", "paired_seeds",
-           "metric", "better", "note"]
+COLUMNS = ["id", "verdict", "effect", "ci_low", "ci_high", "unit", "n_seeds", "seeds_a", "seeds_b", "n_items",
+           "paired_seeds", "metric", "better", "note"]
 PAPER_COLUMNS = ["paper_a", "paper_b", "paper_effect", "paper_in_ci", "paper_table", "paper_model", "paper_protocol"]
 
 
 def _number(value: Any, digits: int = 3) -> str:
     return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def seeds_text(r: dict[str, Any]) -> str:
+    """``3``, or ``3 / 1`` (a / b) where the sides have different numbers of seeds (RTN PTQ: one run for all)."""
+    a, b = r.get("seeds_a", r["n_seeds"]), r.get("seeds_b", r["n_seeds"])
+    return str(r["n_seeds"]) if a == b else f"{a} / {b}"
 
 
 def _has_paper(rows: list[dict[str, Any]]) -> bool:
@@ -60,12 +66,12 @@ def _markdown(rows: list[dict[str, Any]]) -> str:
                    "theirs, computed as ours; in CI: whether it lies inside our interval. Table, model and "
                    "protocol under Sources."), ""]
     extra = (" paper a | paper b | paper effect | in CI |", " --- | --- | --- | --- |") if paper else ("", "")
-    lines += ["| id | verdict | effect | 95% CI | unit | seeds | items | note |" + extra[0],
+    lines += ["| id | verdict | effect | 95% CI | unit | seeds (a / b) | items | note |" + extra[0],
               "| --- | --- | --- | --- | --- | --- | --- | --- |" + extra[1]]
     for r in rows:
         ci = f"[{_number(r['ci_low'])}, {_number(r['ci_high'])}]"
         lines.append(f"| {r['id']} | {r['verdict']} | {_number(r['effect'])} | {ci} | {r['unit']} | "
-                     f"{r['n_seeds']} | {r['n_items']} | {r['note']} |" + (_paper_cells(r) if paper else ""))
+                     f"{seeds_text(r)} | {r['n_items']} | {r['note']} |" + (_paper_cells(r) if paper else ""))
     lines += ["", "## Sources", ""] + [f"* `{r['id']}`: {r['source']}{_paper_source(r)}" for r in rows]
     return "\n".join(lines) + "\n"
 

@@ -137,6 +137,19 @@ def test_sides_without_shared_seeds_are_unpaired(tmp_path: Path) -> None:
     assert rows["good_wins"]["verdict"] == "held"
 
 
+def test_a_one_run_side_against_three_seeds_says_so(tmp_path: Path) -> None:
+    """RTN PTQ is one run for every seed: against a 3-seed side the seeds are counted per side and the note says
+    the interval covers the other side's seeds and the items (not "one seed a side")."""
+    store = _store(tmp_path)
+    lines = store.read_text().splitlines()
+    store.write_text("".join(line + "\n" for line in lines if '"bad-s1"' not in line and '"bad-s2"' not in line
+                             and "/bad-s1" not in line and "/bad-s2" not in line))
+    row = _report(tmp_path, _claims(tmp_path, _claim("good_wins", "good", "bad")), store)["good_wins"]
+    assert (row["n_seeds"], row["seeds_a"], row["seeds_b"], row["paired_seeds"]) == (1, 3, 1, False)
+    assert row["verdict"] == "held" and row["note"].startswith("b: one run") and "a's 3 seeds" in row["note"]
+    assert "| 3 / 1 |" in (tmp_path / "out" / "claims.md").read_text()
+
+
 @pytest.mark.parametrize("claim, field", [
     (_claim("bad_metric", "good", "bad", metric="metrics.ppl_nonsense"), "metric"),
     (_claim("bad_key", "good", "bad", where={"experiment": "toy", "method_config.colour": "red"}),
