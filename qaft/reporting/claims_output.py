@@ -29,10 +29,15 @@ def _number(value: Any, digits: int = 3) -> str:
     return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
+def seed_counts(r: dict[str, Any]) -> tuple[int, int]:
+    """Seeds of side a and side b (rows written before the per-side counts: ``n_seeds`` for both)."""
+    return r.get("seeds_a", r["n_seeds"]), r.get("seeds_b", r["n_seeds"])
+
+
 def seeds_text(r: dict[str, Any]) -> str:
     """``3``, or ``3 / 1`` (a / b) where the sides have different numbers of seeds (RTN PTQ: one run for all)."""
-    a, b = r.get("seeds_a", r["n_seeds"]), r.get("seeds_b", r["n_seeds"])
-    return str(r["n_seeds"]) if a == b else f"{a} / {b}"
+    a, b = seed_counts(r)
+    return str(a) if a == b else f"{a} / {b}"
 
 
 def _has_paper(rows: list[dict[str, Any]]) -> bool:

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from qaft.reporting.claims_output import seeds_text
+from qaft.reporting.claims_output import seed_counts, seeds_text
 
 BEGIN = ("<!-- findings:begin: generated from results/tiny/claims.json by "
          "`python -m qaft.reporting.findings results/tiny/claims.json README.md`; do not edit -->")
@@ -36,9 +36,9 @@ def _number(value: Any) -> str:
 def _line(row: dict[str, Any]) -> str:
     interval = (f", 95% CI [{_number(row['ci_low'])}, {_number(row['ci_high'])}]"
                 if row.get("ci_low") is not None else ", no interval")
-    seeds = seeds_text(row)
-    evidence = f"{seeds} seed(s) a side" if "/" not in seeds else f"{seeds} seeds (a / b)"
-    evidence += f", {row['n_items']} item(s)"
+    a, b = seed_counts(row)
+    seeds = f"{a} seed(s) a side" if a == b else f"{seeds_text(row)} seeds (a / b)"
+    evidence = f"{seeds}, {row['n_items']} item(s)"
     note = f"; {row['note']}" if row.get("note") else ""
     return f"* `{row['id']}`: effect {_number(row['effect'])} {row['unit']}{interval} ({evidence}{note})"
 
