@@ -18,3 +18,22 @@ def test_committed_table_regenerates_from_the_archive(spec, tmp_path):
     for path in tables:
         assert path.read_text() == (ROOT / "results" / "tiny" / path.name).read_text(), path.name
     assert "missing" not in (tmp_path / f"{spec.stem}.csv").read_text()  # every cell of every table was run
+
+
+def test_run_times_sums_each_experiments_timings_and_leaves_paused_runs_apart(tmp_path):
+    import importlib.util
+    import json
+
+    script = ROOT / "experiments" / "analysis" / "run_times.py"
+    spec = importlib.util.spec_from_file_location("run_times", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    runs = [("a", "groupwise", 0, 120.0), ("b", "groupwise", 1, 240.0), ("c", "groupwise", 2, 3000.0),
+            ("d", "steps", 0, 60.0)]
+    archive = tmp_path / "records.jsonl"
+    archive.write_text("".join(json.dumps({"identity": name, "experiment": exp, "seed": seed,
+                                           "run_dir": f"/somewhere/{name}", "timings": {"total_s": s}}) + "\n"
+                               for name, exp, seed, s in runs))
+    table = module.run_times(archive, paused=["c"])
+    assert table.loc["groupwise"].tolist() == [2, 2, 6.0, 180.0, 1]
+    assert table.loc["steps"].tolist() == [1, 1, 1.0, 60.0, 0]

@@ -1,0 +1,41 @@
+"""What each sweep of a run archive cost: runs, seeds and the sum of the runs' own wall times, per experiment.
+
+Reads the ``timings`` every run record carries (``total_s``: load, training and evaluation of that run, from the
+process's start to its record). The sum is the sweep's cost run after run; runs that shared the machine (two
+lanes on two cores) include the wait for it. Runs whose process was stopped for a while (``--paused`` names them
+by run folder) are listed apart and left out of the sum, since their ``total_s`` counts the pause.
+
+    python experiments/analysis/run_times.py results/tiny/records.jsonl
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pandas as pd
+
+
+def run_times(archive: Path, paused: list[str] = ()) -> pd.DataFrame:
+    """One row per experiment: runs, distinct seeds, sum and median of ``timings.total_s`` (minutes / seconds)."""
+    records = pd.json_normalize(pd.read_json(archive, lines=True).to_dict("records"))
+    stopped = records["run_dir"].map(lambda d: Path(str(d)).name in set(paused))
+    kept = records[~stopped]
+    table = kept.groupby("experiment").agg(runs=("identity", "size"), seeds=("seed", "nunique"),
+                                           total_min=("timings.total_s", lambda s: s.sum() / 60),
+                                           median_run_s=("timings.total_s", "median"))
+    table["paused runs left out"] = records[stopped].groupby("experiment").size()
+    return table.fillna({"paused runs left out": 0}).astype({"paused runs left out": int}).round(1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("archive", type=Path, help="records.jsonl written by qaft-report archive=")
+    parser.add_argument("--paused", nargs="*", default=[], help="run folder names whose timings include a pause")
+    args = parser.parse_args()
+    table = run_times(args.archive, args.paused)
+    print(table.to_markdown())
+    print(f"\nall: {int(table['runs'].sum())} runs, {table['total_min'].sum() / 60:.1f} h")
+
+
+if __name__ == "__main__":
+    main()
