@@ -1,5 +1,6 @@
 """The deployed model of a float-merged run: ``qaft-eval run_dir=...`` scores the run's +PTQ model (and says so), and
-``lm_eval --model hf`` on its ``qaft-export format=hf`` folder scores what ``qaft-eval`` scores."""
+``lm_eval --model hf`` on its ``qaft-export format=hf`` folder, and on an integer run's ``format=compressed-tensors``
+export, scores what ``qaft-eval`` scores."""
 from __future__ import annotations
 
 import copy
@@ -19,6 +20,15 @@ from qaft.models import load_causal_lm
 from helpers import fake_run_folder
 
 LIMIT = 40  # quiz_mc documents: enough for a score that random weights would not match by chance
+# ``python -m lm_eval`` that fails if anything it ran imported qaft (the export must stand on its own).
+LM_EVAL_WITHOUT_QAFT = """
+import runpy, sys
+sys.argv = ["lm_eval", *sys.argv[1:]]
+try:
+    runpy.run_module("lm_eval", run_name="__main__", alter_sys=True)
+finally:
+    assert not [m for m in sys.modules if m == "qaft" or m.startswith("qaft.")], "qaft was imported"
+"""
 
 
 def _evaluate(run_dir, *overrides):
@@ -30,6 +40,18 @@ def _evaluate(run_dir, *overrides):
         cfg = compose("eval", overrides=[f"run_dir={run_dir}", "perplexity.seq_len=64", "perplexity.max_tokens=256",
                                          "model.dtype=float32", *overrides])
     return evaluate(cfg)
+
+
+def _lm_eval_quiz(folder, tmp_path) -> dict:
+    """``lm_eval --model hf`` 's quiz_mc scores of an exported folder, in a process without qaft on its path."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", LM_EVAL_WITHOUT_QAFT, "--model", "hf", "--model_args", f"pretrained={folder}",
+         "--tasks", "quiz_mc", "--include_path", str(write_local_tasks(tmp_path / "tasks")), "--limit", str(LIMIT),
+         "--batch_size", "1", "--output_path", str(tmp_path / "out")],
+        check=False, capture_output=True, text=True, env=env, timeout=600, cwd=str(tmp_path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())["results"]["quiz_mc"]
 
 
 @pytest.fixture
@@ -73,13 +95,28 @@ def test_lm_eval_hf_on_the_export_scores_what_qaft_eval_scores(float_run, tmp_pa
                      "perplexity.source=null")
     assert ours["lm_eval"]["harness"]["model_form"] == "merged+ptq"
     assert export_main([str(run_dir), "format=hf", f"out={tmp_path / 'hf'}"]) == 0
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1"}
-    done = subprocess.run(
-        [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={tmp_path / 'hf'}",
-         "--tasks", "quiz_mc", "--include_path", str(write_local_tasks(tmp_path / "tasks")), "--limit", str(LIMIT),
-         "--batch_size", "1", "--output_path", str(tmp_path / "out")],
-        capture_output=True, text=True, env=env, timeout=600, cwd=str(tmp_path))
-    assert done.returncode == 0, done.stderr[-3000:]
-    scores = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())["results"]["quiz_mc"]
+    scores = _lm_eval_quiz(tmp_path / "hf", tmp_path)
+    assert scores["acc,none"] == pytest.approx(ours["headline"]["quiz_mc:0/acc"], abs=1e-9)
+    assert scores["acc_norm,none"] == pytest.approx(ours["headline"]["quiz_mc:0/acc_norm"], abs=1e-9)
+
+
+def test_lm_eval_hf_on_the_compressed_tensors_export_scores_what_qaft_eval_scores(tmp_path):
+    """An integer run on the integer zero point (exact in compressed-tensors): lm-eval on the export, in a process
+    that never imports qaft, scores quiz_mc as ``qaft-eval run_dir=`` scores the run's merged model."""
+    base, _ = load_causal_lm("tiny-llama")
+    model = qaft.apply_method(base, qaft.config_for("l4q", rank=4, bits=4, group_size=32, zero_point="int"))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # trained-looking: every trainable tensor moved
+        for param in (p for p in model.parameters() if p.requires_grad):
+            param.add_(0.3 * param.abs().mean().clamp(min=1e-3) * torch.randn(param.shape, generator=generator))
+    run_dir = tmp_path / "run"
+    fake_run_folder(run_dir, qaft.merge_model(model).eval())
+    ours = _evaluate(run_dir, "tasks=[quiz_mc]", f"lm_eval.limit={LIMIT}", "lm_eval.batch_size=1",
+                     "perplexity.source=null")
+    assert ours["lm_eval"]["harness"]["model_form"] == "merged"
+    assert export_main([str(run_dir), "format=compressed-tensors"]) == 0
+    folder = run_dir / "export_ct"
+    assert json.loads((folder / "qaft_export.json").read_text())["exact"]
+    scores = _lm_eval_quiz(folder, tmp_path)
     assert scores["acc,none"] == pytest.approx(ours["headline"]["quiz_mc:0/acc"], abs=1e-9)
     assert scores["acc_norm,none"] == pytest.approx(ours["headline"]["quiz_mc:0/acc_norm"], abs=1e-9)
