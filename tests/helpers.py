@@ -127,3 +127,12 @@ def fake_run_folder(run_dir: Path, merged: torch.nn.Module, float_model: torch.n
     save_merged(merged if float_model is None else float_model, run_dir / "merged_model")
     (run_dir / "record.json").write_text(json.dumps({"status": "ok", "model": "tiny-llama", "bits": 4, "group_size": 32,
                                                      "metrics": {"merged_model_path": "merged_model"}}))
+
+
+def move_trainables(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Every trainable tensor moved by a random step of ~30% of its mean magnitude, as training would (in place)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in (p for p in model.parameters() if p.requires_grad):
+            param.add_(0.3 * param.abs().mean().clamp(min=1e-3) * torch.randn(param.shape, generator=generator))
+    return model

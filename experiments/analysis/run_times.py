@@ -14,11 +14,15 @@ from pathlib import Path
 
 import pandas as pd
 
+from qaft.reporting.store import load_runs
+
 
 def run_times(archive: Path, paused: list[str] = ()) -> pd.DataFrame:
-    """One row per experiment: runs, distinct seeds, sum and median of ``timings.total_s`` (minutes / seconds)."""
-    records = pd.json_normalize(pd.read_json(archive, lines=True).to_dict("records"))
-    stopped = records["run_dir"].map(lambda d: Path(str(d)).name in set(paused))
+    """One row per experiment: runs, distinct seeds, sum and median of ``timings.total_s`` (minutes / seconds).
+
+    ``archive`` is what a report reads: a ``records.jsonl`` archive or a run store (records checked alike)."""
+    records = load_runs(archive)
+    stopped = records["run_dir"].map(lambda d: Path(str(d)).name).isin(paused)
     kept = records[~stopped]
     table = kept.groupby("experiment").agg(runs=("identity", "size"), seeds=("seed", "nunique"),
                                            total_min=("timings.total_s", lambda s: s.sum() / 60),
@@ -29,7 +33,7 @@ def run_times(archive: Path, paused: list[str] = ()) -> pd.DataFrame:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("archive", type=Path, help="records.jsonl written by qaft-report archive=")
+    parser.add_argument("archive", type=Path, help="records.jsonl written by qaft-report archive=, or a run store")
     parser.add_argument("--paused", nargs="*", default=[], help="run folder names whose timings include a pause")
     args = parser.parse_args()
     table = run_times(args.archive, args.paused)

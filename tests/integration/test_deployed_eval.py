@@ -17,7 +17,7 @@ from qaft.deploy.cli import main as export_main
 from qaft.evaluation.tasks import write_local_tasks
 from qaft.models import load_causal_lm
 
-from helpers import fake_run_folder
+from helpers import fake_run_folder, move_trainables
 
 LIMIT = 40  # quiz_mc documents: enough for a score that random weights would not match by chance
 # ``python -m lm_eval`` that fails if anything it ran imported qaft (the export must stand on its own).
@@ -105,12 +105,8 @@ def test_lm_eval_hf_on_the_compressed_tensors_export_scores_what_qaft_eval_score
     that never imports qaft, scores quiz_mc as ``qaft-eval run_dir=`` scores the run's merged model."""
     base, _ = load_causal_lm("tiny-llama")
     model = qaft.apply_method(base, qaft.config_for("l4q", rank=4, bits=4, group_size=32, zero_point="int"))
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # trained-looking: every trainable tensor moved
-        for param in (p for p in model.parameters() if p.requires_grad):
-            param.add_(0.3 * param.abs().mean().clamp(min=1e-3) * torch.randn(param.shape, generator=generator))
     run_dir = tmp_path / "run"
-    fake_run_folder(run_dir, qaft.merge_model(model).eval())
+    fake_run_folder(run_dir, qaft.merge_model(move_trainables(model)).eval())
     ours = _evaluate(run_dir, "tasks=[quiz_mc]", f"lm_eval.limit={LIMIT}", "lm_eval.batch_size=1",
                      "perplexity.source=null")
     assert ours["lm_eval"]["harness"]["model_form"] == "merged"

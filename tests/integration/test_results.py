@@ -31,7 +31,7 @@ def test_run_times_sums_each_experiments_timings_and_leaves_paused_runs_apart(tm
     runs = [("a", "groupwise", 0, 120.0), ("b", "groupwise", 1, 240.0), ("c", "groupwise", 2, 3000.0),
             ("d", "steps", 0, 60.0)]
     archive = tmp_path / "records.jsonl"
-    archive.write_text("".join(json.dumps({"identity": name, "experiment": exp, "seed": seed,
+    archive.write_text("".join(json.dumps({"status": "ok", "identity": name, "experiment": exp, "seed": seed,
                                            "run_dir": f"/somewhere/{name}", "timings": {"total_s": s}}) + "\n"
                                for name, exp, seed, s in runs))
     table = module.run_times(archive, paused=["c"])

@@ -18,7 +18,7 @@ from qaft.deploy.cli import main as export_main
 from qaft.deploy.ct_export import export_compressed_tensors, is_exact, probe_ids
 from qaft.methods import INTEGER, QuantizedLinear, traits
 
-from helpers import fake_run_folder, tiny_llama, token_batch
+from helpers import fake_run_folder, move_trainables, tiny_llama, token_batch
 from method_matrix import applied, int_zero_fields, methods
 
 # Runs in a fresh interpreter without qaft on the path: transformers + compressed-tensors only.
@@ -36,13 +36,7 @@ assert not [m for m in sys.modules if m == "qaft" or m.startswith("qaft.")], "qa
 
 def _trained(name: str, seed: int = 0, **fields) -> torch.nn.Module:
     """The method applied (example config and ``fields``) with every trainable tensor moved, as training would."""
-    model = applied(name, **fields)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad:
-                param.add_(0.3 * param.abs().mean().clamp(min=1e-3) * torch.randn(param.shape, generator=generator))
-    return qaft.merge_model(model).eval()
+    return qaft.merge_model(move_trainables(applied(name, **fields), seed)).eval()
 
 
 def _int_zero(name: str, **extra) -> dict:
