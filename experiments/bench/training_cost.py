@@ -155,11 +155,15 @@ class Trainee:
         return time.perf_counter() - t
 
 
+def _autocast(args: argparse.Namespace) -> torch.dtype | None:
+    return {"none": None, "bf16": torch.bfloat16}[args.autocast]
+
+
 def peak_memory(model_name: str, row: str, args: argparse.Namespace) -> dict:
     """Runs in a fresh subprocess: peak RSS above the pre-model baseline over two steps."""
     _warm_up_optimizer()
     base = _rss_bytes()
-    trainee = Trainee(model_name, row, args)
+    trainee = Trainee(model_name, row, args, autocast=_autocast(args))
     _reset_peak_rss()
     trainee.step()
     trainee.step()
@@ -168,7 +172,7 @@ def peak_memory(model_name: str, row: str, args: argparse.Namespace) -> dict:
 
 def step_times(model_name: str, rows: list[str], args: argparse.Namespace) -> dict[str, float]:
     """Median seconds per step of every row, measured round-robin in this process."""
-    trainees = {row: Trainee(model_name, row, args) for row in rows}
+    trainees = {row: Trainee(model_name, row, args, autocast=_autocast(args)) for row in rows}
     times: dict[str, list[float]] = {row: [] for row in rows}
     for round_ in range(args.steps + 1):
         for row, trainee in trainees.items():
@@ -189,7 +193,8 @@ def _child(model_name: str, row: str, args: argparse.Namespace) -> dict:
 def _print_table(model_name: str, rows: dict[str, dict], args: argparse.Namespace) -> dict[str, float]:
     lora, ratios = rows["lora"], {}
     print(f"\n{model_name}: batch {args.batch} x {args.seq}, rank {args.rank}, {args.bits}-bit g{args.group_size}; "
-          f"s/step: median of {args.steps} round-robin steps after 1 warm-up; CPU peak RSS above start")
+          f"autocast {args.autocast}; s/step: median of {args.steps} round-robin steps after 1 warm-up; "
+          "CPU peak RSS above start")
     print(f"| {'method':<13} | {'s/step':>7} | {'/ LoRA':>6} | {'peak MiB':>8} | {'/ LoRA':>6} | {'trainable':>11} |")
     print(f"|{'-' * 15}|{'-' * 9}|{'-' * 8}|{'-' * 10}|{'-' * 8}|{'-' * 13}|")
     for row, r in rows.items():
@@ -211,6 +216,8 @@ def main() -> None:
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--autocast", choices=("none", "bf16"), default="none",
+                   help="bf16: forward under bf16 autocast, as trainer.precision=bf16-mixed trains")
     p.add_argument("--json", default=None)
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
