@@ -1,4 +1,5 @@
-"""The training-cost benchmark's pieces run: a memory child process and round-robin step times."""
+"""The training-cost benchmark's pieces run: a memory child process and round-robin step times (under bf16 autocast,
+as `--autocast bf16` runs them)."""
 import argparse
 import importlib.util
 import sys
@@ -20,7 +21,7 @@ def test_memory_child_and_round_robin_steps_on_the_wide_model():
     bench = _bench()
     args = argparse.Namespace(rows=["lora", "floor", "l4q", "dlqat-pc-a8kv8", "llm_qat-a8kv8", "llm_qat"], batch=1, seq=8,
                               steps=1, rank=4, bits=4,
-                              group_size=64, json=None, child=None, models=["wide-llama"])
+                              group_size=64, autocast="bf16", json=None, child=None, models=["wide-llama"])
     memory = bench._child("wide-llama", "l4q", args)
     assert memory["peak_bytes"] > 0 and memory["trainable"] > 0
     times = bench.step_times("wide-llama", args.rows, args)
