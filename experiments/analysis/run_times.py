@@ -2,8 +2,10 @@
 
 Reads the ``timings`` every run record carries (``total_s``: load, training and evaluation of that run, from the
 process's start to its record). The sum is the sweep's cost run after run; runs that shared the machine (two
-lanes on two cores) include the wait for it. Runs whose process was stopped for a while (``--paused`` names them
-by run folder) are listed apart and left out of the sum, since their ``total_s`` counts the pause.
+lanes on two cores) include the wait for it. Two kinds of run are counted apart and left out of the sum: runs whose
+process was stopped for a while (``--paused`` names them by run folder), since their ``total_s`` counts the pause,
+and resumed runs (``timings.resumed_at_step`` in their record; ``--resumed`` names those whose record predates the
+field), since theirs counts only the last process.
 
     python experiments/analysis/run_times.py results/tiny/records.jsonl
 """
@@ -17,26 +19,34 @@ import pandas as pd
 from qaft.reporting.store import load_runs
 
 
-def run_times(archive: Path, paused: list[str] = ()) -> pd.DataFrame:
+def run_times(archive: Path, paused: list[str] = (), resumed: list[str] = ()) -> pd.DataFrame:
     """One row per experiment: runs, distinct seeds, sum and median of ``timings.total_s`` (minutes / seconds).
 
     ``archive`` is what a report reads: a ``records.jsonl`` archive or a run store (records checked alike)."""
     records = load_runs(archive)
-    stopped = records["run_dir"].map(lambda d: Path(str(d)).name).isin(paused)
-    kept = records[~stopped]
+    names = records["run_dir"].map(lambda d: Path(str(d)).name)
+    stopped = names.isin(paused)
+    resumed = names.isin(resumed)
+    if "timings.resumed_at_step" in records:
+        resumed |= records["timings.resumed_at_step"].notna()
+    kept = records[~stopped & ~resumed]
     table = kept.groupby("experiment").agg(runs=("identity", "size"), seeds=("seed", "nunique"),
                                            total_min=("timings.total_s", lambda s: s.sum() / 60),
                                            median_run_s=("timings.total_s", "median"))
-    table["paused runs left out"] = records[stopped].groupby("experiment").size()
-    return table.fillna({"paused runs left out": 0}).astype({"paused runs left out": int}).round(1)
+    for column, left_out in (("paused runs left out", stopped), ("resumed runs left out", resumed & ~stopped)):
+        table[column] = records[left_out].groupby("experiment").size()
+        table[column] = table[column].fillna(0).astype(int)
+    return table.round(1)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("archive", type=Path, help="records.jsonl written by qaft-report archive=, or a run store")
     parser.add_argument("--paused", nargs="*", default=[], help="run folder names whose timings include a pause")
+    parser.add_argument("--resumed", nargs="*", default=[],
+                        help="run folder names of runs resumed before their records said so (timings.resumed_at_step)")
     args = parser.parse_args()
-    table = run_times(args.archive, args.paused)
+    table = run_times(args.archive, args.paused, args.resumed)
     print(table.to_markdown())
     print(f"\nall: {int(table['runs'].sum())} runs, {table['total_min'].sum() / 60:.1f} h")
 

@@ -117,6 +117,7 @@ class RunRecord:
         self.final: Status | None = None
         self.preset = preset or spec.method.name
         self.started = time.time()
+        # Seconds of this process's stages; a resumed run's pipeline adds ``resumed_at_step`` (its checkpoint's step).
         self.timings: dict[str, float] = {}
         self._mark = time.perf_counter()
         # Called with the record just written, whatever the status (a tracker's copy: qaft.training.tracking).

@@ -67,4 +67,9 @@ def resume_checkpoint(choice: str, folder: RunFolder, identity: dict[str, Any]) 
     return str(path)
 
 
-__all__ = ["ResumeRefused", "resume_checkpoint"]
+def checkpoint_step(path: str) -> int:
+    """The training step a checkpoint that :func:`resume_checkpoint` accepted was saved at."""
+    return int(_load(Path(path))["global_step"])
+
+
+__all__ = ["ResumeRefused", "checkpoint_step", "resume_checkpoint"]

@@ -93,6 +93,9 @@ def test_sigterm_checkpoints_at_the_step_and_resumes_exactly(clean, tmp_path):
     rerun = run_qaft_train(args(root))
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert_same_run(clean, run_dir)
+    # the record's timings are the resuming process's, and it says so; an uninterrupted run's say nothing
+    assert strict_json(run_dir / "record.json")["timings"]["resumed_at_step"] == 8
+    assert "resumed_at_step" not in strict_json(clean / "record.json")["timings"]
 
 
 def test_sigint_is_an_interruption_not_a_traceback(tmp_path):

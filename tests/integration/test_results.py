@@ -20,7 +20,7 @@ def test_committed_table_regenerates_from_the_archive(spec, tmp_path):
     assert "missing" not in (tmp_path / f"{spec.stem}.csv").read_text()  # every cell of every table was run
 
 
-def test_run_times_sums_each_experiments_timings_and_leaves_paused_runs_apart(tmp_path):
+def test_run_times_sums_each_experiments_timings_and_leaves_paused_and_resumed_runs_apart(tmp_path):
     import importlib.util
     import json
 
@@ -28,12 +28,15 @@ def test_run_times_sums_each_experiments_timings_and_leaves_paused_runs_apart(tm
     spec = importlib.util.spec_from_file_location("run_times", script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    runs = [("a", "groupwise", 0, 120.0), ("b", "groupwise", 1, 240.0), ("c", "groupwise", 2, 3000.0),
-            ("d", "steps", 0, 60.0)]
+    runs = [("a", "groupwise", 0, {"total_s": 120.0}), ("b", "groupwise", 1, {"total_s": 240.0}),
+            ("c", "groupwise", 2, {"total_s": 3000.0}), ("d", "steps", 0, {"total_s": 60.0}),
+            ("e", "steps", 1, {"total_s": 20.0, "resumed_at_step": 10})]  # e: the last process's time only
     archive = tmp_path / "records.jsonl"
     archive.write_text("".join(json.dumps({"status": "ok", "identity": name, "experiment": exp, "seed": seed,
-                                           "run_dir": f"/somewhere/{name}", "timings": {"total_s": s}}) + "\n"
-                               for name, exp, seed, s in runs))
+                                           "run_dir": f"/somewhere/{name}", "timings": timings}) + "\n"
+                               for name, exp, seed, timings in runs))
     table = module.run_times(archive, paused=["c"])
-    assert table.loc["groupwise"].tolist() == [2, 2, 6.0, 180.0, 1]
-    assert table.loc["steps"].tolist() == [1, 1, 1.0, 60.0, 0]
+    assert table.loc["groupwise"].tolist() == [2, 2, 6.0, 180.0, 1, 0]
+    assert table.loc["steps"].tolist() == [1, 1, 1.0, 60.0, 0, 1]
+    named = module.run_times(archive, paused=["c"], resumed=["a"])  # a record written before the field existed
+    assert named.loc["groupwise"].tolist() == [1, 1, 4.0, 240.0, 1, 1]
