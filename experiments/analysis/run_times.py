@@ -7,7 +7,8 @@ process was stopped for a while (``--paused`` names them by run folder), since t
 and resumed runs (``timings.resumed_at_step`` in their record; ``--resumed`` names those whose record predates the
 field), since theirs counts only the last process.
 
-    python experiments/analysis/run_times.py results/tiny/records.jsonl
+    python experiments/analysis/run_times.py results/tiny/records.jsonl \\
+        --resumed $(python experiments/analysis/run_times.py --find-resumed results/tiny/runs)
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from qaft.reporting.store import load_runs
+from qaft.run_folder import RunFolder
 
 
 def run_times(archive: Path, paused: list[str] = (), resumed: list[str] = ()) -> pd.DataFrame:
@@ -39,13 +41,36 @@ def run_times(archive: Path, paused: list[str] = (), resumed: list[str] = ()) ->
     return table.round(1)
 
 
+def resumed_before_the_field(runs_root: Path) -> list[str]:
+    """Run folders whose record predates ``timings.resumed_at_step`` but whose run was resumed: ``train_s`` (this
+    process's training) under 80% of the step times ``metrics.jsonl`` logged (every process's steps)."""
+    found = []
+    for path in sorted(p for p in runs_root.iterdir() if p.is_dir()):
+        folder = RunFolder(path)
+        record = folder.read_record()
+        if not record or "resumed_at_step" in record.get("timings", {}):
+            continue
+        logged = sum(row.get("train/step_s", 0.0) for row in folder.read_metrics())
+        if logged and record["timings"].get("train_s", logged) < 0.8 * logged:
+            found.append(path.name)
+    return found
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("archive", type=Path, help="records.jsonl written by qaft-report archive=, or a run store")
+    parser.add_argument("archive", type=Path, nargs="?",
+                        help="records.jsonl written by qaft-report archive=, or a run store")
     parser.add_argument("--paused", nargs="*", default=[], help="run folder names whose timings include a pause")
     parser.add_argument("--resumed", nargs="*", default=[],
                         help="run folder names of runs resumed before their records said so (timings.resumed_at_step)")
+    parser.add_argument("--find-resumed", type=Path, metavar="RUNS_ROOT",
+                        help="print the run folders of RUNS_ROOT resumed before their records said so, and stop")
     args = parser.parse_args()
+    if args.find_resumed:
+        print(" ".join(resumed_before_the_field(args.find_resumed)))
+        return
+    if args.archive is None:
+        parser.error("an archive or run store to sum (or --find-resumed RUNS_ROOT)")
     table = run_times(args.archive, args.paused, args.resumed)
     print(table.to_markdown())
     print(f"\nall: {int(table['runs'].sum())} runs, {table['total_min'].sum() / 60:.1f} h")

@@ -40,3 +40,12 @@ def test_run_times_sums_each_experiments_timings_and_leaves_paused_and_resumed_r
     assert table.loc["steps"].tolist() == [1, 1, 1.0, 60.0, 0, 1]
     named = module.run_times(archive, paused=["c"], resumed=["a"])  # a record written before the field existed
     assert named.loc["groupwise"].tolist() == [1, 1, 4.0, 240.0, 1, 1]
+    # records written before the field: a run whose training seconds fall short of its own logged steps was resumed
+    from qaft.run_folder import RunFolder
+
+    for name, train_s, field in (("whole", 50.0, {}), ("resumed", 10.0, {}), ("says_so", 10.0, {"resumed_at_step": 3})):
+        folder = RunFolder(tmp_path / "store" / name)
+        for step in range(1, 5):
+            folder.append_metrics({"step": step, "train/step_s": 10.0})
+        folder.write_record({"status": "ok", "timings": {"train_s": train_s, "total_s": train_s + 5, **field}})
+    assert module.resumed_before_the_field(tmp_path / "store") == ["resumed"]
