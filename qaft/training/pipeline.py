@@ -36,7 +36,7 @@ from qaft.training.module import DivergenceGuard, ProgressLines, QaftModule, Saf
 from qaft.training.outcomes import outcome
 from qaft.training.progress_bar import terminal_bar
 from qaft.training.records import MetricsRecorder, RunRecord, final_training_metrics, training_cost
-from qaft.training.resume import ResumeRefused, checkpoint_step, resume_checkpoint
+from qaft.training.resume import ResumeRefused, resume_checkpoint
 from qaft.training.run_control import SignalGuard, StopOnSignal
 from qaft.training.run_dir import discard_run_dir
 from qaft.training.spec import RunSpec
@@ -219,9 +219,9 @@ def _owned_run(cfg: DictConfig, spec: RunSpec, folder: RunFolder, identity: dict
             ckpt = resume_checkpoint(spec.resume, folder, identity)  # a refused checkpoint costs no model load
             record = RunRecord(folder.path, cfg, spec, config_digest(identity), _preset())
             if ckpt is not None:  # the timings then cover only this process: say so, or they undercount the run
-                record.timings["resumed_at_step"] = checkpoint_step(ckpt)
+                record.timings["resumed_at_step"] = ckpt.step
             record.write_config()
-            attempt = _Attempt(cfg, spec, folder, record, guard, ckpt)
+            attempt = _Attempt(cfg, spec, folder, record, guard, ckpt.path if ckpt else None)
             try:
                 return attempt.run()
             except BaseException as err:  # KeyboardInterrupt too: the record must not look finished

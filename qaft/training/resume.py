@@ -9,6 +9,7 @@ nothing written. A run that starts over keeps nothing of an earlier attempt in i
 from __future__ import annotations
 
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,14 @@ class ResumeRefused(ConfigError):
     """A checkpoint that is not this run's: resuming it would train something other than the config says."""
 
 
+@dataclass(frozen=True)
+class Checkpoint:
+    """An accepted checkpoint: where it is (Lightning's ``ckpt_path``) and the training step it was saved at."""
+
+    path: str
+    step: int
+
+
 def _start_over(folder: RunFolder) -> None:
     folder.trim_metrics(0)
     shutil.rmtree(folder.checkpoints, ignore_errors=True)
@@ -39,7 +48,7 @@ def _load(path: Path) -> dict[str, Any]:
                             "rerun with resume=never to start over") from None
 
 
-def resume_checkpoint(choice: str, folder: RunFolder, identity: dict[str, Any]) -> str | None:
+def resume_checkpoint(choice: str, folder: RunFolder, identity: dict[str, Any]) -> Checkpoint | None:
     """``auto``: the folder's ``last.ckpt`` when there is one; a path: that file; ``never``: none (and the folder
     is cleared of the earlier attempt). Refuses (:class:`ResumeRefused`) a checkpoint of another config, a damaged
     one, and a folder whose ``metrics.jsonl`` cannot be read back whole."""
@@ -59,17 +68,13 @@ def resume_checkpoint(choice: str, folder: RunFolder, identity: dict[str, Any]) 
                             "rerun with resume=never to start over, or without resume=<path>")
     if (damage := checkpoint_damage(saved)) is not None:
         raise ResumeRefused(f"resume: {path} cannot be trusted: {damage}; rerun with resume=never to start over")
+    step = int(saved["global_step"])
     try:
-        rank_zero_only(folder.trim_metrics)(int(saved["global_step"]))
+        rank_zero_only(folder.trim_metrics)(step)
     except CorruptRun as err:
         raise ResumeRefused(f"resume: {err}; a resumed run would lose that row: repair or remove the file, or "
                             "rerun with resume=never") from None
-    return str(path)
+    return Checkpoint(str(path), step)
 
 
-def checkpoint_step(path: str) -> int:
-    """The training step a checkpoint that :func:`resume_checkpoint` accepted was saved at."""
-    return int(_load(Path(path))["global_step"])
-
-
-__all__ = ["ResumeRefused", "checkpoint_step", "resume_checkpoint"]
+__all__ = ["Checkpoint", "ResumeRefused", "resume_checkpoint"]
