@@ -64,12 +64,16 @@ def _env() -> dict[str, str]:
             "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))}
 
 
-def plain_python(*args: str) -> subprocess.CompletedProcess:
+# The last line of a script run by :func:`plain_python`: the export must stand on its own, without qaft.
+ASSERT_NO_QAFT = 'assert not [m for m in sys.modules if m == "qaft" or m.startswith("qaft.")], "qaft was imported"\n'
+
+
+def plain_python(*args: str, timeout: float = 300, cwd: str | Path = "/") -> subprocess.CompletedProcess:
     """``python *args`` in a fresh interpreter without qaft on the path (what a user of an export has)."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1",
                                                                          "PYTHONWARNINGS": "ignore"}
-    return subprocess.run([sys.executable, *args], check=False, capture_output=True, text=True, env=env, timeout=300,
-                          cwd="/")
+    return subprocess.run([sys.executable, *args], check=False, capture_output=True, text=True, env=env,
+                          timeout=timeout, cwd=str(cwd))
 
 
 def tiny_run_overrides(runs_root: Path, steps: int = 4) -> list[str]:

@@ -13,6 +13,7 @@ field), since theirs counts only the last process.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -21,21 +22,21 @@ from qaft.reporting.store import load_runs
 from qaft.run_folder import RunFolder
 
 
-def run_times(archive: Path, paused: list[str] = (), resumed: list[str] = ()) -> pd.DataFrame:
+def run_times(archive: Path, paused: Sequence[str] = (), resumed: Sequence[str] = ()) -> pd.DataFrame:
     """One row per experiment: runs, distinct seeds, sum and median of ``timings.total_s`` (minutes / seconds).
 
     ``archive`` is what a report reads: a ``records.jsonl`` archive or a run store (records checked alike)."""
     records = load_runs(archive)
     names = records["run_dir"].map(lambda d: Path(str(d)).name)
     stopped = names.isin(paused)
-    resumed = names.isin(resumed)
+    was_resumed = names.isin(resumed)
     if "timings.resumed_at_step" in records:
-        resumed |= records["timings.resumed_at_step"].notna()
-    kept = records[~stopped & ~resumed]
+        was_resumed |= records["timings.resumed_at_step"].notna()
+    kept = records[~stopped & ~was_resumed]
     table = kept.groupby("experiment").agg(runs=("identity", "size"), seeds=("seed", "nunique"),
                                            total_min=("timings.total_s", lambda s: s.sum() / 60),
                                            median_run_s=("timings.total_s", "median"))
-    for column, left_out in (("paused runs left out", stopped), ("resumed runs left out", resumed & ~stopped)):
+    for column, left_out in (("paused runs left out", stopped), ("resumed runs left out", was_resumed & ~stopped)):
         table[column] = records[left_out].groupby("experiment").size()
         table[column] = table[column].fillna(0).astype(int)
     return table.round(1)
@@ -47,11 +48,11 @@ def resumed_before_the_field(runs_root: Path) -> list[str]:
     found = []
     for path in sorted(p for p in runs_root.iterdir() if p.is_dir()):
         folder = RunFolder(path)
-        record = folder.read_record()
-        if not record or "resumed_at_step" in record.get("timings", {}):
+        timings = (folder.read_record() or {}).get("timings")
+        if not timings or "resumed_at_step" in timings:
             continue
         logged = sum(row.get("train/step_s", 0.0) for row in folder.read_metrics())
-        if logged and record["timings"].get("train_s", logged) < 0.8 * logged:
+        if logged and timings.get("train_s", logged) < 0.8 * logged:
             found.append(path.name)
     return found
 

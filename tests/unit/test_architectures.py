@@ -24,7 +24,7 @@ from qaft.models.architectures import (
     supported,
 )
 
-from helpers import plain_python, train_steps
+from helpers import ASSERT_NO_QAFT, plain_python, train_steps
 from method_matrix import config, methods
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -120,8 +120,7 @@ ids = torch.load(sys.argv[1], weights_only=True)
 for folder in sys.argv[2:]:
     with torch.no_grad():
         torch.save(AutoModelForCausalLM.from_pretrained(folder).eval()(ids).logits, folder + "/logits.pt")
-assert not [m for m in sys.modules if m == "qaft" or m.startswith("qaft.")], "qaft was imported"
-"""
+""" + ASSERT_NO_QAFT
 HF_EXPORTED = ("llama", "qwen3", "phi3", "gemma2", "opt", "gpt_neox")
 
 

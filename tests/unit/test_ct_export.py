@@ -5,9 +5,6 @@ approximately with it; W-A-KV models and float merges that were never deployed a
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -18,7 +15,7 @@ from qaft.deploy.cli import main as export_main
 from qaft.deploy.ct_export import export_compressed_tensors, is_exact, probe_ids
 from qaft.methods import INTEGER, QuantizedLinear, traits
 
-from helpers import fake_run_folder, move_trainables, tiny_llama, token_batch
+from helpers import ASSERT_NO_QAFT, fake_run_folder, move_trainables, plain_python, tiny_llama, token_batch
 from method_matrix import applied, int_zero_fields, methods
 
 # Runs in a fresh interpreter without qaft on the path: transformers + compressed-tensors only.
@@ -30,8 +27,7 @@ for folder in sys.argv[2:]:
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
     with torch.no_grad():
         torch.save(model(ids).logits.float(), folder + "/logits.pt")
-assert not [m for m in sys.modules if m == "qaft" or m.startswith("qaft.")], "qaft was imported"
-"""
+""" + ASSERT_NO_QAFT
 
 
 def _trained(name: str, seed: int = 0, **fields) -> torch.nn.Module:
@@ -69,13 +65,6 @@ def test_the_traits_say_which_integer_merges_export_exactly(name, tmp_path):
     assert meta["exact"] and meta["symmetric"] == traits(name).symmetric_grid
 
 
-def _plain_python(*args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1",
-                                                                         "PYTHONWARNINGS": "ignore"}
-    return subprocess.run([sys.executable, *args], check=False, capture_output=True, text=True, env=env, timeout=300,
-                          cwd="/")
-
-
 def test_transformers_alone_computes_the_merged_models_logits(tmp_path):
     """One interpreter without qaft loads every case: L4Q with integer zero points through qaft-export on a run
     folder, DL-QAT at 3 bits, LLM-QAT's symmetric 8-bit channels, and L4Q's float offsets written approximately,
@@ -91,7 +80,7 @@ def test_transformers_alone_computes_the_merged_models_logits(tmp_path):
     folders = {"l4q-w4g32-int": tmp_path / "run" / "export_ct"}
     for case in list(cases)[1:]:
         folders[case] = export_compressed_tensors(cases[case], tmp_path / case, approximate="approx" in case)[0]
-    done = _plain_python("-c", LOAD_WITHOUT_QAFT, str(tmp_path / "ids.pt"), *map(str, folders.values()))
+    done = plain_python("-c", LOAD_WITHOUT_QAFT, str(tmp_path / "ids.pt"), *map(str, folders.values()))
     assert done.returncode == 0, done.stderr[-3000:]
     for case, folder in folders.items():
         with torch.no_grad():
